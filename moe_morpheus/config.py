@@ -1,0 +1,210 @@
+"""Configuration schemas: one dataclass per component, validated when built.
+
+Hydra YAML under ``conf/`` only picks and overrides these; every check lives here so that a
+config that cannot work fails before any process group or model is created, with a message
+that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the field and the fix."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+NORMS = ("deepnorm", "deepnet", "pre_ln")
+ROPE_MODES = ("1d", "2d")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of the GLM backbone (reference/glm.md)."""
+
+    num_layers: int = 4
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    # None: 8/3 * hidden rounded up to a multiple of 64 (DESIGN.md, GeGLU keeps the 4h FFN's
+    # parameter count: 3 matrices of h x 8h/3 = 2 matrices of h x 4h).
+    ffn_hidden_size: int | None = None
+    vocab_size: int = 1024
+    # The embedding is padded to a multiple of this, independent of TP so that parameter counts
+    # and checkpoints do not depend on the layout; TP must divide the padded size.
+    make_vocab_size_divisible_by: int = 128
+    seq_length: int = 128
+    # deepnorm: GLM-130B's DeepNorm, post-LN with alpha = (2N)^1/2, beta = (2N)^-1/2.
+    # deepnet: the DeepNet paper's decoder recipe, alpha = (2N)^1/4, beta = (8N)^-1/4.
+    # pre_ln: plain pre-LN (for comparisons; GLM-130B found it unstable at 100B).
+    norm: str = "deepnorm"
+    # 1d: GLM-130B's RoPE over the whole head; 2d: GLM/ChatGLM, half the head rotated by the
+    # position ids, the other half by the block position ids.
+    rope: str = "2d"
+    rope_base: float = 10000.0
+    # Embedding gradient shrink (GLM-130B): emb * a + emb.detach() * (1 - a); 1.0 disables it.
+    embedding_grad_shrink: float = 0.1
+    layernorm_epsilon: float = 1e-5
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+    # GLM-130B: q / (sqrt(d) * (l + 1)), scores * (l + 1) in fp32 before the softmax.
+    query_layer_scaling: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.num_layers >= 1, f"model.num_layers={self.num_layers}: needs at least 1 layer")
+        _check(self.hidden_size >= 1 and self.num_attention_heads >= 1,
+               "model.hidden_size and model.num_attention_heads must be positive")
+        _check(self.hidden_size % self.num_attention_heads == 0,
+               f"model.hidden_size={self.hidden_size} is not divisible by "
+               f"model.num_attention_heads={self.num_attention_heads}: pick a head count that divides it")
+        _check(self.norm in NORMS, f"model.norm={self.norm!r}: choose one of {NORMS}")
+        _check(self.rope in ROPE_MODES, f"model.rope={self.rope!r}: choose one of {ROPE_MODES}")
+        quarter = 4 if self.rope == "2d" else 2
+        _check(self.head_dim % quarter == 0,
+               f"head dim {self.head_dim} (hidden {self.hidden_size} / heads {self.num_attention_heads}) "
+               f"must be divisible by {quarter} for {self.rope} RoPE (each rotated half needs pairs)")
+        _check(self.vocab_size >= 8, f"model.vocab_size={self.vocab_size} is too small")
+        _check(self.seq_length >= 2, f"model.seq_length={self.seq_length} must be at least 2")
+        _check(0.0 < self.embedding_grad_shrink <= 1.0,
+               f"model.embedding_grad_shrink={self.embedding_grad_shrink} must be in (0, 1]")
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        _check(self.ffn_hidden_size >= 1, "model.ffn_hidden_size must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = self.make_vocab_size_divisible_by
+        return multiple * math.ceil(self.vocab_size / multiple)
+
+    @property
+    def residual_alpha(self) -> float:
+        """Scale of the residual branch in post-LN: x = LN(alpha * x + F(x))."""
+        n = self.num_layers
+        return {"deepnorm": (2 * n) ** 0.5, "deepnet": (2 * n) ** 0.25, "pre_ln": 1.0}[self.norm]
+
+    @property
+    def init_beta(self) -> float:
+        """Xavier gain on the FFN, value and output projections (DeepNorm)."""
+        n = self.num_layers
+        return {"deepnorm": (2 * n) ** -0.5, "deepnet": (8 * n) ** -0.25, "pre_ln": 1.0}[self.norm]
+
+
+GATES = ("naive", "noisy", "gshard", "switch", "faster")
+
+
+@dataclass
+class FasterMoEConfig:
+    """FasterMoE switches (PPoPP'22): smart schedule and dynamic shadowing."""
+
+    schedule: bool = False
+    group_size: int = 1
+    shadow: bool = False
+
+
+@dataclass
+class MoEConfig:
+    """Which FFN layers are Mixture-of-Experts, and how they route."""
+
+    # Layer i (0-based) is MoE iff layer_freq > 0 and (i + 1) % layer_freq == 0; 0 = dense model.
+    layer_freq: int = 0
+    num_experts: int = 8  # total over the expert-parallel group
+    top_k: int = 2
+    gate: str = "naive"
+    # None: dense FFN hidden size (so a dense FFN can be copied into every expert).
+    expert_hidden_size: int | None = None
+    # None: dropless. Otherwise ceil(capacity_factor * T_local * k / E) per sender and expert.
+    capacity_factor: float | None = None
+    # Route by softmax over all experts, then top-k (He et al. 2024), instead of top-k then softmax.
+    softmax_before_topk: bool = False
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: float = 0.0
+    # native: this project's PyTorch FMoE; fastmoe: the real `fmoe` package where installed.
+    backend: str = "native"
+    faster: FasterMoEConfig = field(default_factory=FasterMoEConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.layer_freq >= 0, f"moe.layer_freq={self.layer_freq} must be >= 0 (0 = dense)")
+        _check(self.gate in GATES, f"moe.gate={self.gate!r}: choose one of {GATES}")
+        _check(self.backend in ("native", "fastmoe"), f"moe.backend={self.backend!r}: native or fastmoe")
+        if self.layer_freq == 0:
+            return
+        _check(self.num_experts >= 1, f"moe.num_experts={self.num_experts} must be >= 1")
+        _check(1 <= self.top_k <= self.num_experts,
+               f"moe.top_k={self.top_k} must be between 1 and moe.num_experts={self.num_experts}")
+        _check(self.capacity_factor is None or self.capacity_factor > 0,
+               f"moe.capacity_factor={self.capacity_factor} must be positive (or null for dropless)")
+        _check(self.aux_loss_coeff >= 0 and self.z_loss_coeff >= 0, "MoE loss coefficients must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.layer_freq > 0
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        return self.layer_freq > 0 and (layer_index + 1) % self.layer_freq == 0
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout. Data parallelism is what is left: dp = world / (tp * pp)."""
+
+    tp: int = 1
+    pp: int = 1
+    # Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B.
+    virtual_pp: int | None = None
+    # Expert parallelism spans data-parallel ranks (FastMoE); ep must divide dp * tp (Megatron).
+    ep: int = 1
+    sequence_parallel: bool = False
+    # NCCL on GPU, gloo on CPU; "auto" picks.
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "ep"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"parallel.{name}={value} must be an integer >= 1")
+        _check(self.virtual_pp is None or self.virtual_pp >= 1,
+               f"parallel.virtual_pp={self.virtual_pp} must be >= 1 or null")
+        _check(self.virtual_pp is None or self.virtual_pp == 1 or self.pp > 1,
+               "parallel.virtual_pp > 1 needs pipeline parallelism (parallel.pp > 1)")
+        _check(self.backend in ("auto", "nccl", "gloo"), f"parallel.backend={self.backend!r}: auto, nccl or gloo")
+
+    def validate_world(self, world_size: int) -> int:
+        """Check the layout against the world size; returns the data-parallel size."""
+        _check(world_size % (self.tp * self.pp) == 0,
+               f"world size {world_size} is not a multiple of parallel.tp * parallel.pp = "
+               f"{self.tp} * {self.pp} = {self.tp * self.pp}: change the process count or the layout")
+        dp = world_size // (self.tp * self.pp)
+        _check((dp * self.tp) % self.ep == 0,
+               f"parallel.ep={self.ep} must divide data-parallel size x tp = {dp} x {self.tp}: "
+               f"expert parallelism spans data-parallel (and tensor-parallel) ranks")
+        return dp
+
+    def validate_model(self, model: ModelConfig) -> None:
+        """Check that the layout divides the model."""
+        _check(self.tp <= model.num_attention_heads,
+               f"parallel.tp={self.tp} is larger than model.num_attention_heads="
+               f"{model.num_attention_heads}: each tensor-parallel rank needs at least one head")
+        _check(model.num_attention_heads % self.tp == 0,
+               f"model.num_attention_heads={model.num_attention_heads} is not divisible by "
+               f"parallel.tp={self.tp}")
+        _check(model.hidden_size % self.tp == 0,
+               f"model.hidden_size={model.hidden_size} is not divisible by parallel.tp={self.tp}")
+        _check(model.ffn_hidden_size % self.tp == 0,
+               f"model.ffn_hidden_size={model.ffn_hidden_size} is not divisible by parallel.tp={self.tp}")
+        _check(model.padded_vocab_size % self.tp == 0,
+               f"padded vocabulary {model.padded_vocab_size} is not divisible by parallel.tp={self.tp}: "
+               f"set model.make_vocab_size_divisible_by to a multiple of {self.tp}")
+        stages = self.pp * (self.virtual_pp or 1)
+        _check(model.num_layers % stages == 0,
+               f"model.num_layers={model.num_layers} is not divisible by parallel.pp * virtual_pp = "
+               f"{self.pp} * {self.virtual_pp or 1} = {stages}: each pipeline stage needs the same "
+               f"number of layers")

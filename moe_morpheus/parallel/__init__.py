@@ -1,0 +1,5 @@
+"""Process groups and the CPU compatibility layer for Megatron-Core."""
+
+from moe_morpheus.parallel.state import destroy, device, free_port, initialize
+
+__all__ = ["initialize", "destroy", "device", "free_port"]

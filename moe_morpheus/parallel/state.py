@@ -1,0 +1,87 @@
+"""Process groups: ``torch.distributed`` plus Megatron-Core's ``parallel_state``.
+
+One code path for every layout: under ``torchrun`` the rendezvous comes from the environment
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); a plain ``python train.py`` is a world of one.
+NCCL on a GPU, gloo on a CPU (where :mod:`moe_morpheus.parallel.cpu_compat` is enabled first).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from moe_morpheus.config import ModelConfig, ParallelConfig
+from moe_morpheus.parallel import cpu_compat
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def initialize(
+    parallel: ParallelConfig,
+    model: ModelConfig | None = None,
+    *,
+    seed: int = 1234,
+    timeout_minutes: float = 10.0,
+) -> int:
+    """Initialise ``torch.distributed`` and Megatron-Core's groups; returns the data-parallel size.
+
+    The layout is validated against the world size and the model *before* any collective, on
+    every rank with the same inputs, so a layout that cannot work fails everywhere at once and no
+    rank is left waiting for a peer that already raised.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dp = parallel.validate_world(world_size)
+    if model is not None:
+        parallel.validate_model(model)
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cpu_compat.enable()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
+
+    if not dist.is_initialized():
+        if world_size == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pp if (parallel.virtual_pp or 1) > 1 else None,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=1,
+        create_gloo_process_groups=backend == "gloo",
+    )
+    # Distinct streams per TP rank for dropout inside TP regions, shared ones elsewhere (Megatron).
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return dp
+
+
+def destroy() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,65 @@
+"""Run a function in N processes on gloo (CPU), as torchrun would, and collect the results.
+
+``run_distributed(fn, world_size, *args)`` starts ``world_size`` spawned processes with the
+torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), one thread each,
+calls ``fn(*args)`` in each and returns the per-rank return values in rank order. If any rank
+raises, the others are killed at once (no test waits on a peer that already failed) and the
+first traceback is re-raised in the test process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import traceback
+
+from moe_morpheus.parallel import free_port
+
+
+def _worker(fn, rank, world_size, port, args, results):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        results.put((rank, "ok", fn(*args)))
+    except BaseException:  # noqa: BLE001 - the traceback goes to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            from moe_morpheus.parallel import destroy
+
+            destroy()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 240.0):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, results)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    outputs: dict[int, object] = {}
+    try:
+        while len(outputs) < world_size:
+            try:
+                rank, status, value = results.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"distributed test: no result from ranks "
+                                   f"{sorted(set(range(world_size)) - set(outputs))} within {timeout}s") from None
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            outputs[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [outputs[r] for r in range(world_size)]
