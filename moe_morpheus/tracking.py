@@ -256,7 +256,8 @@ class Tracker:
     ``parent_run_id`` makes the run a nested child of a sweep's parent run;
     ``resume_run_id`` continues an existing run (metric history appended, params kept).
     ``local_dir`` is the run's output directory: the spool and the staged config artifact
-    live in its ``mlflow/`` folder.
+    live in its ``mlflow/`` folder. During an outage the spool is replayed at most every
+    ``retry_interval_s`` seconds, so a server that times out slows training by a bounded share.
     """
 
     def __init__(
