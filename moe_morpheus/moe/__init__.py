@@ -1,0 +1,12 @@
+"""Mixture-of-Experts: FastMoE-compatible layer, gates, experts, and the GLM MoE FFN block."""
+
+from moe_morpheus.moe import gates
+from moe_morpheus.moe.experts import GeGLUExperts
+from moe_morpheus.moe.ffn import AuxLossInjector, MoEFeedForward, collect_moe_stats, set_aux_loss_scale
+from moe_morpheus.moe.gates import GShardGate, NaiveGate, NoisyGate, SwitchGate
+from moe_morpheus.moe.layer import FMoE
+
+__all__ = [
+    "FMoE", "GeGLUExperts", "MoEFeedForward", "AuxLossInjector", "collect_moe_stats", "set_aux_loss_scale",
+    "gates", "NaiveGate", "NoisyGate", "GShardGate", "SwitchGate",
+]
