@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import traceback
 
@@ -22,11 +23,16 @@ def _worker(fn, rank, world_size, port, args, results):
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
+    import warnings
+
     import torch
 
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     torch.set_num_threads(1)
     try:
-        results.put((rank, "ok", fn(*args)))
+        # Plain pickle bytes: multiprocessing would pass tensors as shared-memory handles, which
+        # die with this process before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - the traceback goes to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -55,7 +61,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240.0):
                                    f"{sorted(set(range(world_size)) - set(outputs))} within {timeout}s") from None
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            outputs[rank] = value
+            outputs[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)

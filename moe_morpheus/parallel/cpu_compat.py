@@ -9,12 +9,14 @@ Megatron-Core assumes CUDA in a handful of places. When ``torch.cuda.is_availabl
    schedules create ``total_num_tokens = torch.zeros(..., device="cuda")`` in three places. This
    is a :class:`torch.overrides.TorchFunctionMode` that only rewrites a ``device`` keyword; it
    costs no measurable time on a 256-wide layer (DESIGN.md, measured).
-3. ``torch.cuda.synchronize`` becomes a no-op and ``torch.cuda.Stream`` a stand-in whose
+3. ``Tensor.cuda()`` returns the tensor itself: ``LanguageModule.setup_embeddings_and_output_layer``
+   moves the tied output weight with ``.cuda()`` before all-reducing it under PP.
+4. ``torch.cuda.synchronize`` becomes a no-op and ``torch.cuda.Stream`` a stand-in whose
    ``wait_stream`` / context manager do nothing: the CPU runs one stream.
-4. The model-parallel RNG tracker (``tensor_parallel/random.py``) reads and writes the CPU
+5. The model-parallel RNG tracker (``tensor_parallel/random.py``) reads and writes the CPU
    generator instead of the CUDA one, so ``get_cuda_rng_tracker().fork()`` (dropout, init)
    behaves as on a GPU: a separate, seeded stream per tracker name.
-5. ``megatron.core.transformer.moe.moe_utils.te_general_gemm`` is defined as ``None``: 0.16.1
+6. ``megatron.core.transformer.moe.moe_utils.te_general_gemm`` is defined as ``None``: 0.16.1
    references it without Transformer Engine installed (a ``NameError`` in the router of
    Megatron-Core's own ``MoELayer``, used by benchmarks as a comparison point).
 
@@ -78,14 +80,15 @@ def enable() -> bool:
         return True
 
     torch.cuda.current_device = lambda: "cpu"
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.Stream = _CpuStream
     torch.cuda.current_stream = lambda *args, **kwargs: _CpuStream()
     torch.cuda.stream = lambda stream=None: _CpuStream()
     torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
-    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    torch.cuda.manual_seed_all = lambda seed: torch.manual_seed(seed)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all, so seed the generator directly.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
 
     from megatron.core.tensor_parallel import random as mcore_random
 

@@ -1,0 +1,69 @@
+"""GLM self-attention on Megatron-Core tensor-parallel layers.
+
+Fused QKV: the full [3h, h] weight is ordered head by head, (q_0, k_0, v_0, q_1, ...), each
+block head_dim rows, so a column-parallel split gives every TP rank whole heads and the same
+model at any TP degree. Softmax in fp32 with GLM-130B's layer scaling: q / (sqrt(d) * l), then
+scores * l in fp32, l = 1-based layer number; mathematically the plain softmax(q k^T / sqrt(d)),
+it keeps fp16/bf16 scores in range (Megatron-Core: apply_query_key_layer_scaling).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from moe_morpheus.config import ModelConfig
+from moe_morpheus.model import init
+from moe_morpheus.model.rope import apply_rope
+
+
+class SelfAttention(MegatronModule):
+    def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, layer_number: int):
+        super().__init__(config=config)
+        self.model_cfg = model_cfg
+        self.layer_number = layer_number  # 1-based, global over pipeline stages
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.heads_local = model_cfg.num_attention_heads // tp
+        self.head_dim = model_cfg.head_dim
+        h = model_cfg.hidden_size
+        self.qkv = tensor_parallel.ColumnParallelLinear(
+            h, 3 * h, config=config, init_method=init.qkv_init(model_cfg), bias=True, gather_output=False
+        )
+        self.out = tensor_parallel.RowParallelLinear(
+            h, h, config=config, init_method=init.output_init(model_cfg), bias=True,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(
+        self,
+        hidden_SBH: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rope_position_ids: torch.Tensor,
+        rope_block_position_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        seq, batch = hidden_SBH.shape[:2]
+        qkv, _ = self.qkv(hidden_SBH)
+        qkv = qkv.view(seq, batch, self.heads_local, 3, self.head_dim)
+        query, key, value = qkv.unbind(dim=3)  # each [s, b, n, d]
+        cfg = self.model_cfg
+        query = apply_rope(query, rope_position_ids, rope_block_position_ids, cfg.rope, cfg.rope_base)
+        key = apply_rope(key, rope_position_ids, rope_block_position_ids, cfg.rope, cfg.rope_base)
+
+        # [b, n, s, d]
+        query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        coeff = float(self.layer_number) if cfg.query_layer_scaling else 1.0
+        query = query / (math.sqrt(self.head_dim) * coeff)
+        scores = torch.matmul(query, key.transpose(-1, -2)).float() * coeff
+        scores = scores.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        if self.training and cfg.attention_dropout > 0:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                probs = torch.nn.functional.dropout(probs, p=cfg.attention_dropout)
+        context = torch.matmul(probs, value)  # [b, n, s, d]
+        context = context.permute(2, 0, 1, 3).reshape(seq, batch, self.heads_local * self.head_dim)
+        output, _ = self.out(context)
+        return output

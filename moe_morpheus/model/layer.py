@@ -1,0 +1,56 @@
+"""One GLM transformer layer: attention and a pluggable FFN (dense GeGLU or MoE).
+
+Post-LN with DeepNorm (GLM-130B): ``x = LN(alpha * x + F(x))`` for each sub-layer, alpha =
+(2N)^1/2 (N = layers; 11.83 for the 70-layer 130B). ``pre_ln`` is ``x = x + F(LN(x))``.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from moe_morpheus.config import ModelConfig, MoEConfig
+from moe_morpheus.model.attention import SelfAttention
+from moe_morpheus.model.ffn import GeGLU
+
+
+def build_ffn(config: TransformerConfig, model_cfg: ModelConfig, moe_cfg: MoEConfig | None, layer_index: int):
+    """The FFN switch: layer ``layer_index`` (0-based) is MoE iff ``moe.is_moe_layer(i)``."""
+    if moe_cfg is not None and moe_cfg.is_moe_layer(layer_index):
+        from moe_morpheus.moe import MoEFeedForward
+
+        ffn = MoEFeedForward(model_cfg, moe_cfg)
+        ffn.layer_number = layer_index + 1
+        return ffn
+    return GeGLU(config, model_cfg)
+
+
+class GLMLayer(MegatronModule):
+    def __init__(
+        self, config: TransformerConfig, model_cfg: ModelConfig, moe_cfg: MoEConfig | None, layer_index: int
+    ):
+        super().__init__(config=config)
+        self.model_cfg = model_cfg
+        self.layer_number = layer_index + 1
+        h, eps = model_cfg.hidden_size, model_cfg.layernorm_epsilon
+        self.attention_norm = torch.nn.LayerNorm(h, eps=eps)
+        self.attention = SelfAttention(config, model_cfg, self.layer_number)
+        self.ffn_norm = torch.nn.LayerNorm(h, eps=eps)
+        self.ffn = build_ffn(config, model_cfg, moe_cfg, layer_index)
+        self.alpha = model_cfg.residual_alpha
+        self.pre_ln = model_cfg.norm == "pre_ln"
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.model_cfg.hidden_dropout
+        return torch.nn.functional.dropout(x, p=p, training=self.training) if p > 0 else x
+
+    def forward(self, hidden_SBH, attention_mask, rope_position_ids, rope_block_position_ids):
+        def attend(x):
+            return self._dropout(self.attention(x, attention_mask, rope_position_ids, rope_block_position_ids))
+
+        if self.pre_ln:
+            hidden_SBH = hidden_SBH + attend(self.attention_norm(hidden_SBH))
+            return hidden_SBH + self._dropout(self.ffn(self.ffn_norm(hidden_SBH)))
+        hidden_SBH = self.attention_norm(self.alpha * hidden_SBH + attend(hidden_SBH))
+        return self.ffn_norm(self.alpha * hidden_SBH + self._dropout(self.ffn(hidden_SBH)))
