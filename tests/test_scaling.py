@@ -162,6 +162,19 @@ def test_lockstep_equals_scipy_minimize(epoch_runs):
         assert conv == ref.success
 
 
+def test_lockstep_iteration_limit(epoch_runs):
+    # maxiter stops a start as minimize() does: same point after 3 iterations, not converged.
+    log_n, log_d, log_l = (np.log(x) for x in epoch_runs)
+    start = grid_starts()[1234]
+    ends, converged = lbfgsb_lockstep(lambda x, rows: huber_objective(x, log_n, log_d, log_l, 1e-3),
+                                      start[None], maxiter=3)
+    with threadpool_limits(limits=1, user_api="blas"):
+        ref = minimize(lambda p: tuple(v[0] for v in huber_objective(p[None], log_n, log_d, log_l, 1e-3)),
+                       start, jac=True, method="L-BFGS-B", options={"maxiter": 3})
+    assert ref.nit == 3 and not ref.success and not converged[0]
+    np.testing.assert_allclose(ends[0], ref.x, rtol=0, atol=1e-12)
+
+
 def test_gradient_matches_finite_differences(epoch_runs):
     log_n, log_d, log_l = (np.log(x) for x in epoch_runs)
     rng = np.random.default_rng(0)
