@@ -139,6 +139,10 @@ class MoEFeedForward(nn.Module):
                                    first_expert=ep_rank * num_expert)
             self.moe = FMoE(num_expert, d_model, world_size=ep, moe_group=moe_group, slice_group=slice_group,
                             top_k=moe_cfg.top_k, gate=gate, expert=experts)
+            if tp > 1 and sequence_parallel:
+                # TP ranks hold disjoint parts of one micro-batch, as slice ranks do: the balance
+                # and z-losses are taken over the whole micro-batch, so TP=2 matches TP=1.
+                self.moe.gate.loss_group = tp_group
         self.aux_loss_coeff = moe_cfg.aux_loss_coeff
         self.z_loss_coeff = moe_cfg.z_loss_coeff
         self.layer_number: int | None = None
