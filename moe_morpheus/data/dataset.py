@@ -149,12 +149,23 @@ class Stream(ABC):
         e = bisect.bisect_right(self._starts, j) - 1
         return e, j - self._starts[e]
 
-    def row(self, j: int) -> dict[str, np.ndarray]:
+    def pieces(self, j: int) -> list[tuple]:
+        """What row j is made of: (kind, document, start, end, spans or suffix start) per
+        sample for text, (MIP, corpus, pair, template, None) for MIP."""
         e, r = self._locate(j)
-        return self.pack(self._plans[e][r])
+        return self._plans[e][r]
+
+    def row(self, j: int) -> dict[str, np.ndarray]:
+        return self.pack(self.pieces(j))
 
     def pack(self, pieces: list[tuple]) -> dict[str, np.ndarray]:
         return pack([self.build(p) for p in pieces], self.seq_length, PAD_ID)
+
+    def epoch_rows(self, epoch: int) -> int:
+        """Rows in one epoch of this stream (epochs differ slightly: objectives are redrawn)."""
+        while len(self._plans) <= epoch:
+            self._locate(self._starts[-1])
+        return len(self._plans[epoch])
 
     def epochs(self, rows_consumed: int) -> float:
         """Passes over the stream's training data after ``rows_consumed`` of its rows."""
