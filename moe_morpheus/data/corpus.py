@@ -75,7 +75,9 @@ def read_documents(name: str, src: SourceConfig, stats: ReadStats | None = None,
     bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"tokenising {name}",
                disable=not progress, leave=False)
     jsonl = src.resolved_format == "jsonl"
-    fields_ = (src.en_field, src.zh_field) if src.kind == "parallel" else (src.text_field,)
+    # record field -> the config field that names it (for the error message)
+    fields_ = ({src.en_field: "en_field", src.zh_field: "zh_field"} if src.kind == "parallel"
+               else {src.text_field: "text_field"})
     text_lines: list[str] = []
     try:
         for line_no, line in enumerate(stream, 1):
@@ -97,12 +99,10 @@ def read_documents(name: str, src: SourceConfig, stats: ReadStats | None = None,
             if not isinstance(record, dict):
                 stats.bad(line_no, "bad_json")
                 continue
-            for f in fields_:
-                if f not in record or not isinstance(record[f], str):
-                    raise DataError(
-                        f"data.sources.{name}: {path} line {line_no} has no text field {f!r} "
-                        f"(its keys: {sorted(record)}); set data.sources.{name}."
-                        f"{'text_field' if src.kind == 'text' else ('en_field' if f == src.en_field else 'zh_field')}")
+            for f, setting in fields_.items():
+                if not isinstance(record.get(f), str):
+                    raise DataError(f"data.sources.{name}: {path} line {line_no} has no text field {f!r} "
+                                    f"(its keys: {sorted(record)}); set data.sources.{name}.{setting}")
             values = tuple(record[f] for f in fields_)
             if not all(v.strip() for v in values):
                 stats.empty += 1
