@@ -312,3 +312,24 @@ def test_config_errors_at_build(demo_data_cfg):
         build_data(replace(demo_data_cfg, window_tokens=300), 256, progress=False)
     cfg = DataConfig(sources={"en": {"path": "data/demo_corpus/en_austen.jsonl.gz", "weight": 1.0}}, mip_ratio=0.0)
     assert isinstance(cfg.sources["en"], SourceConfig) and cfg.row_shares() == {"en": 1.0}
+
+
+def test_first_fit_against_brute_force():
+    from moe_morpheus.data.dataset import OPEN_ROWS, first_fit
+
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 40, size=600).tolist() + [40] * 5
+    rows = first_fit(lengths, 40)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))  # each item once
+    assert all(sum(lengths[i] for i in r) <= 40 for r in rows)
+    # Replay in item order: a new row is only opened when none of the OPEN_ROWS most recently
+    # created rows had room (those are never dropped from the open list while they have room).
+    row_of = {i: r for r, items in enumerate(rows) for i in items}
+    room = []
+    for i, length in enumerate(lengths):
+        r = row_of[i]
+        if r == len(room):
+            assert all(left < length for left in room[-OPEN_ROWS:])
+            room.append(40)
+        room[r] -= length
+    assert sum(lengths) / (40 * len(rows)) > 0.95

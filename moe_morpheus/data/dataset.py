@@ -9,13 +9,13 @@ How row i of the training stream is made (it depends only on the config, the cor
 2. **Epochs.** A stream's units (text windows, or MIP examples) are shuffled per epoch by
    ``(seed, stream, epoch)``; each unit gets its objective ([MASK] with ``mask_prob``, else
    [gMASK]) and its spans from the same generator, and the samples are packed first-fit into
-   rows (8 rows open at a time), so short pairs and MIP examples share rows instead of
+   rows (32 rows open at a time), so short pairs and MIP examples share rows instead of
    padding them. Stream row j is row r of epoch e; every token of an epoch is in exactly one
    row, so epochs per source are exact (``TrainDataset.epochs``).
 3. **Windows and split.** Each document (ending in <eos>) is cut into chunks of
    ``split_chunk_tokens``; a chunk is validation when a hash of its tokens falls below
-   ``valid_fraction`` (seed-independent). Runs of same-side chunks are cut into near-equal
-   windows of ``window_tokens`` and a remainder. An en-zh pair is one unit as a whole.
+   ``valid_fraction`` (seed-independent). Runs of same-side chunks are cut into windows of
+   ``window_tokens`` and a remainder. An en-zh pair is one unit as a whole.
 4. A [MASK] sample of L text tokens with n spans takes L + 2n tokens; when that exceeds the
    row, the text is cut where it fits and the rest becomes the next unit (nothing is dropped).
    A [gMASK] sample takes L + 1 <= seq_length. MIP examples longer than a row are skipped and
@@ -103,8 +103,9 @@ def split_windows(corpus: Corpus, chunk_tokens: int, valid_fraction: float, wind
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     """Indices grouped into rows of at most ``capacity``: each item goes to the first of the
-    ``OPEN_ROWS`` most recent rows with room (a new row otherwise). With 8 open rows the demo
-    streams fill 97-99% of every row."""
+    ``OPEN_ROWS`` most recent rows with room (a new row otherwise); full rows leave the list.
+    Demo streams at seq 256: 32 open rows fill 98.0% (MIP) to 99.2% (en, zh) of each row,
+    8 open rows only 94% (the short remainders of cut windows find no gap)."""
     rows: list[list[int]] = []
     room: list[int] = []
     open_rows: list[int] = []
@@ -119,9 +120,10 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
         else:
             rows.append([i])
             room.append(capacity - length)
-            open_rows.append(len(rows) - 1)
-            if len(open_rows) > OPEN_ROWS:
-                open_rows.pop(0)
+            if room[-1] > 0:
+                open_rows.append(len(rows) - 1)
+                if len(open_rows) > OPEN_ROWS:
+                    open_rows.pop(0)
     return rows
 
 
