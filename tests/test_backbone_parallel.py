@@ -86,23 +86,46 @@ def test_embedding_gradient_reaches_both_uses(reference):
     assert grads["embedding.word_embeddings.weight"].abs().sum() > 0
 
 
-def _bad_layout(tp, pp):
+def _bad_layouts(cases):
+    """Each case raises on this rank before any collective; returns the messages."""
     from moe_morpheus.parallel import initialize
 
-    initialize(ParallelConfig(tp=tp, pp=pp), ModelConfig(**MODEL))
+    messages = []
+    for tp, pp, model_kwargs in cases:
+        try:
+            initialize(ParallelConfig(tp=tp, pp=pp), ModelConfig(**model_kwargs))
+        except ConfigError as error:
+            messages.append(str(error))
+    return messages
 
 
-@pytest.mark.parametrize(
-    "tp,pp,world,message",
-    [
-        (2, 1, 3, "world size 3 is not a multiple of parallel.tp \\* parallel.pp"),
-        (1, 3, 3, "num_layers=4 is not divisible by parallel.pp"),
-        (8, 1, 8, "parallel.tp=8 is larger than model.num_attention_heads=4"),
-    ],
-)
-def test_bad_layout_fails_fast_on_every_rank(tp, pp, world, message):
-    with pytest.raises(RuntimeError, match=message):
-        run_distributed(_bad_layout, world, tp, pp, timeout=60)
+def test_bad_layouts_fail_fast_on_every_rank():
+    cases = [
+        (4, 1, MODEL),
+        (1, 2, dict(MODEL, num_layers=3)),
+        (2, 1, dict(MODEL, num_attention_heads=1)),
+    ]
+    expected = [
+        "world size 2 is not a multiple of parallel.tp * parallel.pp = 4 * 1 = 4",
+        "model.num_layers=3 is not divisible by parallel.pp * virtual_pp = 2 * 1 = 2",
+        "parallel.tp=2 is larger than model.num_attention_heads=1",
+    ]
+    for messages in run_distributed(_bad_layouts, 2, cases, timeout=60):
+        assert len(messages) == len(cases)
+        for message, fragment in zip(messages, expected):
+            assert fragment in message
+
+
+def _raise_bad_layout():
+    from moe_morpheus.parallel import initialize
+
+    initialize(ParallelConfig(tp=4), ModelConfig(**MODEL))
+
+
+def test_failing_rank_does_not_leave_peers_waiting():
+    """The error reaches the launcher at once instead of a collective timeout."""
+    with pytest.raises(RuntimeError, match="world size 2 is not a multiple"):
+        run_distributed(_raise_bad_layout, 2, timeout=60)
 
 
 def test_config_errors_name_the_numbers():
