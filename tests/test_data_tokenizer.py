@@ -91,3 +91,14 @@ def test_blend_follows_weights():
     assert 0.99 * 200_000 <= sum(map(len, texts)) <= 200_000
     zh = sum(len(t) for t in texts if any("\u4e00" <= c <= "\u9fff" for c in t[:50]))
     assert zh > 0.3 * 200_000  # Sanguo plus the Chinese halves of the pairs
+
+
+def test_train_command(tmp_path, capsys):
+    out = tmp_path / "cli.model"
+    T.main(["train", "--config", str(resolve_path("conf/data/demo.yaml")), "--vocab-size", "3000",
+            "--max-chars", "60000", "--output", str(out)])
+    tok = T.Tokenizer(out)
+    assert tok.vocab_size == 3000 and "vocab 3000" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.main(["train", "--vocab-size", "100", "--output", str(out)])
+    assert "vocab_size=100 is too small" in capsys.readouterr().err

@@ -187,11 +187,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from moe_morpheus.data.config import DataConfig
 
-    cfg = DataConfig.from_dict(OmegaConf.to_container(OmegaConf.load(args.config), resolve=True))
     start = time.perf_counter()
-    texts = blend_texts(cfg, args.max_chars, args.seed)
-    tok = train_tokenizer(texts, args.output, vocab_size=args.vocab_size,
-                          character_coverage=args.character_coverage, seed=args.seed)
+    try:  # every failure here is a user input problem: the message, not a traceback
+        cfg = DataConfig.from_dict(OmegaConf.to_container(OmegaConf.load(args.config), resolve=True))
+        texts = blend_texts(cfg, args.max_chars, args.seed)
+        tok = train_tokenizer(texts, args.output, vocab_size=args.vocab_size,
+                              character_coverage=args.character_coverage, seed=args.seed)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
     print(f"wrote {args.output}: vocab {tok.vocab_size}, {sum(map(len, texts)):,} characters, "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
 
