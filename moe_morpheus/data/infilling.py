@@ -157,8 +157,10 @@ def sample_mask_spans(length: int, rng: np.random.Generator, *, ratio: float, pr
     lengths[0] = min(lengths[0], length)
     n = len(lengths)
     free = length - sum(lengths) - (n - 1)
-    # Stars and bars: n sorted picks from free + n slots give n + 1 gaps summing to `free`,
-    # uniformly; span k starts at pick_k + (lengths before k) + k mandatory gaps - k.
+    # Stars and bars: n sorted distinct picks from free + n slots split the `free` spare tokens
+    # into n + 1 gaps, every split equally likely. pick_k = (spare tokens before span k) + k,
+    # and the k in it is exactly the one mandatory gap after each earlier span, so span k
+    # starts at pick_k + (lengths of the spans before it).
     picks = np.sort(rng.choice(free + n, size=n, replace=False))
     lengths = rng.permutation(lengths)
     starts = picks + np.concatenate([[0], np.cumsum(lengths)[:-1]])
