@@ -333,3 +333,12 @@ def test_first_fit_against_brute_force():
             room.append(40)
         room[r] -= length
     assert sum(lengths) / (40 * len(rows)) > 0.95
+
+
+def test_model_mask_agrees_with_the_data_contract(demo_data):
+    from moe_morpheus.model.mask import glm_attention_mask
+
+    batch = next(batch_iterator(demo_data.train, global_batch_size=4, micro_batch_size=4, start_sample=500))
+    model_mask = glm_attention_mask(batch["segment_ids"], batch["prefix_mask"])[:, 0].numpy()
+    for b in range(4):
+        assert np.array_equal(model_mask[b], attention_mask(batch["segment_ids"][b], batch["prefix_mask"][b]))
