@@ -63,34 +63,50 @@ class _GroupedGeGLU(torch.autograd.Function):
         counts_E = ctx.counts_E
         segs = _segments(counts_E)
         grad_y_ND = grad_y_ND.contiguous()
-        lengths = torch.tensor(counts_E, dtype=torch.long)
+        num_expert = len(counts_E)
+        # Bias gradients are per-expert row sums: one index_add over the buffer (0.2 ms for
+        # 8192 x 256 here, vs 3 ms for segment_reduce).
+        expert_N = torch.repeat_interleave(torch.arange(num_expert, device=x_ND.device),
+                                           torch.tensor(counts_E, device=x_ND.device))
+
+        def row_sums(g_NX):
+            return g_NX.new_zeros(num_expert, g_NX.shape[1]).index_add_(0, expert_N, g_NX)
+
+        # Experts that received no token get zero gradients (not None): their weights exist and
+        # the optimizer must see a defined gradient on every rank. Only those are zero-filled
+        # (filling all three [E, F, D] gradients cost ~1 ms per forward+backward here).
+        idle = [e for e, n in enumerate(counts_E) if n == 0]
+
+        def weight_grad(w):
+            grad = torch.empty_like(w)
+            if idle:
+                grad[idle] = 0
+            return grad
+
         gelu_NF = F.gelu(pre_NF)
         act_NF = value_NF * gelu_NF
-
         grad_act_NF = torch.empty_like(value_NF)
-        # Experts that received no token get zero gradients (not None): their weights exist
-        # and the optimizer must see a defined gradient on every rank.
-        grad_w_out = torch.zeros_like(w_out_EDF)
+        grad_w_out = weight_grad(w_out_EDF)
         for e, s, n in segs:
             torch.mm(grad_y_ND[s:s + n], w_out_EDF[e], out=grad_act_NF[s:s + n])
             torch.mm(grad_y_ND[s:s + n].t(), act_NF[s:s + n], out=grad_w_out[e])
-        grad_b_out = torch.segment_reduce(grad_y_ND, "sum", lengths=lengths, axis=0, initial=0)
+        grad_b_out = row_sums(grad_y_ND)
 
         # d/dv [v * gelu(p)] = gelu(p); d/dp = v * gelu'(p) (exact erf GeLU derivative).
         grad_value_NF = grad_act_NF * gelu_NF
         grad_pre_NF = torch.ops.aten.gelu_backward(grad_act_NF * value_NF, pre_NF, approximate="none")
 
         grad_x = torch.empty_like(x_ND) if ctx.needs_input_grad[0] else None
-        grad_w_value = torch.zeros_like(w_value_EFD)
-        grad_w_gelu = torch.zeros_like(w_gelu_EFD)
+        grad_w_value = weight_grad(w_value_EFD)
+        grad_w_gelu = weight_grad(w_gelu_EFD)
         for e, s, n in segs:
             torch.mm(grad_value_NF[s:s + n].t(), x_ND[s:s + n], out=grad_w_value[e])
             torch.mm(grad_pre_NF[s:s + n].t(), x_ND[s:s + n], out=grad_w_gelu[e])
             if grad_x is not None:
                 torch.mm(grad_value_NF[s:s + n], w_value_EFD[e], out=grad_x[s:s + n])
                 grad_x[s:s + n].addmm_(grad_pre_NF[s:s + n], w_gelu_EFD[e])
-        grad_b_value = torch.segment_reduce(grad_value_NF, "sum", lengths=lengths, axis=0, initial=0)
-        grad_b_gelu = torch.segment_reduce(grad_pre_NF, "sum", lengths=lengths, axis=0, initial=0)
+        grad_b_value = row_sums(grad_value_NF)
+        grad_b_gelu = row_sums(grad_pre_NF)
         return grad_x, None, grad_w_value, grad_b_value, grad_w_gelu, grad_b_gelu, grad_w_out, grad_b_out
 
 
