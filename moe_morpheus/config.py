@@ -208,3 +208,67 @@ class ParallelConfig:
                f"model.num_layers={model.num_layers} is not divisible by parallel.pp * virtual_pp = "
                f"{self.pp} * {self.virtual_pp or 1} = {stages}: each pipeline stage needs the same "
                f"number of layers")
+
+
+@dataclass
+class TrainerConfig:
+    """The optimisation loop. Run length: ``steps`` or ``tokens`` when set, else the budget
+    (``budget.chinchilla_fraction``); steps win over tokens, tokens over the budget."""
+
+    seed: int = 1234
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    steps: int | None = None
+    tokens: int | None = None
+    # AdamW (0.9, 0.95), eps 1e-8, wd 0.1 as GLM-130B; cosine to min_lr_ratio * lr.
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_fraction: float = 0.02
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # Validation every this many steps (and at the end); 0 = only at the end.
+    eval_interval: int = 50
+    log_interval: int = 1
+    # auto: bf16 autocast on a GPU, fp32 on a CPU.
+    precision: str = "auto"
+    # Intra-op threads per process; None leaves PyTorch's choice.
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.global_batch_size >= 1 and self.micro_batch_size >= 1,
+               "trainer.global_batch_size and trainer.micro_batch_size must be >= 1")
+        _check(self.global_batch_size % self.micro_batch_size == 0,
+               f"trainer.global_batch_size={self.global_batch_size} is not a multiple of "
+               f"trainer.micro_batch_size={self.micro_batch_size}")
+        _check(self.steps is None or self.steps >= 1, f"trainer.steps={self.steps} must be >= 1 (or null)")
+        _check(self.tokens is None or self.tokens >= 1, f"trainer.tokens={self.tokens} must be >= 1 (or null)")
+        _check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "trainer.lr must be > 0, min_lr_ratio in [0, 1]")
+        _check(0 <= self.warmup_fraction < 1, f"trainer.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        _check(self.precision in ("auto", "fp32", "bf16"), f"trainer.precision={self.precision!r}: auto, fp32 or bf16")
+        _check(self.eval_interval >= 0 and self.log_interval >= 1, "trainer.eval_interval >= 0, log_interval >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. ``uri`` None: ``sqlite:///mlflow.db`` in the launch directory (MLflow's default)."""
+
+    uri: str | None = None
+    experiment: str = "moe_morpheus"
+    run_name: str | None = None
+    # Fail at start when the tracking server cannot be reached (default: warn, spool locally).
+    strict: bool = False
+
+
+@dataclass
+class LaunchConfig:
+    """How a job starts its processes when not already under torchrun or Slurm."""
+
+    # > 1: the job runs itself as `torchrun --nproc_per_node=N train.py ...` (sweep jobs too).
+    nproc_per_node: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.nproc_per_node >= 1, f"launch.nproc_per_node={self.nproc_per_node} must be >= 1")

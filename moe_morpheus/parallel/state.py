@@ -29,6 +29,16 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _ranks_from_slurm() -> None:
+    """Under srun / submitit (one task per rank) take the ranks from Slurm's variables; the
+    launcher config sets MASTER_ADDR / MASTER_PORT (conf/hydra/launcher/slurm.yaml)."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
 def initialize(
     parallel: ParallelConfig,
     model: ModelConfig | None = None,
@@ -42,6 +52,7 @@ def initialize(
     every rank with the same inputs, so a layout that cannot work fails everywhere at once and no
     rank is left waiting for a peer that already raised.
     """
+    _ranks_from_slurm()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dp = parallel.validate_world(world_size)

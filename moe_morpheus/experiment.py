@@ -1,0 +1,88 @@
+"""The root configuration of a run, its cross-component checks, and its Hydra registration.
+
+``conf/config.yaml`` starts from the ``experiment_schema`` registered here, so every YAML file and
+every command-line override is checked against these dataclasses (a typo in a key fails at
+composition with the key's name), and :func:`to_experiment` builds the validated objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from moe_morpheus.budget import BudgetConfig
+from moe_morpheus.config import (
+    ConfigError,
+    LaunchConfig,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    TrackingConfig,
+    TrainerConfig,
+)
+from moe_morpheus.data.config import DataConfig
+
+
+@dataclass
+class ExperimentConfig:
+    # The experiment's name (conf/experiment/NAME.yaml sets it); names MLflow runs and outputs.
+    name: str = "default"
+    # dense / moe / upcycled; None: moe when any layer is MoE, else dense.
+    variant: str | None = None
+    # Set by sweep configs: tags the runs and names the MLflow parent run.
+    sweep: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self) -> None:
+        if self.variant is None:
+            self.variant = "moe" if self.moe.enabled else "dense"
+        if self.variant not in ("dense", "moe", "upcycled"):
+            raise ConfigError(f"variant={self.variant!r}: choose dense, moe or upcycled (or null)")
+        self.parallel.validate_model(self.model)
+        if self.moe.enabled and self.moe.num_experts % self.parallel.ep:
+            raise ConfigError(
+                f"moe.num_experts={self.moe.num_experts} is not divisible by parallel.ep={self.parallel.ep}: "
+                f"each expert-parallel rank must hold the same number of experts"
+            )
+        if not self.moe.enabled and self.parallel.ep > 1:
+            raise ConfigError(f"parallel.ep={self.parallel.ep} needs MoE layers: set moe.layer_freq > 0 or ep=1")
+
+    def validate_world(self, world_size: int) -> int:
+        """Layout against the process count; returns the data-parallel size."""
+        dp = self.parallel.validate_world(world_size)
+        per_step = self.trainer.micro_batch_size * dp
+        if self.trainer.global_batch_size % per_step:
+            raise ConfigError(
+                f"trainer.global_batch_size={self.trainer.global_batch_size} is not a multiple of "
+                f"micro_batch_size x data-parallel size = {self.trainer.micro_batch_size} x {dp}"
+            )
+        return dp
+
+    @property
+    def layout(self) -> str:
+        p = self.parallel
+        return f"tp{p.tp}-pp{p.pp}" + (f"-vpp{p.virtual_pp}" if (p.virtual_pp or 1) > 1 else "") + f"-ep{p.ep}"
+
+
+def register_configs() -> None:
+    node = OmegaConf.structured(ExperimentConfig)
+    # Building the schema ran ModelConfig.__post_init__ on the defaults, which derives the FFN
+    # size from hidden 64; keep it unset so that it follows the hidden size a preset chooses.
+    node.model.ffn_hidden_size = None
+    ConfigStore.instance().store(name="experiment_schema", node=node)
+
+
+def to_experiment(cfg: DictConfig) -> ExperimentConfig:
+    """Build (and so validate) the dataclasses from a composed Hydra config."""
+    experiment = OmegaConf.to_object(cfg)
+    assert isinstance(experiment, ExperimentConfig)
+    return experiment

@@ -1,0 +1,115 @@
+"""AdamW over Megatron-Core's ``main_grad`` buffers, warmup + cosine, and a global-norm clip that
+counts every parameter exactly once.
+
+One path on CPU and GPU (Megatron-Core's own optimizer wrappers assert CUDA tensors): the
+finalised fp32 ``main_grad`` of each parameter is handed to ``torch.optim.AdamW`` (fused on
+CUDA). Which copies count towards the norm (DESIGN.md, parallel layout):
+
+- dense parameters sharded by tensor parallelism (``tensor_model_parallel``) count on every TP
+  rank; replicated ones (LayerNorms, row-parallel biases, gates) only on TP rank 0; the sum
+  runs over the model-parallel group (TP x PP: pipeline stages add up);
+- expert parameters (``allreduce = False``) are distinct across the expert-parallel group and
+  identical across their expert-data-parallel replicas: summed over EP x PP;
+- the tied output weight that Megatron keeps on the last pipeline stage (``shared = True``) is
+  a copy of the embedding: it does not count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+@dataclass
+class GradNorms:
+    total: float
+    embedding: float
+    finite: bool
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine to ``min_lr`` at ``total_steps``
+    (GLM-130B: warmup over 0.5% of samples, cosine from 8e-5 to 8e-6). ``step`` is 0-based."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def _is_expert(param: torch.Tensor) -> bool:
+    return not getattr(param, "allreduce", True)
+
+
+def _counts_here(param: torch.Tensor, tp_rank: int) -> bool:
+    if getattr(param, "shared", False):
+        return False
+    if _is_expert(param) or getattr(param, "tensor_model_parallel", False):
+        return True
+    return tp_rank == 0
+
+
+def grad_norms(params: list[torch.nn.Parameter], embedding_params: set[int]) -> GradNorms:
+    """Global L2 norm of ``main_grad`` over all ranks, each parameter counted once; the
+    embedding's share is reported separately (GLM-130B: its gradient norm ran 100x the rest)."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    device = params[0].main_grad.device
+    # [dense, expert, embedding] sums of squares on this rank.
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for param in params:
+        if not _counts_here(param, tp_rank):
+            continue
+        sq = param.main_grad.detach().double().pow(2).sum()
+        sums[1 if _is_expert(param) else 0] += sq
+        if id(param) in embedding_params:
+            sums[2] += sq
+    dense = sums[[0, 2]].clone()
+    dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
+    expert = sums[1:2].clone()
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        dist.all_reduce(expert, group=parallel_state.get_expert_model_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(expert, group=parallel_state.get_pipeline_model_parallel_group())
+    total = float(dense[0] + expert[0])
+    return GradNorms(total=math.sqrt(total), embedding=math.sqrt(float(dense[1])), finite=math.isfinite(total))
+
+
+class Optimizer:
+    """AdamW with decoupled weight decay on matrices (not on biases, LayerNorms or gains)."""
+
+    def __init__(self, model: list[torch.nn.Module], *, lr: float, weight_decay: float, betas: tuple[float, float],
+                 eps: float, grad_clip: float):
+        self.params = [p for chunk in model for p in chunk.parameters() if p.requires_grad]
+        self.embedding_params = {
+            id(p) for chunk in model for name, p in chunk.named_parameters() if "word_embeddings" in name
+        }
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        fused = self.params[0].is_cuda
+        self.adam = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr, betas=betas, eps=eps, fused=fused or None,
+        )
+        self.grad_clip = grad_clip
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.adam.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> GradNorms:
+        """Clip and apply the finalised gradients; a non-finite norm skips the update."""
+        norms = grad_norms(self.params, self.embedding_params)
+        if not norms.finite:
+            return norms
+        scale = min(1.0, self.grad_clip / (norms.total + 1e-6)) if self.grad_clip > 0 else 1.0
+        for param in self.params:
+            grad = param.main_grad
+            param.grad = grad.mul_(scale) if scale < 1.0 else grad
+        self.adam.step()
+        for param in self.params:
+            param.grad = None
+        return norms

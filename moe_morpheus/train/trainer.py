@@ -1,0 +1,335 @@
+"""The training loop: data, model, optimiser and schedule put together for one run.
+
+Side concerns stay outside the loop body: MLflow goes through :class:`RunLogger` (rank 0 only),
+throughput through :class:`Throughput`; the loop itself is ``_train_step`` + ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from omegaconf import OmegaConf
+
+from moe_morpheus import parallel as mm_parallel
+from moe_morpheus.budget import RunPlan, format_budget, param_counts, plan_run
+from moe_morpheus.config import ConfigError
+from moe_morpheus.data import batch_iterator, build_data
+from moe_morpheus.experiment import ExperimentConfig
+from moe_morpheus.model import build_model
+from moe_morpheus.train.optim import Optimizer, lr_at
+from moe_morpheus.train.step import forward_backward, wrap_ddp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    final_train_loss: float
+    valid_losses: dict[str, float]
+    best_valid_loss: float
+    unigram_entropy: float
+    run_id: str | None
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def dropless_routing(model: list[torch.nn.Module]):
+    """Validation routes every assignment (DESIGN.md: validation loss with dropless routing)."""
+    gates = [m for chunk in model for m in chunk.modules() if hasattr(m, "capacity") and hasattr(m, "get_loss")]
+    saved = [g.capacity for g in gates]
+    for gate in gates:
+        gate.capacity = None
+    try:
+        yield
+    finally:
+        for gate, capacity in zip(gates, saved):
+            gate.capacity = capacity
+
+
+class Throughput:
+    """Tokens per second of training steps only (evaluation and logging excluded)."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.seconds = 0.0
+        self.last = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+        self.last = tokens / max(seconds, 1e-9)
+
+    @property
+    def mean(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+class MoELoad:
+    """Expert load per layer summed over training, for the report's heatmap (moe_load.json)."""
+
+    def __init__(self):
+        self.totals: dict[str, list[float]] = {}
+
+    def add(self, stats: dict) -> dict[str, float]:
+        """Accumulate the per-expert loads; return the scalar statistics for logging."""
+        scalars = {}
+        for key, value in stats.items():
+            if key.endswith("/load"):
+                layer = key.split("/")[1]
+                total = self.totals.setdefault(layer, [0.0] * len(value))
+                for i, v in enumerate(value):
+                    total[i] += float(v)
+            else:
+                scalars[key] = float(value)
+        return scalars
+
+    def fractions(self) -> dict[str, list[float]]:
+        return {layer: [v / max(sum(t), 1e-12) for v in t] for layer, t in self.totals.items()}
+
+
+class Trainer:
+    def __init__(self, exp: ExperimentConfig, output_dir: Path, *, resolved_config: dict | None = None,
+                 parent_run_id: str | None = None):
+        self.exp = exp
+        self.output_dir = Path(output_dir)
+        self.resolved_config = resolved_config or OmegaConf.to_container(OmegaConf.structured(exp))
+        self.parent_run_id = parent_run_id
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        exp, trainer = self.exp, self.exp.trainer
+        if trainer.threads:
+            torch.set_num_threads(trainer.threads)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.dp = exp.validate_world(world)
+        mm_parallel.initialize(exp.parallel, exp.model, seed=trainer.seed)
+        # Every rank composed its own Hydra config; rank 0's run folder is the run's.
+        shared = [str(self.output_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        self.output_dir = Path(shared[0])
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.device = mm_parallel.device()
+        use_bf16 = trainer.precision == "bf16" or (trainer.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+        # Rank 0 tokenises (with a progress bar); the others then read its cache.
+        if is_rank0():
+            self.data = build_data(exp.data, exp.model.seq_length, progress=trainer.progress)
+        dist.barrier()
+        if not is_rank0():
+            self.data = build_data(exp.data, exp.model.seq_length, progress=False)
+        vocab = self.data.tokenizer.vocab_size
+        if vocab > exp.model.vocab_size:
+            raise ConfigError(f"the tokenizer has {vocab} tokens but model.vocab_size={exp.model.vocab_size}: "
+                              f"set model.vocab_size to at least {vocab}")
+
+        self.tokens_per_step = trainer.global_batch_size * exp.model.seq_length
+        self.plan = self._plan()
+        self.counts = param_counts(exp.model, exp.moe if exp.moe.enabled else None)
+        self.model = wrap_ddp(build_model(exp.model, exp.moe if exp.moe.enabled else None, exp.parallel,
+                                          seed=trainer.seed))
+        self.optimizer = Optimizer(self.model, lr=trainer.lr, weight_decay=trainer.weight_decay,
+                                   betas=(trainer.beta1, trainer.beta2), eps=trainer.eps, grad_clip=trainer.grad_clip)
+        self.num_microbatches = trainer.global_batch_size // (trainer.micro_batch_size * self.dp)
+        self.warmup_steps = int(trainer.warmup_fraction * self.plan.steps)
+
+    def _plan(self) -> RunPlan:
+        exp, trainer = self.exp, self.exp.trainer
+        budget = exp.budget
+        if trainer.steps is not None or trainer.tokens is not None:
+            # An explicit length wins over the budget fraction; the budget still gives the
+            # fraction used, for reports.
+            budget = type(budget)(chinchilla_fraction=None, tokens_per_param=budget.tokens_per_param,
+                                  params=budget.params)
+            steps = trainer.steps
+            tokens = trainer.tokens if steps is None else None
+            return plan_run(exp.model, exp.moe if exp.moe.enabled else None, budget, self.tokens_per_step,
+                            steps=steps, tokens=tokens)
+        return plan_run(exp.model, exp.moe if exp.moe.enabled else None, budget, self.tokens_per_step)
+
+    # ------------------------------------------------------------------ loop
+    def _train_step(self, step: int, micro_batches: list[dict]) -> tuple[float, object]:
+        from moe_morpheus.moe import set_aux_loss_scale
+
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        # Each micro-batch's aux loss enters once; DDP sums over data-parallel ranks: the mean.
+        set_aux_loss_scale(1.0 / (self.num_microbatches * self.dp))
+        lr = lr_at(step, lr=self.exp.trainer.lr, min_lr=self.exp.trainer.lr * self.exp.trainer.min_lr_ratio,
+                   warmup_steps=self.warmup_steps, total_steps=self.plan.steps)
+        self.optimizer.set_lr(lr)
+        with self.autocast:
+            loss = forward_backward(self.model, micro_batches)
+        norms = self.optimizer.step()
+        return loss, norms, lr
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean cross entropy per target token on each validation set (fixed rows, dropless)."""
+        micro = self.exp.trainer.micro_batch_size
+        losses = {}
+        for chunk in self.model:
+            chunk.eval()
+        with dropless_routing(self.model), self.autocast:
+            for name, dataset in self.data.valid.items():
+                batches = list(batch_iterator(dataset, global_batch_size=micro * self.dp, micro_batch_size=micro,
+                                              dp_rank=self.dp_rank, dp_size=self.dp))
+                if batches:
+                    losses[name] = forward_backward(self.model, batches, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        from moe_morpheus.moe import collect_moe_stats
+
+        collect_moe_stats(self.model)  # evaluation routing is not training load
+        if losses:
+            losses["mean"] = sum(losses.values()) / len(losses)
+        return losses
+
+    def fit(self) -> TrainResult:
+        from moe_morpheus.moe import collect_moe_stats
+
+        self.setup()
+        exp, trainer, plan = self.exp, self.exp.trainer, self.plan
+        logger = RunLogger(self) if is_rank0() else None
+        if logger:
+            print(format_budget(plan), flush=True)
+        train_iter = batch_iterator(self.data.train, global_batch_size=trainer.global_batch_size,
+                                    micro_batch_size=trainer.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp)
+        throughput, load = Throughput(), MoELoad()
+        losses, valid_history, skipped = [], [], 0
+        valid: dict[str, float] = {}
+        progress = _progress(plan.steps, enabled=bool(logger) and trainer.progress)
+        status = "FAILED"
+        try:
+            for step in range(plan.steps):
+                micro_batches = [next(train_iter) for _ in range(self.num_microbatches)]
+                start = time.perf_counter()
+                loss, norms, lr = self._train_step(step, micro_batches)
+                throughput.add(self.tokens_per_step, time.perf_counter() - start)
+                skipped += not norms.finite
+                losses.append(loss)
+                consumed = (step + 1) * trainer.global_batch_size
+                tokens = consumed * exp.model.seq_length
+                metrics = {
+                    "train/loss": loss, "train/lr": lr, "train/grad_norm": norms.total,
+                    "train/grad_norm_embedding": norms.embedding, "train/skipped_updates": skipped,
+                    "tokens_seen": tokens, "flops": tokens * plan.flops_per_token,
+                    "flops_6nd": 6 * plan.n_params * tokens,
+                    "budget_fraction": tokens / plan.budget_tokens,
+                    "throughput/tokens_per_s": throughput.last,
+                }
+                metrics.update({f"epochs/{k}": v for k, v in self.data.epochs(consumed).items()})
+                if exp.moe.enabled:
+                    metrics.update(load.add(collect_moe_stats(self.model)))
+                last = step == plan.steps - 1
+                if last or (trainer.eval_interval and (step + 1) % trainer.eval_interval == 0):
+                    valid = self.evaluate()
+                    valid_history.append(valid["mean"])
+                    metrics["valid/loss"] = valid["mean"]
+                    metrics.update({f"valid/{k}/loss": v for k, v in valid.items() if k != "mean"})
+                if logger and (last or step % trainer.log_interval == 0 or "valid/loss" in metrics):
+                    logger.log(metrics, step + 1)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{throughput.last:,.0f}",
+                                     budget=f"{metrics['budget_fraction']:.1%}", refresh=False)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            progress.close()
+            entropy = sum(self.data.unigram_entropy.values()) / max(len(self.data.unigram_entropy), 1)
+            if logger:
+                summary = {"final/tokens": plan.steps * self.tokens_per_step,
+                           "final/flops": plan.steps * self.tokens_per_step * plan.flops_per_token,
+                           "final/tokens_per_s": throughput.mean, "final/unigram_entropy": entropy}
+                if valid_history:
+                    summary.update({"final/valid_loss": valid_history[-1], "best/valid_loss": min(valid_history)})
+                logger.finish(status, summary, load.fractions())
+        result = TrainResult(
+            steps=plan.steps, tokens=plan.steps * self.tokens_per_step, final_train_loss=losses[-1],
+            valid_losses=valid, best_valid_loss=min(valid_history), unigram_entropy=entropy,
+            run_id=logger.run_id if logger else None, losses=losses, skipped_steps=skipped,
+        )
+        if logger:
+            verdict = "below" if result.valid_losses["mean"] < entropy else "NOT below"
+            print(f"validation loss {result.valid_losses['mean']:.3f} nats/token is {verdict} the corpus's "
+                  f"unigram entropy {entropy:.3f}; {throughput.mean:,.0f} tokens/s", flush=True)
+        return result
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+class RunLogger:
+    """The run's MLflow side (rank 0): params, tags, metrics, summary and artifacts."""
+
+    def __init__(self, trainer: Trainer):
+        from moe_morpheus.tracking import Tracker, check_reachable, flatten_config, resolve_uri, run_tags
+
+        exp = trainer.exp
+        uri = resolve_uri(exp.tracking.uri)
+        if exp.tracking.strict:
+            check_reachable(uri)
+        tags = run_tags(exp.variant, exp.name, exp.sweep, f"{exp.layout}-dp{trainer.dp}")
+        if any(v > 1 for v in trainer.data.epochs(trainer.plan.steps * exp.trainer.global_batch_size).values()):
+            tags["data_repeated"] = "true"
+            log.warning("this run repeats data: planned epochs per source %s",
+                        trainer.data.epochs(trainer.plan.steps * exp.trainer.global_batch_size))
+        self.tracker = Tracker(uri, exp.tracking.experiment, exp.tracking.run_name or exp.name, rank=0, tags=tags,
+                               parent_run_id=trainer.parent_run_id, local_dir=trainer.output_dir)
+        counts, plan = trainer.counts, trainer.plan
+        params = flatten_config(trainer.resolved_config)
+        params.update({
+            "count.total_params": counts.total, "count.active_params": counts.active,
+            "count.embedding_params": counts.embedding, "count.non_embedding_params": counts.non_embedding,
+            "budget.chinchilla_tokens": plan.budget_tokens, "budget.planned_tokens": plan.tokens,
+            "budget.planned_steps": plan.steps, "flops_per_token": plan.flops_per_token,
+            "world_size": dist.get_world_size(), "dp": trainer.dp,
+        })
+        self.tracker.start({k: str(v) for k, v in params.items()}, OmegaConf.to_yaml(trainer.resolved_config))
+        self.output_dir = trainer.output_dir
+
+    @property
+    def run_id(self) -> str | None:
+        return self.tracker.run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        self.tracker.log_metrics(clean, step)
+
+    def finish(self, status: str, summary: dict[str, float], load: dict[str, list[float]]) -> None:
+        if load:
+            path = self.output_dir / "moe_load.json"
+            path.write_text(json.dumps(load, indent=1))
+            self.tracker.log_artifact(path)
+        self.tracker.finish(status, summary)
+
+
+def stats_by_layer(stats: dict) -> dict[str, dict]:
+    grouped: dict[str, dict] = defaultdict(dict)
+    for key, value in stats.items():
+        _, layer, name = key.split("/", 2)
+        grouped[layer][name] = value
+    return grouped

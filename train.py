@@ -1,0 +1,42 @@
+"""Train a GLM (dense or MoE) with Hydra configs; see README.md.
+
+    python train.py +experiment=moe_64e [overrides]
+    torchrun --nproc_per_node=2 train.py +experiment=moe_64e parallel.ep=2
+    python train.py -m +sweeps=dense_vs_moe
+"""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+# Sweep configs live in REPO_ROOT/sweeps: put the repo root on Hydra's search path by absolute
+# path, so `+sweeps=NAME` works from any working directory.
+sys.argv.append(f"hydra.searchpath=[file://{REPO_ROOT}]")
+if int(os.environ.get("RANK", "0")) > 0:
+    # torchrun composes the config once per rank; only rank 0 owns the run directory (its path is
+    # broadcast to the others), so the other ranks' Hydra writes nothing where results go.
+    sys.argv += [
+        f"hydra.run.dir={tempfile.gettempdir()}/moe_morpheus_rank{os.environ['RANK']}_{os.getpid()}",
+        "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+    ]
+
+from moe_morpheus.experiment import register_configs  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from moe_morpheus.train.app import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
