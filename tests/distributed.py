@@ -45,6 +45,9 @@ def _worker(fn, rank, world_size, port, args, results):
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 240.0):
+    # Children inherit the environment at spawn; Megatron-Core's import-time warnings about
+    # Transformer Engine / Apex are noise here.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()

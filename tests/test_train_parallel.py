@@ -1,0 +1,144 @@
+"""Clipped optimizer updates at TP=2, PP=2 and EP=2 equal one process's (relative 1e-5), and a
+MoE model at TP=2 equals TP=1; parameter counts match the built model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_morpheus.budget import param_counts
+from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
+from tests.distributed import run_distributed
+from tests.synthetic import micro_batches
+from tests.test_backbone_parallel import full_gradients, relative_error
+
+MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
+MOE = dict(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=96)
+
+
+def full_params(chunks) -> dict[str, torch.Tensor]:
+    """Parameters by global name: TP shards and expert-parallel shards gathered."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    tp, ep = dist.get_world_size(tp_group), dist.get_world_size(ep_group)
+    out = {}
+    for chunk in chunks:
+        module = chunk.module if hasattr(chunk, "module") else chunk
+        for name, param in module.named_parameters():
+            if name.startswith("output_layer"):
+                continue
+            parts = name.split(".")
+            if parts[0] == "layers":
+                parts[1] = str(module.layer_indices[int(parts[1])])
+            value = param.detach().clone()
+            if not getattr(param, "allreduce", True) and ep > 1:  # experts: [E_local, ...]
+                shards = [torch.empty_like(value) for _ in range(ep)]
+                dist.all_gather(shards, value.contiguous(), group=ep_group)
+                value = torch.cat(shards, dim=0)
+            elif getattr(param, "tensor_model_parallel", False) and tp > 1:
+                shards = [torch.empty_like(value) for _ in range(tp)]
+                dist.all_gather(shards, value.contiguous(), group=tp_group)
+                value = torch.cat(shards, dim=param.partition_dim)
+            out[".".join(parts)] = value
+    return out
+
+
+def clipped_update(tp: int, pp: int, ep: int, moe: dict | None, steps: int = 2):
+    """Two optimizer steps (clip active) on a global batch of 4 micro-batches of 2 rows."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from moe_morpheus.model import build_model
+    from moe_morpheus.moe import set_aux_loss_scale
+    from moe_morpheus.parallel import initialize
+    from moe_morpheus.train.optim import Optimizer
+    from moe_morpheus.train.step import forward_backward, wrap_ddp
+
+    model_cfg = ModelConfig(**MODEL)
+    moe_cfg = MoEConfig(**moe) if moe else None
+    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep)
+    dp = initialize(parallel, model_cfg)
+    chunks = wrap_ddp(build_model(model_cfg, moe_cfg, parallel, seed=5))
+    # A clip far below the gradient norm, so the clipped update depends on the global norm.
+    # eps 1e-3 instead of 1e-8: Adam's first steps are ~lr * sign(g) where |g| << eps does not
+    # hold, so gradients of 1e-9 that differ in their last bits (any reduction order does that)
+    # would move parameters by lr in different directions; with eps above the smallest
+    # gradients the update is a smooth function of the clipped gradient, which is what is tested.
+    optimizer = Optimizer(chunks, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-3, grad_clip=0.05)
+    batches = micro_batches(4, 2, model_cfg.seq_length, model_cfg.vocab_size, seed=9)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    per_rank = len(batches) // dp
+    mine = batches[dp_rank * per_rank: (dp_rank + 1) * per_rank]
+    losses, norms = [], []
+    for _ in range(steps):
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        set_aux_loss_scale(1.0 / (len(mine) * dp))
+        losses.append(forward_backward(chunks, mine))
+        norms.append(optimizer.step().total)
+    grads = full_gradients(chunks) if ep == 1 else None
+    params = full_params(chunks)
+    del dist
+    return losses, norms, params, grads
+
+
+@pytest.fixture(scope="module")
+def dense_reference():
+    return run_distributed(clipped_update, 1, 1, 1, 1, None)[0]
+
+
+@pytest.fixture(scope="module")
+def moe_reference():
+    return run_distributed(clipped_update, 1, 1, 1, 1, MOE)[0]
+
+
+def _merged(results):
+    params = {}
+    for result in results:
+        params.update(result[2])
+    return results[0][0], results[0][1], params
+
+
+def _assert_same(results, reference, tol=1e-5):
+    losses, norms, params = _merged(results)
+    ref_losses, ref_norms, ref_params, _ = reference
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) / b <= tol
+    for a, b in zip(norms, ref_norms):
+        assert abs(a - b) / b <= tol, (norms, ref_norms)
+    assert set(params) == set(ref_params)
+    for name, ref in ref_params.items():
+        assert relative_error(params[name], ref) <= tol, name
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_dense_clipped_updates_match_one_process(dense_reference, tp, pp):
+    _assert_same(run_distributed(clipped_update, 2, tp, pp, 1, None), dense_reference)
+
+
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1)], ids=["ep2-dp2", "tp2"])
+def test_moe_clipped_updates_match_one_process(moe_reference, tp, ep):
+    """EP=2 over two data-parallel ranks, and a MoE model at TP=2 (each TP rank routes half the
+    tokens, gate gradients summed), both equal one process holding every expert."""
+    _assert_same(run_distributed(clipped_update, 2, tp, 1, ep, MOE), moe_reference)
+
+
+def _count_built(moe):
+    from moe_morpheus.model import build_model
+    from moe_morpheus.parallel import initialize
+
+    model_cfg = ModelConfig(**MODEL)
+    initialize(ParallelConfig(), model_cfg)
+    chunk = build_model(model_cfg, MoEConfig(**moe) if moe else None, ParallelConfig())[0]
+    return sum(p.numel() for p in chunk.parameters())
+
+
+@pytest.mark.parametrize("moe", [None, MOE, dict(MOE, layer_freq=1, num_experts=3, top_k=1)])
+def test_param_counts_equal_the_built_model(moe):
+    built = _count_built(moe)  # a world of one, in this process
+    counts = param_counts(ModelConfig(**MODEL), MoEConfig(**moe) if moe else None)
+    assert counts.total == built
+    assert counts.embedding + counts.non_embedding == built
