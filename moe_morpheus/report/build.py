@@ -1,0 +1,287 @@
+"""Assemble a report from a :class:`Collection`: sections of tables, verdicts and figures.
+
+Section order: problems first (what was skipped must not be missed), then the run tables,
+curves, matched compute, FLOPs accounting, epochs, MoE health, upcycling and the scaling fit.
+A section whose input is absent says so in one line instead of disappearing silently.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moe_morpheus.report import analysis, figures
+from moe_morpheus.report.collect import Collection
+from moe_morpheus.report.render import Block, Bullets, Figure, Heading, Para, Table, count, num, sci, write
+
+MATCHED_POINTS = 4
+CROSSOVER_GRID = 200
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name)[:80]
+
+
+def _experts(run: pd.Series) -> str:
+    if run["variant"] == "dense" or not np.isfinite(run["num_experts"]) or run["num_experts"] <= 0:
+        return "-"
+    k = f"{run['top_k']:g}" if np.isfinite(run["top_k"]) else "?"
+    return f"{run['num_experts']:g} / top-{k}"
+
+
+def run_table(runs: pd.DataFrame) -> Table:
+    """One row per run: sizes, tokens, compute, budget, losses, speed, status, id."""
+    header = ["run", "config", "seed", "status", "total params", "active params", "non-emb params",
+              "experts / top-k", "tokens", "tokens / active param", "FLOPs (detailed)", "FLOPs (6ND)",
+              "FLOPs incl. sunk", "Chinchilla budget used", "final valid loss", "best valid loss",
+              "tokens/s", "run id"]
+    rows = []
+    for rid, r in runs.iterrows():
+        sunk = sci(r["total_flops"]) if r["sunk_flops"] > 0 else "-"
+        rows.append([r["name"], r["group"], "-" if not np.isfinite(r["seed"]) else f"{r['seed']:g}", r["status"],
+                     count(r["total_params"]), count(r["active_params"]), count(r["non_embedding_params"]),
+                     _experts(r), count(r["tokens_reached"]), num(r["tokens_per_active_param"], 1),
+                     sci(r["flops_reached"]), sci(r["final_flops_6nd"]), sunk,
+                     "-" if not np.isfinite(r["chinchilla_fraction_used"]) else f"{r['chinchilla_fraction_used']:.1%}",
+                     num(r["final_valid_loss"]), num(r["best_valid_loss"]), count(r["final_tokens_per_s"]),
+                     f"`{rid}`"])
+    return Table(header, rows)
+
+
+def set_table(runs: pd.DataFrame, sets: list[str]) -> Table:
+    header = ["run", "config"] + [f"{s} final / best" for s in sets]
+    rows = [[r["name"], r["group"]] + [f"{num(r[f'final:{s}'])} / {num(r[f'best:{s}'])}" for s in sets]
+            for _, r in runs.iterrows()]
+    return Table(header, rows)
+
+
+def overview(c: Collection) -> list[Block]:
+    runs = c.runs
+    by_variant = ", ".join(f"{n} {v}" for v, n in runs["variant"].value_counts(sort=False).items())
+    by_status = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items())
+    sweeps = sorted({s for s in runs["sweep"].dropna()})
+    text = (f"{len(runs)} training runs ({by_variant}; {by_status}) from {c.scope}"
+            + (f"; sweep(s): {', '.join(sweeps)}" if sweeps else "") + ". "
+            "Losses are validation cross entropy in nats per target token; `valid/loss` is the mean over "
+            f"the validation sets ({', '.join(c.valid_sets) or 'none logged'}).")
+    return [Para(text)]
+
+
+def problems(c: Collection) -> list[Block]:
+    if not c.problems:
+        return [Heading("Problems"), Para("None: every run finished and logged what the report needs.")]
+    return [Heading("Problems"), Para("What was skipped or is doubtful, and why:"), Bullets(c.problems)]
+
+
+def curves_section(c: Collection, out: Path) -> list[Block]:
+    blocks: list[Block] = [Heading("Validation loss")]
+    fig = figures.loss_curves(c.runs, c.curves, out / "loss_curves.png")
+    if fig is None:
+        return blocks + [Para("No run logged `valid/loss` with `tokens_seen` or `flops`: no curves.")]
+    blocks.append(Figure(fig, "Validation loss (mean over sets) vs tokens, vs detailed FLOPs (upcycled runs "
+                              "shifted by their sunk dense FLOPs) and vs 6ND FLOPs. Seeds of a configuration "
+                              "share a colour; dashed runs did not finish."))
+    if c.valid_sets:
+        blocks.append(set_table(c.runs, c.valid_sets))
+        fig = figures.valid_sets(c.runs, c.curves, c.valid_sets, out / "valid_sets.png")
+        if fig is not None:
+            blocks.append(Figure(fig, "Validation loss per set vs tokens."))
+    return blocks
+
+
+def matched_section(c: Collection, out: Path) -> list[Block]:
+    blocks: list[Block] = [Heading("Loss at matched compute")]
+    parents = analysis.upcycling_parents(c.runs)
+    series = analysis.loss_series(c.runs.drop(parents), c.curves, "flops", add_sunk=True, finished_only=True)
+    groups = {rid: c.runs.loc[rid, "group"] for rid in series}
+    if len(set(groups.values())) < 2:
+        present = ", ".join(sorted(set(groups.values()))) or "none"
+        return blocks + [Para(f"Needs finished runs of at least two configurations with validation curves on the "
+                              f"FLOPs axis; present: {present}. No comparison.")]
+    mc = analysis.matched_compute(series, groups, MATCHED_POINTS)
+    if len(mc.points) == 0:
+        return blocks + [Para("The runs' FLOPs ranges do not overlap: no compute is reached by all of them.")]
+    blocks.append(Para(
+        "Each finished run's validation loss is interpolated linearly in log FLOPs (total detailed FLOPs, "
+        "including an upcycled run's sunk dense FLOPs) at the largest compute every compared run reaches, "
+        f"{mc.points[-1]:.3g} FLOPs, and at {len(mc.points) - 1} smaller log-spaced points; seeds are averaged. "
+        "The spread is max - min over a configuration's seeds; a margin within the larger spread of the two "
+        "best configurations is no verdict."
+        + (f" Dense parents of upcycled runs ({len(parents)}) are left out: they stop at the handoff." if parents else "")))
+    head = mc.headline
+    blocks.append(Para(head.sentence(mc.points[-1]) if head else "No configuration has a value there."))
+    group_names = list(dict.fromkeys(mc.table["group"]))
+    rows = []
+    for i, point in enumerate(mc.points):
+        t = mc.table[mc.table["point"] == i].set_index("group")
+        v = mc.verdicts[i]
+        cells = [f"{num(t.loc[g, 'mean'])} (spread {num(t.loc[g, 'spread'])}, n={int(t.loc[g, 'n'])})"
+                 for g in group_names]
+        call = "-" if v is None else (f"{v.winner} by {v.margin:.4f}" if v.kind == "winner" else
+                                      "no verdict" if v.kind == "no verdict" else f"{v.winner}? (1 seed)")
+        rows.append([sci(point)] + cells + [call])
+    blocks.append(Table(["FLOPs"] + group_names + ["verdict"], rows))
+    fig = figures.matched(mc, c.runs, out / "matched_compute.png")
+    blocks.append(Figure(fig, "Seed-mean validation loss at the matched compute points; bars span the seeds."))
+    return blocks
+
+
+def flops_section(c: Collection) -> list[Block]:
+    """Detailed vs 6ND FLOPs per configuration: for tiny models attention and logits make the
+    detailed count several times 6N (DESIGN.md), so an equal-6ND comparison is not equal compute."""
+    rows = []
+    for group, sub in c.runs.groupby("group", sort=False):
+        r = sub.iloc[0]
+        six_n = 6 * r["active_params"]
+        ratio = r["flops_per_token"] / six_n if np.isfinite(six_n) and six_n > 0 else np.nan
+        rows.append([group, count(r["active_params"]), sci(r["flops_per_token"]), sci(six_n), num(ratio, 2)])
+    return [Heading("FLOPs: detailed count and 6ND"),
+            Para("Runs log the detailed training FLOPs per token (`flops_per_token`: attention scores and "
+                 "values, GeGLU, top-k experts, output logits; 3 x forward) and the cumulative 6 N_active D. "
+                 "Comparisons use the detailed count; the Chinchilla fit uses C = 6ND as the paper does."),
+            Table(["config", "active params", "FLOPs/token (detailed)", "6 N_active", "detailed / 6N"], rows)]
+
+
+def epochs_section(c: Collection) -> list[Block]:
+    t = analysis.epochs_table(c.runs)
+    sources = [k for k in t.columns if k.startswith("epochs/")]
+    if not sources:
+        return [Heading("Epochs over the data"), Para("No run logged `epochs/<source>`.")]
+    rows = [[r["name"], r["group"]] + [num(r[k], 2) for k in sources] + ["**yes**" if r["repeated"] else "no"]
+            for _, r in t.iterrows()]
+    n_rep = int(t["repeated"].sum())
+    return [Heading("Epochs over the data"),
+            Para(f"Passes over each corpus by the end of each run; {n_rep} of {len(t)} runs repeated data "
+                 "(more than one pass over some source), which lowers training loss more than validation loss."),
+            Table(["run", "config"] + [k[len("epochs/"):] for k in sources] + ["repeated data"], rows)]
+
+
+def moe_section(c: Collection, out: Path) -> list[Block]:
+    moe_runs = c.runs[c.runs["variant"] != "dense"]
+    if moe_runs.empty:
+        return []
+    blocks: list[Block] = [Heading("MoE health")]
+    rows, heatmaps = [], []
+    for rid, r in moe_runs.iterrows():
+        cur = c.curves.get(rid, pd.DataFrame())
+        drop = [k for k in cur if k.startswith("moe/layer") and k.endswith("/drop_rate")]
+        bal = [k for k in cur if k.startswith("moe/layer") and k.endswith("/balance_loss")]
+        last_drop = cur[drop].ffill().iloc[-1].max() if drop and len(cur) else np.nan
+        last_bal = cur[bal].ffill().iloc[-1].mean() if bal and len(cur) else np.nan
+        load = c.moe_load.get(rid)
+        imb = analysis.load_imbalance(load) if load else None
+        rows.append([r["name"], r["group"], num(last_bal, 3), num(last_drop, 3),
+                     num(imb["max_over_uniform"].max(), 2) if imb is not None else "-",
+                     num(imb["entropy_ratio"].min(), 3) if imb is not None else "-"])
+        if load:
+            fig = figures.moe_load(load, f"{r['name']} ({r['group']}): expert load over training",
+                                   out / f"moe_load_{_safe(r['name'])}_{rid[:8]}.png")
+            if fig is not None:
+                heatmaps.append(Figure(fig, f"Expert load per layer of {r['name']}: share of assignments x E "
+                                            "(1 = uniform; red over-used, blue under-used)."))
+    blocks.append(Para("Balance loss is E * sum_i f_i P_i (1 at uniform routing); drop rate is the share of "
+                       "assignments dropped by capacity (0 when dropless); the load columns come from "
+                       "`moe_load.json`: max over layers of E * max_i f_i (1 = balanced) and min over layers "
+                       "of the load entropy / log E (1 = balanced)."))
+    blocks.append(Table(["run", "config", "final balance loss (mean over layers)", "final drop rate (max layer)",
+                         "load max / uniform (worst layer)", "load entropy ratio (worst layer)"], rows))
+    fig = figures.moe_training(c.runs, c.curves, out / "moe_training.png")
+    if fig is not None:
+        blocks.append(Figure(fig, "Balance loss and drop rate (mean over MoE layers) and aux loss during training."))
+    return blocks + heatmaps
+
+
+def _catch_up_sentence(late: str, early: str, grid, m_late, m_early, at: float | None) -> str:
+    both = np.isfinite(m_late) & np.isfinite(m_early)
+    if not both.any():
+        return f"{late} and {early} reach no common total compute: no crossover can be read."
+    if at is not None:
+        return f"**{late}** catches up with **{early}** at {at:.3g} total FLOPs and stays at or below it."
+    g = grid[both]
+    if (m_late[both] <= m_early[both]).all():
+        return f"{late} is at or below {early} over all their shared compute ({g[0]:.3g} to {g[-1]:.3g} FLOPs)."
+    return f"{late} does not catch up with {early} up to {g[-1]:.3g} total FLOPs (the end of their shared range)."
+
+
+def upcycling_section(c: Collection, out: Path) -> list[Block]:
+    runs = c.runs
+    if not (runs["variant"] == "upcycled").any():
+        return []
+    blocks: list[Block] = [Heading("Upcycling")]
+    h = analysis.handoff_table(runs, c.curves)
+    blocks.append(Para("Upcycled runs are charged their dense parent's compute (`sunk.flops`): total FLOPs = "
+                       "own + sunk. At the handoff a function-preserving conversion starts at the parent's loss."))
+    blocks.append(Table(["run", "dense parent", "parent final loss", "first valid loss", "sunk tokens", "sunk FLOPs"],
+                        [[r["name"], f"`{r['dense_parent']}`", num(r["parent_final_loss"]),
+                          num(r["first_valid_loss"]), count(r["sunk_tokens"]), sci(r["sunk_flops"])]
+                         for _, r in h.iterrows()]))
+    finished = runs[runs["status"] == "FINISHED"]
+    series = analysis.loss_series(finished, c.curves, "flops", add_sunk=True)
+    if not series:
+        return blocks + [Para("No finished run has a validation curve on the FLOPs axis: no crossover plot.")]
+    xs = np.concatenate([x for x, _ in series.values()])
+    grid = np.geomspace(xs[xs > 0].min(), xs.max(), CROSSOVER_GRID)
+    # Dense parents stop at the handoff, where they equal the upcycled runs: not a comparison.
+    compared = finished.drop(analysis.upcycling_parents(finished))
+    means = {g: analysis.mean_curve([series[r] for r in compared.index[compared["group"] == g] if r in series], grid)
+             for g in dict.fromkeys(compared["group"])}
+    variant_of = dict(zip(compared["group"], compared["variant"]))
+    marks, sentences = {}, []
+    for up in [g for g in means if variant_of[g] == "upcycled"]:
+        for late in [g for g in means if variant_of[g] in ("moe", "dense")]:
+            at = analysis.crossover(grid, means[late], means[up])
+            sentences.append(_catch_up_sentence(late, up, grid, means[late], means[up], at))
+            if at is not None:
+                marks[f"{late} catches up with {up}"] = at
+    blocks.append(Bullets(sentences) if sentences else
+                  Para("No finished upcycled run with a dense or MoE-from-scratch run to compare against."))
+    fig = figures.crossover(finished, c.curves, grid, marks, out / "upcycling_crossover.png")
+    if fig is not None:
+        blocks.append(Figure(fig, "Validation loss vs total FLOPs including the sunk dense compute; thick lines "
+                                  "are seed means, dashed verticals mark catch-ups."))
+    return blocks
+
+
+def scaling_section(c: Collection, out: Path) -> list[Block]:
+    fits, notes = analysis.scaling_fits(c.runs)
+    blocks: list[Block] = [Heading("Scaling law (Chinchilla approach 3)")]
+    if not fits:
+        return blocks + [Para("Not fitted: " + " ".join(notes) if notes else "Not fitted: no finished runs.")]
+    blocks.append(Para("Per variant, `fit_chinchilla` on N = active params (embeddings included), D = final tokens, "
+                       "L = final validation loss: summed Huber(1e-3) on log L, L-BFGS from the 4500-start grid. "
+                       "Compute-optimal frontier with C = 6ND."))
+    if notes:
+        blocks.append(Bullets(notes))
+    for res in fits:
+        f = res.fit
+        cs = [res.runs["C"].min(), res.runs["C"].max(), 10 * res.runs["C"].max()]
+        n_opt, d_opt = f.compute_optimal(cs)
+        blocks += [
+            Heading(f"{res.variant}: {len(res.runs)} runs", 3),
+            Para(f"`{res.law()}` (fit converged: {f.converged}; Huber loss {f.loss:.3g}; "
+                 f"RMS residual {np.sqrt(np.mean(res.runs['residual'] ** 2)):.4f} nats)."),
+            Table(["C (FLOPs)", "N_opt", "D_opt", "D_opt / N_opt", "predicted loss"],
+                  [[sci(C), count(n), count(d), num(d / n, 1), num(float(f.predict(n, d)))]
+                   for C, n, d in zip(cs, n_opt, d_opt)]),
+            Table(["run id", "N", "D", "observed", "predicted", "residual"],
+                  [[f"`{r['run_id']}`", count(r["N"]), count(r["D"]), num(r["observed"]), num(r["predicted"]),
+                    num(r["residual"])] for _, r in res.runs.iterrows()]),
+            Figure(figures.scaling(res, out / f"scaling_{_safe(res.variant)}.png"),
+                   f"{res.variant}: compute-optimal frontier with the runs, and predicted vs observed loss."),
+        ]
+    return blocks
+
+
+def make_report(c: Collection, out: Path) -> tuple[Path, Path]:
+    """Write ``report.md``, ``report.html`` and the PNGs into ``out``; returns (md, html)."""
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{c.experiment}: {c.scope.replace('`', '')}"
+    if c.runs.empty:
+        return write(title, problems(c), out)
+    blocks = overview(c) + problems(c) + [Heading("Runs"), run_table(c.runs)]
+    blocks += curves_section(c, out) + matched_section(c, out) + flops_section(c) + epochs_section(c)
+    blocks += moe_section(c, out) + upcycling_section(c, out) + scaling_section(c, out)
+    return write(title, blocks, out)

@@ -1,0 +1,258 @@
+"""Report figures (matplotlib, Agg backend: no display needed). Each function writes one PNG and
+returns its path, or None when there is nothing to draw.
+
+Colours: one colour per configuration group, all seeds of a group in that colour; groups of a
+variant share a hue (dense blues, MoE oranges, upcycled greens). Runs that did not finish are
+dashed. Compute and token axes are logarithmic: the runs of a sweep span decades.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from moe_morpheus.report.analysis import (  # noqa: E402
+    MatchedCompute,
+    ScalingResult,
+    loss_series,
+    mean_curve,
+)
+
+HUES = {"dense": "Blues", "moe": "Oranges", "upcycled": "Greens"}
+DPI = 110
+
+
+def group_colors(runs: pd.DataFrame) -> dict[str, tuple]:
+    """group -> colour: shades of the variant's hue from 0.85 (first group) to 0.5."""
+    colors = {}
+    for variant, sub in runs.groupby("variant", sort=False):
+        groups = list(dict.fromkeys(sub["group"]))
+        cmap = plt.get_cmap(HUES.get(variant, "Greys"))
+        for i, group in enumerate(groups):
+            colors[group] = cmap(0.85 - 0.35 * i / max(len(groups) - 1, 1))
+    return colors
+
+
+def _legend(ax, runs: pd.DataFrame, colors: dict[str, tuple]) -> None:
+    handles = [Line2D([], [], color=colors[g], lw=2, label=f"{g} (x{(runs['group'] == g).sum()})")
+               for g in dict.fromkeys(runs["group"])]
+    if (runs["status"] != "FINISHED").any():
+        handles.append(Line2D([], [], color="grey", ls="--", label="not finished"))
+    ax.legend(handles=handles, fontsize=8)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _draw_runs(ax, runs, series, colors) -> None:
+    for rid, (x, y) in series.items():
+        run = runs.loc[rid]
+        ax.plot(x, y, color=colors[run["group"]], lw=1.4, alpha=0.85,
+                ls="-" if run["status"] == "FINISHED" else "--")
+
+
+def loss_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path) -> Path | None:
+    """Validation loss (mean over the sets) against tokens, detailed FLOPs (with sunk compute for
+    upcycled runs) and 6ND FLOPs, every run overlaid; the corpus unigram entropy dotted (a run
+    learned when its loss is clearly below it)."""
+    axes_spec = [("tokens_seen", False, "tokens seen"),
+                 ("flops", True, "training FLOPs, detailed count (incl. sunk dense FLOPs)"),
+                 ("flops_6nd", False, "training FLOPs, 6 N_active D")]
+    panels = [(a, s, label, loss_series(runs, curves, a, add_sunk=s)) for a, s, label in axes_spec]
+    if not any(p[3] for p in panels):
+        return None
+    colors = group_colors(runs)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
+    entropy = runs["unigram_entropy"].dropna()
+    for ax, (_, _, label, series) in zip(axes, panels):
+        _draw_runs(ax, runs, series, colors)
+        if len(entropy):
+            ax.axhline(entropy.median(), color="k", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("validation loss (nats/token, mean over sets)")
+    if len(entropy):
+        axes[0].text(0.02, 0.02, f"dotted: unigram entropy {entropy.median():.2f}", transform=axes[0].transAxes,
+                     fontsize=8)
+    _legend(axes[0], runs, colors)
+    fig.suptitle("Validation loss vs tokens and vs FLOPs")
+    return _save(fig, path)
+
+
+def valid_sets(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], sets: list[str], path: Path) -> Path | None:
+    """One panel per validation set (``valid/<set>/loss``) against tokens."""
+    if not sets:
+        return None
+    colors = group_colors(runs)
+    cols = min(len(sets), 3)
+    rows = -(-len(sets) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, sets):
+        _draw_runs(ax, runs, loss_series(runs, curves, "tokens_seen", loss_key=f"valid/{name}/loss"), colors)
+        ax.set_xscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3, which="both")
+    for ax in list(axes.flat)[len(sets):]:
+        ax.set_visible(False)
+    _legend(axes.flat[0], runs, colors)
+    return _save(fig, path)
+
+
+def matched(mc: MatchedCompute, runs: pd.DataFrame, path: Path) -> Path | None:
+    """Seed-mean loss per group at the matched compute points; bars span min..max over seeds."""
+    if mc.table.empty:
+        return None
+    colors = group_colors(runs)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = list(dict.fromkeys(mc.table["group"]))
+    # Groups side by side around each point (a few % of a decade) so their bars do not overlap.
+    offsets = np.linspace(-0.02, 0.02, len(groups)) if len(groups) > 1 else [0.0]
+    for off, group in zip(offsets, groups):
+        t = mc.table[mc.table["group"] == group]
+        half = t["spread"].to_numpy() / 2
+        x = t["compute"].to_numpy() * 10 ** off
+        ax.errorbar(x, t["mean"], yerr=half, color=colors[group], marker="o", capsize=4,
+                    label=f"{group} (n={int(t['n'].max())})")
+    ax.set_xscale("log")
+    ax.set_xlabel("total training FLOPs (detailed, incl. sunk)")
+    ax.set_ylabel("validation loss, seed mean")
+    ax.set_title("Loss at matched compute (bars: seed spread, max - min)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def moe_load(load: dict[str, list[float]], title: str, path: Path) -> Path | None:
+    """Heatmap layers x experts of each expert's share of assignments times E (1 = uniform)."""
+    layers = sorted(load, key=lambda k: int("".join(ch for ch in k if ch.isdigit()) or 0))
+    width = max(len(load[k]) for k in layers) if layers else 0
+    if not width:
+        return None
+    grid = np.full((len(layers), width), np.nan)
+    for i, k in enumerate(layers):
+        f = np.asarray(load[k], float)
+        grid[i, : len(f)] = f / f.sum() * len(f) if f.sum() > 0 else f
+    fig, ax = plt.subplots(figsize=(min(2 + 0.25 * width, 14), 1.2 + 0.45 * len(layers)))
+    vmax = max(2.0, float(np.nanmax(grid)))
+    # Diverging around 1 (uniform): blue = under-used, red = over-used experts.
+    im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=vmax))
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("expert")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="load / uniform load")
+    return _save(fig, path)
+
+
+def moe_training(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path) -> Path | None:
+    """Balance loss and drop rate (mean over MoE layers) and the total aux loss against tokens."""
+    colors = group_colors(runs)
+    specs = [("balance_loss", "balance loss, mean over layers (1 = uniform routing)"),
+             ("drop_rate", "dropped assignments, mean over layers"),
+             ("aux_loss", "moe/aux_loss (sum over layers)")]
+    drawn = False
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for ax, (what, label) in zip(axes, specs):
+        for rid, run in runs.iterrows():
+            c = curves.get(rid)
+            if c is None or "tokens_seen" not in c:
+                continue
+            keys = ["moe/aux_loss"] if what == "aux_loss" else \
+                [k for k in c if k.startswith("moe/layer") and k.endswith("/" + what)]
+            keys = [k for k in keys if k in c]
+            if not keys:
+                continue
+            y = c[keys].mean(axis=1)
+            ok = y.notna() & c["tokens_seen"].notna()
+            ax.plot(c["tokens_seen"][ok], y[ok], color=colors[run["group"]], lw=1.2,
+                    ls="-" if run["status"] == "FINISHED" else "--")
+            drawn = True
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel(label, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    if not drawn:
+        plt.close(fig)
+        return None
+    _legend(axes[0], runs[runs["variant"] != "dense"], colors)
+    fig.suptitle("MoE routing health over training")
+    return _save(fig, path)
+
+
+def crossover(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], grid: np.ndarray,
+              marks: dict[str, float | None], path: Path) -> Path | None:
+    """Seed-mean validation loss against total FLOPs (incl. the sunk dense FLOPs) for dense
+    (continued), upcycled and MoE from scratch; individual runs faint; vertical lines where
+    the later curve catches up (``marks``: label -> FLOPs) and at the dense handoff."""
+    series = loss_series(runs, curves, "flops", add_sunk=True)
+    if not series:
+        return None
+    colors = group_colors(runs)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for rid, (x, y) in series.items():
+        ax.plot(x, y, color=colors[runs.loc[rid, "group"]], lw=0.8, alpha=0.35)
+    for group in dict.fromkeys(runs["group"]):
+        members = [series[r] for r in runs.index[runs["group"] == group] if r in series]
+        m = mean_curve(members, grid)
+        if np.isfinite(m).any():
+            ax.plot(grid, m, color=colors[group], lw=2.2, label=f"{group} (seed mean)")
+    sunk = runs.loc[runs["variant"] == "upcycled", "sunk_flops"]
+    if len(sunk) and sunk.max() > 0:
+        ax.axvline(sunk.max(), color="grey", ls=":", lw=1, label="dense handoff (sunk FLOPs)")
+    for label, c in marks.items():
+        if c is not None:
+            ax.axvline(c, color="k", ls="--", lw=1, label=f"{label} at {c:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("total training FLOPs, detailed (upcycled runs include the dense parent's)")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Upcycling crossover")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def scaling(result: ScalingResult, path: Path) -> Path:
+    """Left: the fitted compute-optimal N_opt(C) and D_opt(C) with the runs at (C = 6ND, N) and
+    (C, D). Right: predicted vs observed final loss, with the identity line."""
+    t, fit = result.runs, result.fit
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    c = np.geomspace(t["C"].min() / 3, t["C"].max() * 30, 100)
+    n_opt, d_opt = fit.compute_optimal(c)
+    a, b = fit.compute_optimal_exponents
+    ax1.plot(c, n_opt, color="C0", label=f"N_opt ~ C^{a:.2f}")
+    ax1.plot(c, d_opt, color="C1", label=f"D_opt ~ C^{b:.2f}")
+    ax1.scatter(t["C"], t["N"], color="C0", marker="o", s=18, label="runs: N (active params)")
+    ax1.scatter(t["C"], t["D"], color="C1", marker="s", s=18, label="runs: D (tokens)")
+    ax1.set_xscale("log")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("training compute C = 6 N D (FLOPs)")
+    ax1.set_ylabel("parameters / tokens")
+    ax1.set_title(f"{result.variant}: compute-optimal frontier")
+    ax1.grid(alpha=0.3, which="both")
+    ax1.legend(fontsize=8)
+    lo = min(t["observed"].min(), t["predicted"].min())
+    hi = max(t["observed"].max(), t["predicted"].max())
+    pad = 0.05 * (hi - lo) if hi > lo else 0.05
+    ax2.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", ls="--", lw=1, label="predicted = observed")
+    sc = ax2.scatter(t["observed"], t["predicted"], c=np.log10(t["N"]), cmap="viridis", s=25)
+    fig.colorbar(sc, ax=ax2, label="log10 N (active params)")
+    ax2.set_xlabel("observed final validation loss")
+    ax2.set_ylabel("predicted L(N, D)")
+    ax2.set_title(result.law(), fontsize=9)
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    return _save(fig, path)
