@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _segments(counts_E: list[int]) -> list[tuple[int, int, int]]:
+def expert_segments(counts_E: list[int]) -> list[tuple[int, int, int]]:
     """(expert, start row, row count) for the non-empty experts of a sorted buffer."""
     out, start = [], 0
     for e, n in enumerate(counts_E):
@@ -40,7 +40,7 @@ class _GroupedGeGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, counts_E, w_value_EFD, b_value_EF, w_gelu_EFD, b_gelu_EF, w_out_EDF, b_out_ED):
-        segs = _segments(counts_E)
+        segs = expert_segments(counts_E)
         n_rows, hidden = x_ND.shape[0], w_value_EFD.shape[1]
         value_NF = x_ND.new_empty(n_rows, hidden)
         pre_NF = x_ND.new_empty(n_rows, hidden)
@@ -61,7 +61,7 @@ class _GroupedGeGLU(torch.autograd.Function):
     def backward(ctx, grad_y_ND):
         x_ND, value_NF, pre_NF, w_value_EFD, w_gelu_EFD, w_out_EDF = ctx.saved_tensors
         counts_E = ctx.counts_E
-        segs = _segments(counts_E)
+        segs = expert_segments(counts_E)
         grad_y_ND = grad_y_ND.contiguous()
         num_expert = len(counts_E)
         # Bias gradients are per-expert row sums: one index_add over the buffer (0.2 ms for

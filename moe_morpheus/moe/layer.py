@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_morpheus.moe.comm import AllGather, AllToAll, Slice, exchange_counts, slice_bounds
-from moe_morpheus.moe.experts import _segments
+from moe_morpheus.moe.experts import expert_segments
 from moe_morpheus.moe.gates import NaiveGate
 
 
@@ -56,10 +56,12 @@ class FMoE(nn.Module):
     Parameter marks for Megatron-Core: expert parameters ``allreduce = False`` (DDP reduces them
     over the expert-data-parallel group only); gate parameters ``sequence_parallel = True``
     (slice ranks route different tokens, so their gate gradients must be summed over the
-    tensor-parallel group, which ``finalize_model_grads`` does for this mark).
+    tensor-parallel group). Megatron-Core 0.16.1's ``finalize_model_grads`` sums parameters with
+    this mark only when ``TransformerConfig.sequence_parallel`` is True; otherwise the trainer
+    must all-reduce (sum) the gate gradients over the tensor-parallel group itself.
     """
 
-    def __init__(self, num_expert=32, d_model=1024, world_size=1, moe_group=None, slice_group=None,
+    def __init__(self, num_expert, d_model, world_size=1, moe_group=None, slice_group=None,
                  top_k=2, gate=NaiveGate, expert=None, gate_hook=None, mask=None, mask_dict=None):
         super().__init__()
         if isinstance(expert, (list, tuple)):
@@ -195,7 +197,7 @@ class FMoE(nn.Module):
     def _run_experts(self, x_ND, counts_E: list[int]):
         if not isinstance(self.experts, nn.ModuleList):
             return self.experts(x_ND, counts_E)
-        outs = [self.experts[e](x_ND[s:s + n]) for e, s, n in _segments(counts_E)]
+        outs = [self.experts[e](x_ND[s:s + n]) for e, s, n in expert_segments(counts_E)]
         return torch.cat(outs) if outs else x_ND[:0]
 
     def _masked_rows(self, mask_T, score_TK, y_TD):
