@@ -21,6 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from moe_morpheus.report import analysis, build, figures, render
 from moe_morpheus.report.__main__ import main
 from moe_morpheus.report.collect import (
+    Collection,
     SelectionError,
     collect,
     config_signature,
@@ -125,12 +126,14 @@ def store(tmp_path_factory):
     ids["clear_stray"] = log_run(client, exp, variant="dense", seed=7, sweep="older", name="stray")
 
     exp = experiment("tied")
+    ids["tied_parents"] = [sweep_parent(client, exp, "t") for _ in range(2)]  # the sweep launched twice
     ids["tied"] = [log_run(client, exp, variant=v, seed=s, offset=(-0.004 if v == "moe" else 0) + o, sweep="t",
                            load=LOAD if v == "moe" else None)
                    for v in ("dense", "moe") for s, o in ((0, -0.01), (1, 0.01))]
 
     exp = experiment("crash")
     ids["crash"] = [log_run(client, exp, variant="dense", sweep="c"),
+                    log_run(client, exp, variant="dense", sweep="c", name="dense-rerun"),  # same seed 0
                     log_run(client, exp, variant="moe", sweep="c", status="FAILED", steps=12, finals=False),
                     client.create_run(exp, tags={"variant": "moe", "sweep": "c"}, run_name="killed").info.run_id]
     client.create_run(exp, run_name="notebook")  # no variant tag: not a training run
@@ -242,8 +245,12 @@ def test_parent_selection(store):
 
 
 def test_no_verdict_within_seed_spread(tmp_path, store):
-    uri, _ = store
-    md = md_text(build.matched_section(collect(uri, "tied"), tmp_path))
+    uri, ids = store
+    c = collect(uri, "tied", sweep="t")
+    assert len(c.runs) == 4 and c.problems == [
+        f"sweep 't' was launched 2 times (parent runs {', '.join(sorted(ids['tied_parents']))}); the runs of all launches "
+        "are included together."]
+    md = md_text(build.matched_section(c, tmp_path))
     assert "**No verdict**" in md and "moe is ahead of dense by 0.004" in md
 
 
@@ -251,10 +258,11 @@ def test_crashed_and_stray_runs_are_problems(tmp_path, store):
     uri, ids = store
     out, md, _ = report(tmp_path, uri, "--experiment", "crash")
     problems = md.split("## Problems", 1)[1].split("\n## ", 1)[0]
-    assert f"run `{ids['crash'][1]}`" in problems and "ended FAILED" in problems
+    assert f"run `{ids['crash'][2]}`" in problems and "ended FAILED" in problems
+    assert "2 runs of dense share seed 0" in problems
     assert "still RUNNING" in problems and "logged no valid/loss" in problems
     assert "no variant tag" in problems and "no moe_load.json" in problems
-    assert len(run_table_rows(md)) == 3
+    assert len(run_table_rows(md)) == 4
     assert "at least two configurations" in md  # only the dense run can be compared
     assert_png(out / "loss_curves.png")
 
@@ -393,7 +401,7 @@ def test_scaling_fits_need_sizes_and_finished_runs():
                          "final_valid_loss": 3.0})
     assert len(analysis.scaling_candidates(runs)) == 5
     fits, notes = analysis.scaling_fits(runs)
-    assert fits == [] and "5 finished runs at 2 model sizes" in notes[0]
+    assert fits == [] and "5 finished run(s) at 2 model size(s)" in notes[0]
     assert analysis.scaling_fits(pd.DataFrame()) == ([], [])
 
 
@@ -434,6 +442,34 @@ def test_group_labels_name_differing_params():
     assert sig_a == (("model.hidden_size", "64"), ("moe.top_k", "2"))
     assert group_labels(["moe", "moe", "dense"], [sig_a, sig_b, sig_a]) == \
         ["moe hidden_size=64", "moe hidden_size=128", "dense"]
+
+
+# --- build helpers -----------------------------------------------------------------------------------
+
+def test_catch_up_sentences():
+    grid = np.array([1.0, 10.0, 100.0])
+    nan = np.full(3, np.nan)
+    assert "no common total compute" in build._catch_up_sentence("moe", "up", grid, nan, np.ones(3), None)
+    assert "catches up with **up** at 50" in build._catch_up_sentence("moe", "up", grid, np.ones(3), np.ones(3), 50.0)
+    assert "at or below up over all" in build._catch_up_sentence("moe", "up", grid, np.zeros(3), np.ones(3), None)
+    assert "does not catch up with up up to 100" in \
+        build._catch_up_sentence("moe", "up", grid, np.full(3, 2.0), np.ones(3), None)
+
+
+def test_experts_cell_and_safe_names():
+    run = pd.Series({"variant": "moe", "num_experts": 64.0, "top_k": np.nan})
+    assert build._experts(run) == "64 / top-?"
+    assert build._experts(pd.Series({"variant": "dense", "num_experts": 0.0, "top_k": 2.0})) == "-"
+    assert build._safe("moe s0/a b") == "moe_s0_a_b"
+
+
+def test_sections_without_data_say_so(tmp_path):
+    runs = pd.DataFrame({"name": ["a"], "group": ["dense"], "variant": ["dense"], "epochs": [{}],
+                         "active_params": [1e6], "flops_per_token": [1.2e7]}, index=["r"])
+    c = Collection("e", "all runs", runs)
+    assert "No run logged `epochs/<source>`" in md_text(build.epochs_section(c))
+    assert "| dense | 1M | 1.2e+07 | 6e+06 | 2.00 |" in md_text(build.flops_section(c))
+    assert build.moe_section(c, tmp_path) == [] and build.upcycling_section(c, tmp_path) == []
 
 
 # --- render and figures ------------------------------------------------------------------------------

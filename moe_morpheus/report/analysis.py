@@ -232,7 +232,7 @@ def scaling_fits(runs: pd.DataFrame) -> tuple[list[ScalingResult], list[str]]:
     for variant, sub in usable.groupby("variant", sort=False):
         sizes = sub["active_params"].nunique()
         if len(sub) < MIN_SCALING_RUNS or sizes < MIN_SCALING_SIZES:
-            notes.append(f"{variant}: {len(sub)} finished runs at {sizes} model sizes; a scaling fit needs "
+            notes.append(f"{variant}: {len(sub)} finished run(s) at {sizes} model size(s); a scaling fit needs "
                          f">= {MIN_SCALING_RUNS} runs at >= {MIN_SCALING_SIZES} sizes.")
             continue
         n, d, l = (sub[c].to_numpy(float) for c in ("active_params", "final_tokens", "final_valid_loss"))

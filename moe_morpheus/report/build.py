@@ -155,7 +155,8 @@ def epochs_section(c: Collection) -> list[Block]:
     n_rep = int(t["repeated"].sum())
     return [Heading("Epochs over the data"),
             Para(f"Passes over each corpus by the end of each run; {n_rep} of {len(t)} runs repeated data "
-                 "(more than one pass over some source), which lowers training loss more than validation loss."),
+                 "(more than one pass over some source): their training loss flatters them, read the "
+                 "validation loss."),
             Table(["run", "config"] + [k[len("epochs/"):] for k in sources] + ["repeated data"], rows)]
 
 

@@ -145,9 +145,9 @@ def select_runs(runs: list[Run], sweep: str | None, parent: str | None) -> tuple
         chosen = [r for r in runs if r.data.tags.get(PARENT_TAG) == parent]
         scope = f"children of parent run `{parent}` (sweep {by_id[parent].data.tags.get('sweep', 'unnamed')})"
     elif sweep is not None:
-        parents = [r.info.run_id for r in runs
-                   if r.data.tags.get("sweep") == sweep and PARENT_TAG not in r.data.tags
-                   and "variant" not in r.data.tags]
+        parents = sorted(r.info.run_id for r in runs
+                         if r.data.tags.get("sweep") == sweep and PARENT_TAG not in r.data.tags
+                         and "variant" not in r.data.tags)
         chosen = [r for r in runs if r.data.tags.get("sweep") == sweep or r.data.tags.get(PARENT_TAG) in parents]
         if not chosen:
             sweeps = sorted({r.data.tags["sweep"] for r in runs if "sweep" in r.data.tags})

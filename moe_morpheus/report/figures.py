@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from moe_morpheus.report.analysis import (  # noqa: E402
     MatchedCompute,
@@ -49,6 +50,20 @@ def _legend(ax, runs: pd.DataFrame, colors: dict[str, tuple]) -> None:
     ax.legend(handles=handles, fontsize=8)
 
 
+def _log_x(ax, label: str) -> None:
+    """Log x axis (call after plotting) with short labels ("2e+12"): at 1, 2 and 5 per decade
+    when the data span <= 2 decades, else at decades only. Matplotlib's default labels every
+    minor tick on short ranges as "2x10^12", and on a 5-inch panel those overlap."""
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    subs = (1.0, 2.0, 5.0) if np.log10(hi / lo) <= 2 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(subs=subs))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(label)
+    ax.grid(alpha=0.3, which="both")
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -75,18 +90,26 @@ def loss_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path)
         return None
     colors = group_colors(runs)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
-    entropy = runs["unigram_entropy"].dropna()
     for ax, (_, _, label, series) in zip(axes, panels):
         _draw_runs(ax, runs, series, colors)
-        if len(entropy):
-            ax.axhline(entropy.median(), color="k", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3, which="both")
+        _log_x(ax, label)
     axes[0].set_ylabel("validation loss (nats/token, mean over sets)")
+    # The y range is the curves'; the unigram entropy is drawn only when inside it (a first
+    # validation at ~ln V = 9 nats puts it there), else named, so it cannot squash the curves.
+    ys = np.concatenate([y for p in panels for _, y in p[3].values()])
+    lo, hi = float(ys.min()), float(ys.max())
+    pad = 0.05 * (hi - lo) if hi > lo else 0.1
+    axes[0].set_ylim(lo - pad, hi + pad)
+    entropy = runs["unigram_entropy"].dropna()
     if len(entropy):
-        axes[0].text(0.02, 0.02, f"dotted: unigram entropy {entropy.median():.2f}", transform=axes[0].transAxes,
-                     fontsize=8)
+        h = float(entropy.median())
+        if h <= hi + pad:
+            for ax in axes:
+                ax.axhline(h, color="k", ls=":", lw=1)
+            note = f"dotted: unigram entropy {h:.2f}"
+        else:
+            note = f"unigram entropy {h:.2f}: above every curve"
+        axes[0].text(0.02, 0.02, note, transform=axes[0].transAxes, fontsize=8)
     _legend(axes[0], runs, colors)
     fig.suptitle("Validation loss vs tokens and vs FLOPs")
     return _save(fig, path)
@@ -102,11 +125,9 @@ def valid_sets(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], sets: list[s
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
     for ax, name in zip(axes.flat, sets):
         _draw_runs(ax, runs, loss_series(runs, curves, "tokens_seen", loss_key=f"valid/{name}/loss"), colors)
-        ax.set_xscale("log")
+        _log_x(ax, "tokens seen")
         ax.set_title(name)
-        ax.set_xlabel("tokens seen")
         ax.set_ylabel("validation loss")
-        ax.grid(alpha=0.3, which="both")
     for ax in list(axes.flat)[len(sets):]:
         ax.set_visible(False)
     _legend(axes.flat[0], runs, colors)
@@ -120,19 +141,17 @@ def matched(mc: MatchedCompute, runs: pd.DataFrame, path: Path) -> Path | None:
     colors = group_colors(runs)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups = list(dict.fromkeys(mc.table["group"]))
-    # Groups side by side around each point (a few % of a decade) so their bars do not overlap.
-    offsets = np.linspace(-0.02, 0.02, len(groups)) if len(groups) > 1 else [0.0]
+    # Groups side by side around each point (+-0.008 decades, ~2%) so their bars do not overlap.
+    offsets = np.linspace(-0.008, 0.008, len(groups)) if len(groups) > 1 else [0.0]
     for off, group in zip(offsets, groups):
         t = mc.table[mc.table["group"] == group]
         half = t["spread"].to_numpy() / 2
         x = t["compute"].to_numpy() * 10 ** off
         ax.errorbar(x, t["mean"], yerr=half, color=colors[group], marker="o", capsize=4,
                     label=f"{group} (n={int(t['n'].max())})")
-    ax.set_xscale("log")
-    ax.set_xlabel("total training FLOPs (detailed, incl. sunk)")
+    _log_x(ax, "total training FLOPs (detailed, incl. sunk)")
     ax.set_ylabel("validation loss, seed mean")
     ax.set_title("Loss at matched compute (bars: seed spread, max - min)")
-    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -181,10 +200,8 @@ def moe_training(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path
             ax.plot(c["tokens_seen"][ok], y[ok], color=colors[run["group"]], lw=1.2,
                     ls="-" if run["status"] == "FINISHED" else "--")
             drawn = True
-        ax.set_xscale("log")
-        ax.set_xlabel("tokens seen")
+        _log_x(ax, "tokens seen")
         ax.set_ylabel(label, fontsize=9)
-        ax.grid(alpha=0.3, which="both")
     if not drawn:
         plt.close(fig)
         return None
@@ -216,11 +233,9 @@ def crossover(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], grid: np.ndar
     for label, c in marks.items():
         if c is not None:
             ax.axvline(c, color="k", ls="--", lw=1, label=f"{label} at {c:.3g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("total training FLOPs, detailed (upcycled runs include the dense parent's)")
+    _log_x(ax, "total training FLOPs, detailed (upcycled runs include the dense parent's)")
     ax.set_ylabel("validation loss")
     ax.set_title("Upcycling crossover")
-    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
