@@ -9,6 +9,7 @@ exists).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # One tqdm bar per moe_load.json download would bury the output; a user's setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = resolve_uri(args.tracking_uri)
     # MLflow would create an empty database at a mistyped path; say it is missing instead.
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
