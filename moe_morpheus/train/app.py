@@ -68,14 +68,17 @@ def run(cfg: DictConfig) -> float:
     # Megatron-Core logs every parameter's bucket at INFO; keep the console for the run itself.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     from moe_morpheus.experiment import to_experiment
-    from moe_morpheus.tracking import parent_run_id
+    from moe_morpheus.tracking import TrackingUnreachableError, check_reachable, parent_run_id, resolve_uri
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         _check_sweep(hydra_cfg)
         exp = to_experiment(cfg)
-    except ConfigError as error:
+        if exp.tracking.strict:
+            # Every rank asks, so all of them stop together before any process group exists.
+            check_reachable(resolve_uri(exp.tracking.uri))
+    except (ConfigError, TrackingUnreachableError) as error:
         _fail(str(error), output_dir)
     parent = parent_run_id(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     parent = parent or os.environ.get("MOE_MORPHEUS_PARENT_RUN_ID")

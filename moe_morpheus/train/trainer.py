@@ -286,12 +286,10 @@ class RunLogger:
     """The run's MLflow side (rank 0): params, tags, metrics, summary and artifacts."""
 
     def __init__(self, trainer: Trainer):
-        from moe_morpheus.tracking import Tracker, check_reachable, flatten_config, resolve_uri, run_tags
+        from moe_morpheus.tracking import Tracker, flatten_config, resolve_uri, run_tags
 
         exp = trainer.exp
         uri = resolve_uri(exp.tracking.uri)
-        if exp.tracking.strict:
-            check_reachable(uri)
         tags = run_tags(exp.variant, exp.name, exp.sweep, f"{exp.layout}-dp{trainer.dp}")
         if any(v > 1 for v in trainer.data.epochs(trainer.plan.steps * exp.trainer.global_batch_size).values()):
             tags["data_repeated"] = "true"

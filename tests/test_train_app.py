@@ -1,0 +1,102 @@
+"""End to end through the CLI: `python train.py +experiment=...` runs, multiruns with a parent
+MLflow run, torchrun jobs with expert / tensor / pipeline parallelism, and clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+# A few steps of a small model: the mechanics, not the quality.
+SMALL = [
+    "model.num_layers=2", "model.hidden_size=64", "model.seq_length=64", "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=2", "data.valid_rows=4", "trainer.progress=false",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def train(tmp_path: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONWARNINGS="ignore::UserWarning", OMP_NUM_THREADS="1", **(env or {}))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *args],
+        cwd=tmp_path, capture_output=True, text=True, env=full_env, timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def runs(tmp_path: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    return mlflow.search_runs(experiment_names=["moe_morpheus"])
+
+
+def test_moe_64e_three_steps_logs_an_mlflow_run(tmp_path):
+    train(tmp_path, "+experiment=moe_64e", "trainer.steps=3", "trainer.eval_interval=2", *SMALL)
+    frame = runs(tmp_path)
+    assert len(frame) == 1
+    run = MlflowClient().get_run(frame.run_id[0])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["variant"] == "moe" and run.data.tags["experiment"] == "moe_64e"
+    assert run.data.tags["parallel_layout"] == "tp1-pp1-ep1-dp1"
+    assert run.data.params["moe.num_experts"] == "64" and run.data.params["model.hidden_size"] == "64"
+    assert int(run.data.params["count.total_params"]) > int(run.data.params["count.active_params"])
+    history = MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    for key in ("tokens_seen", "flops", "flops_6nd", "budget_fraction", "valid/loss", "valid/en_gmask/loss",
+                "moe/layer2/balance_loss", "epochs/en", "final/valid_loss", "final/unigram_entropy"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["tokens_seen"] == 3 * 4 * 64
+    outputs = list((tmp_path / "outputs" / "moe_64e").iterdir())
+    assert len(outputs) == 1 and (outputs[0] / "moe_load.json").exists()
+
+
+def test_multirun_makes_a_parent_with_nested_children(tmp_path):
+    train(tmp_path, "-m", "+sweeps=dense_vs_moe", "+experiment=dense,moe_8e", "trainer.seed=1",
+          "budget.chinchilla_fraction=0.0005", *SMALL)
+    frame = runs(tmp_path)
+    parents = frame[frame["tags.mlflow.parentRunId"].isna()]
+    children = frame[frame["tags.mlflow.parentRunId"].notna()]
+    assert len(parents) == 1 and parents["tags.sweep"].iloc[0] == "dense_vs_moe"
+    assert sorted(children["tags.experiment"]) == ["dense", "moe_8e"]
+    assert set(children["tags.mlflow.parentRunId"]) == {parents.run_id.iloc[0]}
+    assert set(children["tags.sweep"]) == {"dense_vs_moe"}
+
+
+@pytest.mark.parametrize("layout,experiment,expected", [
+    (["parallel.ep=2"], "moe_8e", "tp1-pp1-ep2-dp2"),
+    (["parallel.tp=2"], "dense", "tp2-pp1-ep1-dp1"),
+    (["parallel.pp=2"], "dense", "tp1-pp2-ep1-dp1"),
+], ids=["ep2", "tp2", "pp2"])
+def test_two_process_runs(tmp_path, layout, experiment, expected):
+    """`launch.nproc_per_node=2` starts torchrun for the job; one run folder, one MLflow run."""
+    train(tmp_path, f"+experiment={experiment}", "trainer.steps=2", "launch.nproc_per_node=2", *layout, *SMALL)
+    frame = runs(tmp_path)
+    assert len(frame) == 1 and frame["tags.parallel_layout"].iloc[0] == expected
+    assert frame["status"].iloc[0] == "FINISHED"
+    assert len(list((tmp_path / "outputs" / experiment).iterdir())) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["+experiment=nonexistent"], "Could not find 'experiment/nonexistent'"),
+    (["+experiment=dense", "model.hiden_size=3"], "Key 'hiden_size' not in 'ModelConfig'"),
+    (["+experiment=moe_8e", "parallel.ep=3"], "moe.num_experts=8 is not divisible by parallel.ep=3"),
+    (["+experiment=moe_8e", "moe.top_k=9"], "moe.top_k=9 must be between 1 and moe.num_experts=8"),
+    (["+experiment=dense", "budget.chinchilla_fraction=1e-9"], "rounds to 0 steps"),
+    (["+sweeps=dense_vs_moe"], "run it with -m"),
+    (["+experiment=dense", "tracking.uri=http://127.0.0.1:9", "tracking.strict=true"], "127.0.0.1:9"),
+], ids=["unknown-experiment", "typo", "ep", "top-k", "zero-steps", "sweep-without-m", "unreachable-tracking"])
+def test_bad_input_gives_a_clear_error_and_leaves_no_run_folder(tmp_path, args, message):
+    result = train(tmp_path, *args, *SMALL, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    outputs = tmp_path / "outputs"
+    leftovers = [p for p in outputs.rglob("*") if p.is_dir() and (p / ".hydra").is_dir()] if outputs.exists() else []
+    assert leftovers == []
