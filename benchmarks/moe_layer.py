@@ -72,20 +72,17 @@ class OneExpert(DenseGeGLU):
         super().__init__(d_model, EXPERT_HIDDEN)
 
 
-def matmul_peak() -> float:
-    """Best FLOP/s over a few fp32 matmul shapes (the roofline's compute ceiling)."""
-    best = 0.0
+def roofline_probes() -> dict:
+    """Timed probes for the roofline: fp32 matmuls of a few shapes (compute ceiling = the best
+    FLOP/s among them) and a 256 MB copy (bandwidth, read + write bytes)."""
+    probes = {}
     for m, k, n in ((2048, 2048, 2048), (4096, 256, 512), (8192, 256, 256)):
         a, b = torch.randn(m, k), torch.randn(k, n)
-        best = max(best, 2 * m * k * n / timed({0: lambda a=a, b=b: a @ b}, reps=5)[0])
-    return best
-
-
-def copy_bandwidth() -> float:
-    """Bytes moved per second (read + write) by a 256 MB tensor copy."""
+        probes[("matmul", 2 * m * k * n)] = lambda a=a, b=b: a @ b
     src = torch.randn(64 * 2**20)
     dst = torch.empty_like(src)
-    return 2 * src.numel() * BYTES / timed({0: lambda: dst.copy_(src)}, reps=5)[0]
+    probes[("copy", 2 * src.numel() * BYTES)] = lambda: dst.copy_(src)
+    return probes
 
 
 def roofline_seconds(num_experts: int, peak: float, bandwidth: float) -> float:
@@ -155,15 +152,20 @@ def main() -> None:
             note = f" (load max/mean {module.pop_stats()['load_max_over_mean']:.2f})"
         print(f"| {name}{note} | {seconds[name] * 1e3:.1f} | {seconds[name] / dense:.2f} |")
 
-    peak, bandwidth = matmul_peak(), copy_bandwidth()
+    # The sweep and the roofline probes are timed in one round-robin, so that both see the same
+    # machine (the ratio is meaningless if the probes ran in a quieter or busier moment).
+    sweep = {num_experts: native_layer(num_experts) for num_experts in (8, 16, 32, 64, 128, 256)}
+    probes = roofline_probes()
+    best = timed({**{e: fwd_bwd(layer, x, grad) for e, layer in sweep.items()}, **probes}, reps=5)
+    peak = max(key[1] / best[key] for key in probes if key[0] == "matmul")
+    bandwidth = next(key[1] / best[key] for key in probes if key[0] == "copy")
     print(f"\nroofline: matmul peak {peak / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     print("\n| experts | ms | roofline ms | / roofline | load max/mean |\n| ---: | ---: | ---: | ---: | ---: |")
-    for num_experts in (8, 16, 32, 64, 128, 256):
-        layer = native_layer(num_experts)
-        layer_s = timed({0: fwd_bwd(layer, x, grad)}, reps=5)[0]
+    for num_experts, layer in sweep.items():
         bound = roofline_seconds(num_experts, peak, bandwidth)
         balance = layer.pop_stats()["load_max_over_mean"]
-        print(f"| {num_experts} | {layer_s * 1e3:.1f} | {bound * 1e3:.1f} | {layer_s / bound:.2f} | {balance:.2f} |")
+        print(f"| {num_experts} | {best[num_experts] * 1e3:.1f} | {bound * 1e3:.1f} | "
+              f"{best[num_experts] / bound:.2f} | {balance:.2f} |")
 
 
 if __name__ == "__main__":
