@@ -15,7 +15,15 @@ import pickle
 import queue
 import traceback
 
-from moe_morpheus.parallel import free_port
+
+def free_port() -> int:
+    # Not moe_morpheus.parallel.free_port: importing that package imports Megatron-Core, which
+    # costs each spawned rank ~4.5 s of CPU in tests that never use it.
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _worker(fn, rank, world_size, port, args, results):
@@ -36,12 +44,14 @@ def _worker(fn, rank, world_size, port, args, results):
     except BaseException:  # noqa: BLE001 - the traceback goes to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
+        import sys
+
         import torch.distributed as dist
 
-        if dist.is_initialized():
-            from moe_morpheus.parallel import destroy
-
-            destroy()
+        if "moe_morpheus.parallel" in sys.modules:
+            sys.modules["moe_morpheus.parallel"].destroy()
+        elif dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 240.0):
