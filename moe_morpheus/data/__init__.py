@@ -2,7 +2,7 @@
 
 Public API (imported lazily: ``python -m moe_morpheus.data.tokenizer`` should not pay for torch):
 ``DataConfig``, ``SourceConfig``, ``build_data``, ``Data``, ``batch_iterator``,
-``unigram_entropy``, ``Tokenizer``, and in ``infilling``: ``build_sample``,
+``unigram_cross_entropy``, ``Tokenizer``, and in ``infilling``: ``build_sample``,
 ``build_gmask_sample``, ``attention_mask``.
 """
 
@@ -12,7 +12,7 @@ import importlib
 
 _EXPORTS = {
     "DataConfig": "config", "SourceConfig": "config", "build_data": "dataset", "Data": "dataset",
-    "batch_iterator": "dataset", "unigram_entropy": "dataset", "Tokenizer": "tokenizer",
+    "batch_iterator": "dataset", "unigram_cross_entropy": "dataset", "Tokenizer": "tokenizer",
     "DataError": "corpus", "TokenizerError": "tokenizer",
 }
 __all__ = sorted(_EXPORTS)
