@@ -211,3 +211,29 @@ def format_budget(plan: RunPlan) -> str:
         f"FLOPs: {plan.flops:.3e} detailed ({plan.flops_per_token:.3e}/token), {plan.flops_6nd:.3e} as 6ND "
         f"(detailed / 6ND = {plan.flops / plan.flops_6nd:.2f})",
     ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m moe_morpheus.budget +experiment=NAME [model=PRESET] [overrides]``: the run plan
+    (parameters, Chinchilla budget, FLOPs) of a configuration, without building the model."""
+    import sys
+
+    from moe_morpheus.experiment import compose_experiment
+
+    exp = compose_experiment(sys.argv[1:] if argv is None else argv)
+    moe = exp.moe if exp.moe.enabled else None
+    tokens_per_step = exp.trainer.global_batch_size * exp.model.seq_length
+    budget = exp.budget
+    if budget.chinchilla_fraction is None and exp.trainer.steps is None and exp.trainer.tokens is None:
+        budget = BudgetConfig(chinchilla_fraction=1.0, tokens_per_param=budget.tokens_per_param, params=budget.params)
+    plan = plan_run(exp.model, moe, budget, tokens_per_step, steps=exp.trainer.steps,
+                    tokens=exp.trainer.tokens if exp.trainer.steps is None else None)
+    print(f"{exp.name}: {exp.model.num_layers} layers, hidden {exp.model.hidden_size}, "
+          f"{exp.model.num_attention_heads} heads, FFN {exp.model.ffn_hidden_size}, seq {exp.model.seq_length}, "
+          f"vocab {exp.model.vocab_size}" + (f", {moe.num_experts} experts top-{moe.top_k} every "
+                                             f"{moe.layer_freq} layer(s)" if moe else ""))
+    print(format_budget(plan))
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ composition with the key's name), and :func:`to_experiment` builds the validated
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -86,3 +87,17 @@ def to_experiment(cfg: DictConfig) -> ExperimentConfig:
     experiment = OmegaConf.to_object(cfg)
     assert isinstance(experiment, ExperimentConfig)
     return experiment
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_experiment(overrides: list[str]) -> ExperimentConfig:
+    """The validated experiment that ``python train.py <overrides>`` would run (Hydra compose
+    API), for commands that need the configuration but not a training run."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return to_experiment(cfg)

@@ -174,3 +174,12 @@ def test_plan_run_errors():
         plan_run(tiny(), None, BudgetConfig(), 64, tokens=-5)
     with pytest.raises(ConfigError, match="tokens_per_step"):
         plan_run(tiny(), None, BudgetConfig(), 0, steps=1)
+
+
+def test_budget_command_prints_the_30b_preset_without_building_it(capsys):
+    from moe_morpheus.budget import main
+
+    main(["+experiment=dense", "model=morpheus_30b"])
+    out = capsys.readouterr().out
+    assert "55 layers, hidden 7200, 72 heads, FFN 19200" in out
+    assert "total 34.94B" in out and "embedding 720.69M" in out
