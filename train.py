@@ -8,12 +8,18 @@
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 REPO_ROOT = Path(__file__).resolve().parent
+# Megatron-Core warns at import about optional CUDA kernels (Transformer Engine, Apex) that a
+# CPU run cannot have; the console is for the run.
+warnings.filterwarnings(
+    "ignore", message=r"(Transformer Engine and Apex|Apex is not installed|full scope is deprecated|When using async)"
+)
 
 # Sweep configs live in REPO_ROOT/sweeps: put the repo root on Hydra's search path by absolute
 # path, so `+sweeps=NAME` works from any working directory.
