@@ -104,11 +104,30 @@ GATES = ("naive", "noisy", "gshard", "switch", "faster")
 
 @dataclass
 class FasterMoEConfig:
-    """FasterMoE switches (PPoPP'22): smart schedule and dynamic shadowing."""
+    """FasterMoE (PPoPP'22): smart schedule, dynamic shadowing, topology-aware gate
+    (``moe_morpheus.moe.faster``; reference/fastmoe.md sec. 3)."""
 
+    # Split the token exchange into W / group_size steps and overlap each with expert compute.
     schedule: bool = False
-    group_size: int = 1
+    group_size: int = 1  # must divide the expert-parallel size (checked when the layer is built)
     shadow: bool = False
+    # Shadowing policy's performance model: bytes/s of the expert-parallel network and expert
+    # FLOP/s; null = measured at start-up on the actual backend (one broadcast, one expert run).
+    net_bandwidth: float | None = None
+    flops: float | None = None
+    # gate: faster (congestion-avoiding selection): ranks sharing a node, and the fraction of a
+    # rank's tokens whose top-1 expert may stay off-node (FastMoE's defaults 8 and 0.14).
+    ranks_per_node: int = 8
+    outgoing_fraction: float = 0.14
+
+    def __post_init__(self) -> None:
+        _check(self.group_size >= 1, f"moe.faster.group_size={self.group_size} must be >= 1")
+        for name in ("net_bandwidth", "flops"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"moe.faster.{name}={value} must be positive (or null: measure)")
+        _check(self.ranks_per_node >= 1, f"moe.faster.ranks_per_node={self.ranks_per_node} must be >= 1")
+        _check(0.0 <= self.outgoing_fraction <= 1.0,
+               f"moe.faster.outgoing_fraction={self.outgoing_fraction} must be in [0, 1]")
 
 
 @dataclass

@@ -104,6 +104,8 @@ class FMoE(nn.Module):
         else:
             self.experts = nn.ModuleList([expert(d_model) for _ in range(num_expert)])
         self.mark_parallel_comm()
+        # FasterMoE (moe_morpheus.moe.faster.FasterMoE): smart schedule / dynamic shadowing.
+        self.faster = None
         self.reset_stats()
 
     def mark_parallel_comm(self) -> None:
@@ -166,14 +168,26 @@ class FMoE(nn.Module):
         G = self.tot_expert
         flat_K = idx_TK.reshape(-1).long()
         key = flat_K.masked_fill(flat_K < 0, G)  # dropped assignments sort last, then are cut
-        order = torch.argsort(key, stable=True)
         kept_G = torch.bincount(key, minlength=G + 1)[:G]
+        shadow = self.faster.plan_shadow(kept_G) if self.faster is not None else []
+        if shadow:  # FasterMoE: shadowed experts' rows sort after all others, computed here
+            remap = torch.arange(G + 1, device=key.device)
+            remap[shadow] = G + torch.arange(len(shadow), device=key.device)
+            remap[G] = G + len(shadow)
+            key = remap[key]
+        order = torch.argsort(key, stable=True)
         counts = kept_G.tolist()
         order_N = order[: sum(counts)]
         token_N = torch.div(order_N, K, rounding_mode="floor")
         x_ND = x_TD.index_select(0, token_N)
         if self.world_size == 1:
             y_ND = self._run_experts(x_ND, counts)
+        elif shadow:
+            main_G = kept_G.clone()
+            main_G[shadow] = 0
+            n_main = sum(counts) - sum(counts[g] for g in shadow)
+            y_ND = torch.cat([self._exchange_and_run(x_ND[:n_main], main_G),
+                              self.faster.run_shadow(shadow, x_ND[n_main:], [counts[g] for g in shadow])])
         else:
             y_ND = self._exchange_and_run(x_ND, kept_G)
         weight_N = score_TK.reshape(-1).index_select(0, order_N).to(y_ND.dtype)
@@ -184,6 +198,8 @@ class FMoE(nn.Module):
         W, E = self.world_size, self.num_expert
         send_WE = kept_G.view(W, E)
         recv_WE = exchange_counts(send_WE, self.moe_group)
+        if self.faster is not None and self.faster.schedule is not None:
+            return self.faster.exchange(x_ND, send_WE, recv_WE)
         send_splits, recv_splits = send_WE.sum(1).tolist(), recv_WE.sum(1).tolist()
         x_recv = AllToAll.apply(x_ND, recv_splits, send_splits, self.moe_group)
         # Received rows: blocks (source w, local expert e), w-major; the experts need e-major.
@@ -252,5 +268,7 @@ class FMoE(nn.Module):
         if self._stat_losses is not None:
             balance, z = (v / n for v in self._stat_losses.tolist())
             stats.update(balance_loss=balance, z_loss=z)
+        if self.faster is not None:
+            stats.update(self.faster.pop_stats())
         self.reset_stats()
         return stats
