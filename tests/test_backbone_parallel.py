@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from moe_morpheus.config import ConfigError, ModelConfig, ParallelConfig
 from tests.distributed import run_distributed
@@ -16,26 +15,9 @@ MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=200
 
 def full_gradients(chunks) -> dict[str, torch.Tensor]:
     """Gradients by global parameter name, tensor-parallel shards gathered."""
-    from megatron.core import parallel_state
+    from moe_morpheus.parallel.gather import gather_full
 
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp = dist.get_world_size(tp_group)
-    grads = {}
-    for chunk in chunks:
-        module = chunk.module if hasattr(chunk, "module") else chunk
-        for name, param in module.named_parameters():
-            if name.startswith("output_layer"):  # the tied copy on the last stage
-                continue
-            parts = name.split(".")
-            if parts[0] == "layers":
-                parts[1] = str(module.layer_indices[int(parts[1])])
-            grad = param.main_grad.detach().clone()
-            if getattr(param, "tensor_model_parallel", False) and tp > 1:
-                shards = [torch.empty_like(grad) for _ in range(tp)]
-                dist.all_gather(shards, grad.contiguous(), group=tp_group)
-                grad = torch.cat(shards, dim=param.partition_dim)
-            grads[".".join(parts)] = grad
-    return grads
+    return gather_full(chunks, lambda param: param.main_grad)
 
 
 def train_step_grads(tp: int, pp: int, vpp: int | None, model_kwargs: dict):

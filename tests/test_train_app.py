@@ -69,6 +69,18 @@ def test_multirun_makes_a_parent_with_nested_children(tmp_path):
     assert set(children["tags.mlflow.parentRunId"]) == {parents.run_id.iloc[0]}
     assert set(children["tags.sweep"]) == {"dense_vs_moe"}
 
+    # The report reads these real runs: one table row per run, figures, a matched-compute
+    # comparison naming whichever variant has the lower loss there.
+    from moe_morpheus.report.__main__ import main as report
+
+    out = tmp_path / "report"
+    assert report(["--experiment", "moe_morpheus", "--sweep", "dense_vs_moe",
+                   "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    for run_id in children.run_id:
+        assert run_id in text
+    assert list(out.glob("*.png")) and (out / "report.html").stat().st_size > 10_000
+
 
 @pytest.mark.parametrize("layout,experiment,expected", [
     (["parallel.ep=2"], "moe_8e", "tp1-pp1-ep2-dp2"),

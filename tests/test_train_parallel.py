@@ -4,7 +4,6 @@ MoE model at TP=2 equals TP=1; parameter counts match the built model."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from moe_morpheus.budget import param_counts
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
@@ -16,44 +15,14 @@ MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=200
 MOE = dict(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=96)
 
 
-def full_params(chunks) -> dict[str, torch.Tensor]:
-    """Parameters by global name: TP shards and expert-parallel shards gathered."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    ep_group = parallel_state.get_expert_model_parallel_group()
-    tp, ep = dist.get_world_size(tp_group), dist.get_world_size(ep_group)
-    out = {}
-    for chunk in chunks:
-        module = chunk.module if hasattr(chunk, "module") else chunk
-        for name, param in module.named_parameters():
-            if name.startswith("output_layer"):
-                continue
-            parts = name.split(".")
-            if parts[0] == "layers":
-                parts[1] = str(module.layer_indices[int(parts[1])])
-            value = param.detach().clone()
-            if not getattr(param, "allreduce", True) and ep > 1:  # experts: [E_local, ...]
-                shards = [torch.empty_like(value) for _ in range(ep)]
-                dist.all_gather(shards, value.contiguous(), group=ep_group)
-                value = torch.cat(shards, dim=0)
-            elif getattr(param, "tensor_model_parallel", False) and tp > 1:
-                shards = [torch.empty_like(value) for _ in range(tp)]
-                dist.all_gather(shards, value.contiguous(), group=tp_group)
-                value = torch.cat(shards, dim=param.partition_dim)
-            out[".".join(parts)] = value
-    return out
-
-
 def clipped_update(tp: int, pp: int, ep: int, moe: dict | None, steps: int = 2):
     """Two optimizer steps (clip active) on a global batch of 4 micro-batches of 2 rows."""
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from moe_morpheus.model import build_model
     from moe_morpheus.moe import set_aux_loss_scale
     from moe_morpheus.parallel import initialize
+    from moe_morpheus.parallel.gather import gather_full
     from moe_morpheus.train.optim import Optimizer
     from moe_morpheus.train.step import forward_backward, wrap_ddp
 
@@ -80,8 +49,7 @@ def clipped_update(tp: int, pp: int, ep: int, moe: dict | None, steps: int = 2):
         losses.append(forward_backward(chunks, mine))
         norms.append(optimizer.step().total)
     grads = full_gradients(chunks) if ep == 1 else None
-    params = full_params(chunks)
-    del dist
+    params = gather_full(chunks, lambda param: param)
     return losses, norms, params, grads
 
 
