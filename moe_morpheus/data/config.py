@@ -12,16 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from moe_morpheus.config import ConfigError
+from moe_morpheus.config import _check
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("text", "parallel")
 FORMATS = ("auto", "jsonl", "text")
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 def resolve_path(path: str) -> Path:
