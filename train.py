@@ -32,6 +32,15 @@ if int(os.environ.get("RANK", "0")) > 0:
         "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
     ]
 
+elif int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and not any(
+    a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in sys.argv[1:]
+):
+    # `torchrun --max-restarts=K`: a restarted rank 0 would get a new timestamped folder and start
+    # over. A folder named after torchrun's run id (the same for every restart of one launch) is
+    # found again, and checkpoint.resume=auto continues from its checkpoints.
+    run_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.environ.get("TORCHELASTIC_RUN_ID", "none"))
+    sys.argv.append(f"hydra.run.dir=outputs/${{name}}/torchrun-{run_id}")
+
 from moe_morpheus.experiment import register_configs  # noqa: E402
 
 register_configs()

@@ -291,3 +291,94 @@ class LaunchConfig:
 
     def __post_init__(self) -> None:
         _check(self.nproc_per_node >= 1, f"launch.nproc_per_node={self.nproc_per_node} must be >= 1")
+
+
+SPIKE_ACTIONS = ("skip", "rollback", "lower_lr")
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (moe_morpheus/train/checkpoint.py): when, where, how many.
+
+    ``dir`` None: ``<run output dir>/checkpoints``. ``resume``: ``auto`` continues from the newest
+    complete checkpoint in ``dir`` (a fresh start when there is none), ``never`` ignores it, any
+    other value is the path of one checkpoint to start from (e.g. another run's, another layout).
+    A save happens every ``interval_steps`` steps and every ``interval_minutes`` minutes
+    (whichever comes first; 0 turns either off) and after the last step; the newest ``keep`` are kept.
+    """
+
+    dir: str | None = None
+    resume: str = "auto"
+    interval_steps: int = 500
+    interval_minutes: float = 30.0
+    keep: int = 3
+    # SHA-256 of every file (each rank hashes a share) recorded at save and checked on resume:
+    # catches bit rot and torn copies, not only truncation (sizes are always checked).
+    checksums: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.interval_steps >= 0 and self.interval_minutes >= 0,
+               "checkpoint.interval_steps and checkpoint.interval_minutes must be >= 0 (0 = off)")
+        _check(self.keep >= 1, f"checkpoint.keep={self.keep} must be >= 1 (the newest is needed to resume)")
+        _check(self.resume != "", "checkpoint.resume must be auto, never or a checkpoint path")
+
+
+@dataclass
+class GuardConfig:
+    """Training-stability guards (moe_morpheus/train/guards.py, reference/glm.md section 3).
+
+    A non-finite loss or gradient norm always skips the update. A loss spike is a loss above
+    ``spike_ratio`` x the mean of the last ``spike_window`` accepted losses *and* above that mean
+    plus ``spike_zscore`` standard deviations (both: a ratio alone fires on noisy tiny runs, a
+    z-score alone on a flat window); detection starts once the window is full; 0 turns it off.
+    ``spike_action``: ``skip`` the update, ``rollback`` to the last checkpoint and skip the data
+    since it (GLM-130B), or ``lower_lr`` (multiply the learning rate by ``lr_factor`` from then on).
+    """
+
+    spike_window: int = 50
+    spike_ratio: float = 1.5
+    spike_zscore: float = 6.0
+    spike_action: str = "skip"
+    lr_factor: float = 0.5
+    # A run that keeps spiking after this many rollbacks stops with an error instead of looping.
+    max_rollbacks: int = 5
+    # Embedding gradient shrink alpha from a step on, e.g. {1000: 0.5, 2000: 0.1} (GLM-130B lowered
+    # it 1 -> 0.5 -> 0.1 after explosions); before the first entry model.embedding_grad_shrink holds.
+    egs_schedule: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.spike_action in SPIKE_ACTIONS, f"guards.spike_action={self.spike_action!r}: choose one of "
+                                                   f"{SPIKE_ACTIONS}")
+        _check(self.spike_window >= 0, f"guards.spike_window={self.spike_window} must be >= 0 (0 = off)")
+        _check(self.spike_ratio > 1.0 and self.spike_zscore > 0,
+               "guards.spike_ratio must be > 1 and guards.spike_zscore > 0")
+        _check(0.0 < self.lr_factor < 1.0, f"guards.lr_factor={self.lr_factor} must be in (0, 1)")
+        _check(self.max_rollbacks >= 0, f"guards.max_rollbacks={self.max_rollbacks} must be >= 0")
+        for step, alpha in self.egs_schedule.items():
+            _check(step >= 0 and 0.0 < alpha <= 1.0,
+                   f"guards.egs_schedule: step {step} -> alpha {alpha}; steps must be >= 0, alphas in (0, 1]")
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection for tests (moe_morpheus/train/guards.py). Steps are 1-based (the step
+    number logged to MLflow). Each fault fires at most once per process and never in a worker
+    that torchrun restarted (``TORCHELASTIC_RESTART_COUNT`` > 0), so a resumed run goes on."""
+
+    # SIGKILL rank `crash_rank` just before step `crash_step` runs.
+    crash_step: int | None = None
+    crash_rank: int = 0
+    # SIGKILL every rank in the middle of the checkpoint save at this step (shards written, not
+    # yet renamed into place).
+    crash_in_save_step: int | None = None
+    # Make the loss NaN (and every rank's gradients non-finite) at this step.
+    nan_step: int | None = None
+    # Multiply the loss seen by the guards by `spike_factor` at this step.
+    spike_step: int | None = None
+    spike_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("crash_step", "crash_in_save_step", "nan_step", "spike_step"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"faults.{name}={value} must be >= 1 (1-based step) or null")
+        _check(self.crash_rank >= 0, f"faults.crash_rank={self.crash_rank} must be >= 0")

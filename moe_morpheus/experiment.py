@@ -15,7 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_morpheus.budget import BudgetConfig
 from moe_morpheus.config import (
+    CheckpointConfig,
     ConfigError,
+    FaultConfig,
+    GuardConfig,
     LaunchConfig,
     ModelConfig,
     MoEConfig,
@@ -42,6 +45,9 @@ class ExperimentConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guards: GuardConfig = field(default_factory=GuardConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
         if self.variant is None:

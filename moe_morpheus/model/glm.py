@@ -16,6 +16,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
 
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
 from moe_morpheus.model import init
@@ -145,6 +146,34 @@ class GLMModel(LanguageModule):
                 skip_weight_param_allocation=pre_process,
             )
         self.setup_embeddings_and_output_layer()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """This chunk's entries for Megatron-Core ``dist_checkpointing``, keyed independently of
+        the layout (loading reshards by key and global offset, so TP / PP / EP may change).
+
+        Megatron's default would flatten ``layers`` (a ModuleList) and the GLMEmbedding (a plain
+        module) into unsharded tensors: TP shards would be saved as whole tensors and a PP stage's
+        local ``layers.0`` would collide with the other stage's. Here: layers by global index,
+        TP shards by Megatron's parallel layers, experts by global expert index
+        (``MoEFeedForward.sharded_state_dict``), the tied output weight of a last stage without the
+        embedding as a replica of ``embedding.word_embeddings.weight`` (LanguageModule's rule).
+        ``_extra_state`` entries (Transformer Engine FP8 metadata; always None here) are left out.
+        """
+        if sharded_offsets:
+            raise ValueError("GLMModel is a whole pipeline chunk: it takes no outer sharded_offsets")
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        entries = {}
+        if self.pre_process:
+            entries.update(self.embedding.word_embeddings.sharded_state_dict(
+                f"{prefix}embedding.word_embeddings.", (), metadata))
+        for index, layer in zip(self.layer_indices, self.layers):
+            entries.update(layer.sharded_state_dict(f"{prefix}layers.{index}.", (), metadata))
+        if self.post_process:
+            entries.update(sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", (), metadata))
+            entries.update(self.output_layer.sharded_state_dict(f"{prefix}output_layer.", (), metadata))
+            self.tie_embeddings_and_output_weights_state_dict(
+                entries, f"{prefix}output_layer.weight", f"{prefix}embedding.word_embeddings.weight", metadata)
+        return {key: value for key, value in entries.items() if not key.endswith("_extra_state")}
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by the pipeline schedule with the previous stage's output."""

@@ -147,6 +147,44 @@ class MoEFeedForward(nn.Module):
         self.z_loss_coeff = moe_cfg.z_loss_coeff
         self.layer_number: int | None = None
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """Checkpoint entries (Megatron-Core ``dist_checkpointing``) that reshard across EP.
+
+        Expert parameters (``allreduce = False``) hold this rank's ``E / ep`` experts: batched
+        ``[E_local, ...]`` tensors are one global ``[E, ...]`` tensor split along dim 0 at offset
+        ``ep_rank * E_local``; per-expert modules (``experts.<e>.*``, the fastmoe backend) are
+        renamed to their global expert index. Their copies on the expert-data-parallel ranks are
+        replicas (replica id = rank there). Gate parameters are identical on every rank:
+        replicated, as Megatron's default does for plain tensors.
+        """
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        if sharded_offsets:
+            raise ValueError("MoEFeedForward is checkpointed per layer (GLMModel): it takes no outer sharded_offsets")
+        ep, ep_rank = _groups()[:2]
+        edp_rank = (parallel_state.get_expert_data_parallel_rank()
+                    if parallel_state.model_parallel_is_initialized() else 0)
+        replicated, entries = {}, {}
+        for name, param in self.state_dict(prefix="", keep_vars=True).items():
+            if getattr(param, "allreduce", True):
+                replicated[name] = param
+                continue
+            parts = name.split(".")
+            expert_at = parts.index("experts") + 1
+            if parts[expert_at].isdigit():
+                parts[expert_at] = str(ep_rank * len(self.moe.experts) + int(parts[expert_at]))
+                entries[prefix + name] = ShardedTensor.from_rank_offsets(
+                    prefix + ".".join(parts), param, replica_id=edp_rank)
+            else:
+                entries[prefix + name] = ShardedTensor.from_rank_offsets(
+                    prefix + name, param, (0, ep_rank, ep), replica_id=edp_rank)
+        entries.update(make_sharded_tensors_for_checkpoint(
+            replicated, prefix,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True)))
+        return entries
+
     def forward(self, hidden_sbh: torch.Tensor) -> torch.Tensor:
         out_sbh = self.moe(hidden_sbh.reshape(-1, hidden_sbh.shape[-1])).reshape(hidden_sbh.shape)
         aux = self._aux_loss()

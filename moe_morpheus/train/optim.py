@@ -29,6 +29,8 @@ class GradNorms:
     total: float
     embedding: float
     finite: bool
+    # Everything but the embedding (GLM-130B watched the two separately).
+    rest: float
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -75,7 +77,9 @@ def grad_norms(params: list[torch.nn.Parameter], embedding_params: set[int]) -> 
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(expert, group=parallel_state.get_pipeline_model_parallel_group())
     total = float(dense[0] + expert[0])
-    return GradNorms(total=math.sqrt(total), embedding=math.sqrt(float(dense[1])), finite=math.isfinite(total))
+    rest = max(float(dense[0] - dense[1] + expert[0]), 0.0)
+    return GradNorms(total=math.sqrt(total), embedding=math.sqrt(float(dense[1])), finite=math.isfinite(total),
+                     rest=math.sqrt(rest))
 
 
 class Optimizer:

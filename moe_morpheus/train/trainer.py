@@ -27,6 +27,8 @@ from moe_morpheus.config import ConfigError
 from moe_morpheus.data import batch_iterator, build_data
 from moe_morpheus.experiment import ExperimentConfig
 from moe_morpheus.model import build_model
+from moe_morpheus.train.checkpoint import Checkpointer, TrainState
+from moe_morpheus.train.guards import Guards
 from moe_morpheus.train.optim import Optimizer, lr_at
 from moe_morpheus.train.step import forward_backward, wrap_ddp
 
@@ -150,6 +152,9 @@ class Trainer:
                                    betas=(trainer.beta1, trainer.beta2), eps=trainer.eps, grad_clip=trainer.grad_clip)
         self.num_microbatches = trainer.global_batch_size // (trainer.micro_batch_size * self.dp)
         self.warmup_steps = int(trainer.warmup_fraction * self.plan.steps)
+        # Stability guards and checkpoints (train/guards.py, train/checkpoint.py).
+        self.guards = Guards(exp.guards, exp.faults, self.model, exp.model.embedding_grad_shrink)
+        self.checkpointer = Checkpointer(exp.checkpoint, self, self.guards)
 
     def _plan(self) -> RunPlan:
         exp, trainer = self.exp, self.exp.trainer
@@ -175,11 +180,10 @@ class Trainer:
         set_aux_loss_scale(1.0 / (self.num_microbatches * self.dp))
         lr = lr_at(step, lr=self.exp.trainer.lr, min_lr=self.exp.trainer.lr * self.exp.trainer.min_lr_ratio,
                    warmup_steps=self.warmup_steps, total_steps=self.plan.steps)
-        self.optimizer.set_lr(lr)
         with self.autocast:
             loss = forward_backward(self.model, micro_batches)
-        norms = self.optimizer.step()
-        return loss, norms, lr
+        # The guards set the (possibly lowered) LR, then update or skip (train/guards.py).
+        return self.guards.update(step, loss, lr, self.optimizer)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -208,29 +212,50 @@ class Trainer:
 
         self.setup()
         exp, trainer, plan = self.exp, self.exp.trainer, self.plan
-        logger = RunLogger(self) if is_rank0() else None
+        # Resume (train/checkpoint.py) before the MLflow run opens: a resumed run logs into its run.
+        state = self.checkpointer.resume() or TrainState()
+        logger = RunLogger(self, resume_run_id=state.run_id) if is_rank0() else None
         if logger:
             print(format_budget(plan), flush=True)
-        train_iter = batch_iterator(self.data.train, global_batch_size=trainer.global_batch_size,
-                                    micro_batch_size=trainer.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp)
+
+        def batches(start_sample: int):
+            return batch_iterator(self.data.train, global_batch_size=trainer.global_batch_size,
+                                  micro_batch_size=trainer.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp,
+                                  start_sample=start_sample)
+
+        train_iter = batches(state.consumed_samples)
         throughput, load = Throughput(), MoELoad()
-        losses, valid_history, skipped = [], [], 0
+        load.totals = state.moe_load
+        losses, valid_history = [], []
         valid: dict[str, float] = {}
         progress = _progress(plan.steps, enabled=bool(logger) and trainer.progress)
+        progress.update(state.step)
         status = "FAILED"
         try:
-            for step in range(plan.steps):
+            step = state.step
+            while step < plan.steps:
+                self.guards.begin_step(step)
                 micro_batches = [next(train_iter) for _ in range(self.num_microbatches)]
                 start = time.perf_counter()
                 loss, norms, lr = self._train_step(step, micro_batches)
                 throughput.add(self.tokens_per_step, time.perf_counter() - start)
-                skipped += not norms.finite
+                state.consumed_samples += trainer.global_batch_size
+                if self.guards.rollback_requested:
+                    # Back to the last checkpoint, on with the data after this batch (GLM-130B).
+                    state = self.checkpointer.roll_back(state)
+                    if logger:
+                        logger.log(self.guards.metrics(), step + 1)
+                    train_iter = batches(state.consumed_samples)
+                    step = state.step
+                    progress.n = step
+                    continue
                 losses.append(loss)
-                consumed = (step + 1) * trainer.global_batch_size
-                tokens = consumed * exp.model.seq_length
+                consumed = state.consumed_samples
+                tokens = (step + 1) * self.tokens_per_step
                 metrics = {
                     "train/loss": loss, "train/lr": lr, "train/grad_norm": norms.total,
-                    "train/grad_norm_embedding": norms.embedding, "train/skipped_updates": skipped,
+                    "train/grad_norm_embedding": norms.embedding, "train/grad_norm_rest": norms.rest,
+                    **self.guards.metrics(),
                     "tokens_seen": tokens, "flops": tokens * plan.flops_per_token,
                     "flops_6nd": 6 * plan.n_params * tokens,
                     "budget_fraction": tokens / plan.budget_tokens,
@@ -247,9 +272,18 @@ class Trainer:
                     metrics.update({f"valid/{k}/loss": v for k, v in valid.items() if k != "mean"})
                 if logger and (last or step % trainer.log_interval == 0 or "valid/loss" in metrics):
                     logger.log(metrics, step + 1)
+                state = TrainState(step=step + 1, consumed_samples=consumed, tokens=tokens,
+                                   flops=tokens * plan.flops_per_token, run_id=logger.run_id if logger else None,
+                                   guards=self.guards.state_dict(), moe_load=load.totals)
+                if self.checkpointer.due(step + 1, last):
+                    self.checkpointer.save(state)
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{throughput.last:,.0f}",
                                      budget=f"{metrics['budget_fraction']:.1%}", refresh=False)
+                step += 1
+            if not valid_history:  # resumed from the final checkpoint: nothing left to train
+                valid = self.evaluate()
+                valid_history.append(valid["mean"])
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -265,9 +299,10 @@ class Trainer:
                     summary.update({"final/valid_loss": valid_history[-1], "best/valid_loss": min(valid_history)})
                 logger.finish(status, summary, load.fractions())
         result = TrainResult(
-            steps=plan.steps, tokens=plan.steps * self.tokens_per_step, final_train_loss=losses[-1],
+            steps=plan.steps, tokens=plan.steps * self.tokens_per_step,
+            final_train_loss=losses[-1] if losses else float("nan"),
             valid_losses=valid, best_valid_loss=min(valid_history), unigram_entropy=entropy,
-            run_id=logger.run_id if logger else None, losses=losses, skipped_steps=skipped,
+            run_id=logger.run_id if logger else None, losses=losses, skipped_steps=self.guards.skipped,
         )
         if logger:
             verdict = "below" if result.valid_losses["mean"] < entropy else "NOT below"
@@ -285,7 +320,7 @@ def _progress(total: int, enabled: bool):
 class RunLogger:
     """The run's MLflow side (rank 0): params, tags, metrics, summary and artifacts."""
 
-    def __init__(self, trainer: Trainer):
+    def __init__(self, trainer: Trainer, resume_run_id: str | None = None):
         from moe_morpheus.tracking import Tracker, flatten_config, resolve_uri, run_tags
 
         exp = trainer.exp
@@ -296,7 +331,8 @@ class RunLogger:
             log.warning("this run repeats data: planned epochs per source %s",
                         trainer.data.epochs(trainer.plan.steps * exp.trainer.global_batch_size))
         self.tracker = Tracker(uri, exp.tracking.experiment, exp.tracking.run_name or exp.name, rank=0, tags=tags,
-                               parent_run_id=trainer.parent_run_id, local_dir=trainer.output_dir)
+                               parent_run_id=trainer.parent_run_id, resume_run_id=resume_run_id,
+                               local_dir=trainer.output_dir)
         counts, plan = trainer.counts, trainer.plan
         params = flatten_config(trainer.resolved_config)
         params.update({

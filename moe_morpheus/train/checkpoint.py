@@ -1,0 +1,510 @@
+"""Distributed checkpoints: atomic save, validation, resume, rotation.
+
+Format: Megatron-Core ``dist_checkpointing`` (torch_dist): every rank writes its own shards and
+every key names a global tensor with global offsets (``GLMModel.sharded_state_dict``), so a
+checkpoint loads into any TP / PP / EP layout of the same model (resharding). Contents:
+
+- ``model``: the parameters; ``optimizer``: AdamW's ``exp_avg`` / ``exp_avg_sq``, sharded like
+  their parameters (so they reshard too); AdamW's step count, the same for every parameter
+  (each applied update moves all of them), is kept once in the trainer state;
+- ``trainer`` (common, written by rank 0): :class:`TrainState`: steps, consumed samples (the
+  data position; sample i depends only on (seed, i)), tokens, FLOPs, guard state, MoE load
+  totals, the MLflow run id;
+- ``rng``: every rank's RNG states (torch CPU and CUDA, Megatron's model-parallel tracker,
+  Python's ``random``), restored when the layout is unchanged; after a layout change the ranks
+  are different processes, and their streams restart from the seed (with a warning).
+
+``checkpoint.dir`` (default ``<run output dir>/checkpoints``)::
+
+    step_00000020/        a complete checkpoint: Megatron's files (.metadata, __<rank>_<i>.distcp,
+                          common.pt, metadata.json) and ours, checkpoint.json (config, layout,
+                          model shape, step, size and SHA-256 of every file), written last
+    latest                "step_00000020": replaced atomically after each save
+    .tmp-step_00000030/   a save in progress, or one that was killed: never loaded, removed at the
+                          next start
+
+Atomicity: a save writes into ``.tmp-<name>``; after every rank has finished (barrier) rank 0
+writes checkpoint.json, fsyncs, renames the folder to ``<name>`` (atomic on POSIX) and then
+replaces ``latest`` (write + rename). Checkpoints beyond ``checkpoint.keep`` are renamed to
+``.trash-*`` before removal, so a kill in the middle never leaves half a checkpoint under a
+valid name.
+
+Resume (``checkpoint.resume=auto``, the default): the newest ``step_*`` whose checkpoint.json
+matches every file (size, and SHA-256 when ``checkpoint.checksums``) is loaded; a partial or
+corrupt one is skipped for the previous with a warning, never loaded. The MLflow run id in it
+reopens the same MLflow run. **To resume a run, start it again with its run folder**::
+
+    python train.py +experiment=moe_8e hydra.run.dir=outputs/moe_8e/2025-01-01_10-00-00-000000
+
+(``checkpoint.dir=outputs/moe_8e/<run>/checkpoints`` works too, with new outputs in a new
+folder). Under ``torchrun --max-restarts=K`` the run folder is the same across restarts by
+itself (train.py), so a restarted job resumes without anyone passing anything.
+``checkpoint.resume=<path>`` starts from a given checkpoint folder, or from the newest valid
+one in a given checkpoints folder (another run's, another layout). Loading never runs code
+from the files (moe_morpheus.train.safe_load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from moe_morpheus.config import CheckpointConfig, ModelConfig, MoEConfig, ParallelConfig
+from moe_morpheus.train import safe_load
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "checkpoint.json"
+LATEST = "latest"
+_NAME = re.compile(r"^step_(\d+)$")
+# 1 MiB reads: hashing is disk-bound; larger buffers gain nothing measurable.
+_HASH_CHUNK = 1 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used here; the message names the path and what is wrong."""
+
+
+@dataclass
+class TrainState:
+    """Where a run stands after ``step`` completed steps (the trainer state of a checkpoint)."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    run_id: str | None = None
+    guards: dict = field(default_factory=dict)
+    moe_load: dict = field(default_factory=dict)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def model_shape(model: ModelConfig, moe: MoEConfig | None) -> dict:
+    """What must match for a checkpoint's tensors to fit a model (the layout may differ)."""
+    shape = {f"model.{k}": getattr(model, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
+                                                       "ffn_hidden_size", "padded_vocab_size")}
+    if moe is not None and moe.enabled:
+        shape.update({f"moe.{k}": getattr(moe, k) for k in ("layer_freq", "num_experts", "expert_hidden_size")})
+    return shape
+
+
+def layout(parallel: ParallelConfig) -> dict:
+    return {"tp": parallel.tp, "pp": parallel.pp, "virtual_pp": parallel.virtual_pp or 1, "ep": parallel.ep,
+            "world_size": dist.get_world_size()}
+
+
+# ---------------------------------------------------------------------- sharded state dicts
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def model_entries(model: list[torch.nn.Module]) -> dict[str, ShardedTensor]:
+    """This rank's model entries over all its pipeline chunks (keys are global already)."""
+    entries: dict[str, ShardedTensor] = {}
+    for chunk in model:
+        entries.update(_unwrap(chunk).sharded_state_dict())
+    return entries
+
+
+def _materialize_adam_state(optimizer) -> None:
+    """Give every parameter AdamW state, as ``torch.optim.AdamW`` would lazily at its first
+    update (zeros, step 0: the same numbers), so that every checkpoint has the same entries."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    for group in optimizer.adam.param_groups:
+        on_device = group["fused"] or group["capturable"]
+        for param in group["params"]:
+            state = optimizer.adam.state[param]
+            if not state:
+                state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]),
+                                            device=param.device if on_device else "cpu")
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def optimizer_entries(model_sd: dict[str, ShardedTensor], optimizer) -> dict[str, ShardedTensor]:
+    """AdamW moments as sharded tensors with their parameter's key, offsets and replica id."""
+    _materialize_adam_state(optimizer)
+    by_param = {id(entry.data): (name, entry) for name, entry in model_sd.items()}
+    entries = {}
+    for param in optimizer.params:
+        name, entry = by_param[id(param)]
+        state = optimizer.adam.state[param]
+        for moment in ("exp_avg", "exp_avg_sq"):
+            entries[f"{moment}.{name}"] = dataclasses.replace(entry, key=f"optimizer.{moment}.{entry.key}",
+                                                              data=state[moment])
+    return entries
+
+
+def adam_step(optimizer) -> int:
+    steps = {int(optimizer.adam.state[p]["step"]) for p in optimizer.params}
+    if len(steps) != 1:
+        raise CheckpointError(f"AdamW step counts differ between parameters ({sorted(steps)}); every update "
+                              f"is expected to move all parameters")
+    return steps.pop()
+
+
+def _rng_states() -> dict:
+    states = {"torch_cpu": torch.get_rng_state(), "python": random.getstate(),
+              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        states["torch_cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch_cpu"])
+    random.setstate(states["python"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
+    if "torch_cuda" in states:
+        torch.cuda.set_rng_state(states["torch_cuda"])
+
+
+def _rng_entry(data) -> ShardedObject:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return ShardedObject("rng", data, (world,), (rank,), replica_id=0)
+
+
+class _InProcessSave(TorchDistSaveShardedStrategy):
+    """torch_dist format written synchronously by this process. Megatron's own writer starts a
+    spawned multiprocessing Manager on the first save (5.1 s here, and scripts must guard
+    ``__main__``) and forks a writer per file; PyTorch DCP's FileSystemWriter writes the same
+    files in 0.06 s for the test model. Same translation and planner as Megatron's strategy."""
+
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+        dcp.save(mcore_to_pyt_state_dict(state_dict, False),
+                 storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                 planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                          flatten_state_dict=False))
+
+
+# ---------------------------------------------------------------------- files
+def _files(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _my_share(items: list[str]) -> list[str]:
+    """Files this rank hashes: every world_size-th, so a save or check costs 1/world each."""
+    return items[dist.get_rank()::dist.get_world_size()]
+
+
+def _gather_dicts(local: dict) -> dict:
+    gathered: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Rename to ``.trash-*`` first: a kill during rmtree then leaves no half checkpoint under a
+    name that resume would consider."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint folders (``step_*``, renamed into place after a complete write), newest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def read_manifest(path: Path) -> dict:
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete moe_morpheus checkpoint")
+    try:
+        data = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{manifest} is not valid JSON ({error}): the checkpoint is corrupt") from None
+    if data.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{manifest} has format {data.get('format')!r}; this code reads format {FORMAT_VERSION}")
+    return data
+
+
+def verify_checkpoint(path: Path, *, checksums: bool) -> list[str]:
+    """Problems with the checkpoint at ``path`` (empty: usable). Collective: every rank calls it
+    and gets the same answer; each rank hashes a share of the files."""
+    problems = []
+    try:
+        files = read_manifest(path)["files"]
+    except CheckpointError as error:
+        problems.append(str(error))
+        files = {}
+    for name in _my_share(sorted(files)):
+        expected, file = files[name], path / name
+        if not file.is_file():
+            problems.append(f"{file} is missing")
+        elif file.stat().st_size != expected["size"]:
+            problems.append(f"{file} has {file.stat().st_size} bytes, {MANIFEST} says {expected['size']} "
+                            f"(truncated or overwritten)")
+        elif checksums and expected.get("sha256") and _sha256(file) != expected["sha256"]:
+            problems.append(f"{file}: SHA-256 differs from {MANIFEST} (corrupt)")
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, problems)
+    return sorted({p for part in gathered for p in part})
+
+
+def newest_valid(directory: Path, *, checksums: bool) -> Path | None:
+    """The newest checkpoint in ``directory`` that verifies; broken ones are skipped, with a
+    warning naming what is wrong. Collective."""
+    for path in complete_checkpoints(directory):
+        problems = verify_checkpoint(path, checksums=checksums)
+        if not problems:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, "; ".join(problems))
+    return None
+
+
+def remove_partial(directory: Path) -> None:
+    """Remove what killed saves and removals left (``.tmp-*``, ``.trash-*``). Rank 0, at start,
+    when no save can be running."""
+    if dist.get_rank() == 0 and directory.is_dir():
+        for path in directory.iterdir():
+            if path.name.startswith((".tmp-", ".trash-")):
+                log.warning("removing %s, left by an interrupted save", path)
+                shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------- save / load
+def save_checkpoint(directory: Path, state: TrainState, model: list[torch.nn.Module], optimizer, *,
+                    manifest: dict, keep: int, checksums: bool, during_save=None) -> Path:
+    """Write the checkpoint of ``state.step`` atomically (module docstring). Collective.
+
+    ``manifest``: config, layout and model shape to record; ``during_save(step)`` is called when
+    the shards are written and nothing is renamed yet (fault injection).
+    """
+    directory = Path(directory)
+    name = checkpoint_name(state.step)
+    tmp, final = directory / f".tmp-{name}", directory / name
+    run_id = [state.run_id]
+    dist.broadcast_object_list(run_id, src=0)  # only rank 0 has the MLflow run
+    state = dataclasses.replace(state, run_id=run_id[0])
+    if dist.get_rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd = model_entries(model)
+    sharded = {
+        "model": model_sd,
+        "optimizer": optimizer_entries(model_sd, optimizer),
+        "rng": _rng_entry(_rng_states()),
+        "trainer": dataclasses.asdict(state),
+        "adam_step": adam_step(optimizer),
+    }
+    dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_InProcessSave("torch_dist", 1))
+    dist.barrier()
+    if during_save is not None:
+        during_save(state.step)
+    names = _files(tmp)
+    hashes = _gather_dicts({n: _sha256(tmp / n) for n in _my_share(names)} if checksums else {})
+    if dist.get_rank() == 0:
+        files = {n: {"size": (tmp / n).stat().st_size, **({"sha256": hashes[n]} if checksums else {})}
+                 for n in names}
+        record = {"format": FORMAT_VERSION, "step": state.step, "consumed_samples": state.consumed_samples,
+                  "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest, "files": files}
+        _write_atomic(tmp / MANIFEST, json.dumps(record, indent=1, default=str))
+        _fsync_dir(tmp)
+        if final.exists():  # an older, replaced attempt at the same step (after a rollback)
+            _remove(final)
+        os.rename(tmp, final)
+        _fsync_dir(directory)
+        _write_atomic(directory / LATEST, name + "\n")
+        for old in complete_checkpoints(directory)[keep:]:
+            _remove(old)
+    dist.barrier()
+    return final
+
+
+def _check_shape(path: Path, recorded: dict, expected: dict) -> None:
+    mismatches = [f"{k}: checkpoint {recorded.get(k)!r}, this run {v!r}" for k, v in expected.items()
+                  if recorded.get(k) != v]
+    mismatches += [f"{k}: checkpoint {v!r}, this run has none" for k, v in recorded.items() if k not in expected]
+    if mismatches:
+        raise CheckpointError(f"checkpoint {path} was written for another model shape: " + "; ".join(mismatches))
+
+
+def load_checkpoint(path: Path, model: list[torch.nn.Module], optimizer, *, shape: dict,
+                    current_layout: dict) -> TrainState:
+    """Load model, optimizer, trainer state (and RNG states when the layout is the same) from
+    ``path`` into this rank's shards. Collective. Raises :class:`CheckpointError` naming what
+    does not match; refuses pickle payloads (safe_load)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    _check_shape(path, manifest.get("model_shape", {}), shape)
+    safe_load.install()
+    model_sd = model_entries(model)
+    request = {"model": model_sd, "optimizer": optimizer_entries(model_sd, optimizer)}
+    same_layout = manifest.get("layout") == current_layout
+    if same_layout:
+        request["rng"] = _rng_entry(None)
+    # The load replaces the request's entries by plain tensors: take the targets first.
+    params = {name: entry.data for name, entry in model_sd.items()}
+    key_of = {id(param): name for name, param in params.items()}
+    loaded, missing, _ = dist_checkpointing.load(request, str(path), strict=StrictHandling.RETURN_ALL)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors this model needs, e.g. "
+                              f"{sorted(missing)[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(loaded["model"][name])
+        for param in optimizer.params:
+            state = optimizer.adam.state[param]
+            for moment in ("exp_avg", "exp_avg_sq"):
+                state[moment].copy_(loaded["optimizer"][f"{moment}.{key_of[id(param)]}"])
+            state["step"].fill_(loaded["adam_step"])
+    if same_layout:
+        _set_rng_states(loaded["rng"])
+    else:
+        log.warning("checkpoint %s was written with layout %s, this run is %s: weights and optimizer state are "
+                    "resharded; RNG streams restart from the seed", path, manifest.get("layout"), current_layout)
+    return TrainState(**loaded["trainer"])
+
+
+# ---------------------------------------------------------------------- the trainer's side
+class Checkpointer:
+    """When to save, where, and resuming for one run (the trainer's interface).
+
+    ``trainer`` provides ``exp``, ``output_dir``, ``model``, ``optimizer``, ``dp`` and
+    ``resolved_config``; ``guards`` is the run's :class:`~moe_morpheus.train.guards.Guards`
+    (its fault injection, and whether a rollback target exists).
+    """
+
+    def __init__(self, cfg: CheckpointConfig, trainer, guards):
+        self.cfg = cfg
+        self.trainer = trainer
+        self.guards = guards
+        self.dir = Path(cfg.dir) if cfg.dir else Path(trainer.output_dir) / "checkpoints"
+        exp = trainer.exp
+        self.shape = model_shape(exp.model, exp.moe)
+        self.layout = layout(exp.parallel)
+        self.last_save = time.monotonic()
+        self.guards.checkpoint_available = bool(complete_checkpoints(self.dir))
+
+    def _load(self, path: Path) -> TrainState:
+        state = load_checkpoint(path, self.trainer.model, self.trainer.optimizer, shape=self.shape,
+                                current_layout=self.layout)
+        self.guards.checkpoint_available = True
+        return state
+
+    def resume(self) -> TrainState | None:
+        """The state to continue from (``checkpoint.resume``), or None for a fresh start."""
+        if self.cfg.resume == "never":
+            return None
+        if self.cfg.resume == "auto":
+            remove_partial(self.dir)
+            path = newest_valid(self.dir, checksums=self.cfg.checksums)
+            if path is None:
+                return None
+        else:
+            path = self._explicit(Path(self.cfg.resume))
+        state = self._load(path)
+        self.guards.load_state_dict(state.guards)
+        if dist.get_rank() == 0:
+            print(f"resumed from {path} (step {state.step}, {state.consumed_samples} samples consumed)", flush=True)
+        return state
+
+    def _explicit(self, path: Path) -> Path:
+        if not path.exists():
+            raise CheckpointError(f"checkpoint.resume={path}: no such directory")
+        if (path / MANIFEST).exists() or _NAME.match(path.name):
+            problems = verify_checkpoint(path, checksums=self.cfg.checksums)
+            if problems:
+                raise CheckpointError(f"checkpoint.resume={path} cannot be used: " + "; ".join(problems))
+            return path
+        found = newest_valid(path, checksums=self.cfg.checksums)
+        if found is None:
+            raise CheckpointError(f"checkpoint.resume={path}: no valid checkpoint (step_*/{MANIFEST}) in it")
+        return found
+
+    def due(self, step: int, last: bool) -> bool:
+        """Save after completed step ``step``? Same answer on every rank (rank 0's clock decides)."""
+        if last or (self.cfg.interval_steps and step % self.cfg.interval_steps == 0):
+            return True
+        if not self.cfg.interval_minutes:
+            return False
+        flag = torch.tensor([time.monotonic() - self.last_save >= 60 * self.cfg.interval_minutes], dtype=torch.int32)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def save(self, state: TrainState) -> Path:
+        trainer = self.trainer
+        manifest = {"config": trainer.resolved_config, "layout": self.layout, "model_shape": self.shape}
+        path = save_checkpoint(self.dir, state, trainer.model, trainer.optimizer, manifest=manifest,
+                               keep=self.cfg.keep, checksums=self.cfg.checksums,
+                               during_save=self.guards.faults.during_save)
+        self.last_save = time.monotonic()
+        self.guards.checkpoint_available = True
+        return path
+
+    def roll_back(self, current: TrainState) -> TrainState:
+        """Reload the newest valid checkpoint and continue with the data after ``current``'s
+        position (the offending range is skipped)."""
+        path = newest_valid(self.dir, checksums=self.cfg.checksums)
+        if path is None:
+            raise CheckpointError(f"guards.spike_action=rollback: no valid checkpoint left in {self.dir}")
+        keep = self.guards.state_dict()
+        restored = self._load(path)
+        self.guards.load_state_dict(keep)
+        self.guards.rolled_back(restored.guards["window"], (restored.consumed_samples, current.consumed_samples))
+        return dataclasses.replace(restored, consumed_samples=current.consumed_samples, run_id=current.run_id,
+                                   guards=self.guards.state_dict())
