@@ -186,6 +186,6 @@ def test_gate_errors():
         SwitchGate(8, 4, 1, 2)
     with pytest.raises(ValueError, match="capacity factors must be positive"):
         NaiveGate(8, 4, 1, 2, capacity=0.0)
-    with pytest.raises(ValueError, match="moe.gate='faster' has no native gate"):
-        gate_class("faster")
+    with pytest.raises(ValueError, match="moe.gate='bogus' has no native gate"):
+        gate_class("bogus")
     assert gate_class("switch") is SwitchGate

@@ -227,8 +227,13 @@ GATES = {"naive": NaiveGate, "noisy": NoisyGate, "gshard": GShardGate, "switch":
 
 
 def gate_class(name: str) -> type[BaseGate]:
-    """The gate for ``moe.gate``. The topology-aware ``faster`` gate belongs to FasterMoE
-    (``moe_morpheus.moe.faster``), which is not part of this layer."""
+    """The gate for ``moe.gate``; ``faster`` is FasterMoE's topology-aware gate
+    (:class:`moe_morpheus.moe.faster.TopologyGate`, imported here on demand: it builds on
+    this module)."""
+    if name == "faster":
+        from moe_morpheus.moe.faster.gate import TopologyGate
+
+        return TopologyGate
     if name not in GATES:
-        raise ValueError(f"moe.gate={name!r} has no native gate here; choose one of {sorted(GATES)}")
+        raise ValueError(f"moe.gate={name!r} has no native gate here; choose one of {sorted(GATES) + ['faster']}")
     return GATES[name]
