@@ -195,6 +195,10 @@ class ParallelConfig:
         _check(self.virtual_pp is None or self.virtual_pp == 1 or self.pp > 1,
                "parallel.virtual_pp > 1 needs pipeline parallelism (parallel.pp > 1)")
         _check(self.backend in ("auto", "nccl", "gloo"), f"parallel.backend={self.backend!r}: auto, nccl or gloo")
+        # Megatron-Core's rule: the sequence is split over the tensor-parallel ranks.
+        _check(not self.sequence_parallel or self.tp > 1,
+               "parallel.sequence_parallel=true needs tensor parallelism (parallel.tp > 1): it splits the "
+               "sequence over the tensor-parallel ranks")
 
     def validate_world(self, world_size: int) -> int:
         """Check the layout against the world size; returns the data-parallel size."""
@@ -222,11 +226,17 @@ class ParallelConfig:
         _check(model.padded_vocab_size % self.tp == 0,
                f"padded vocabulary {model.padded_vocab_size} is not divisible by parallel.tp={self.tp}: "
                f"set model.make_vocab_size_divisible_by to a multiple of {self.tp}")
+        _check(not self.sequence_parallel or model.seq_length % self.tp == 0,
+               f"model.seq_length={model.seq_length} is not divisible by parallel.tp={self.tp}: sequence "
+               f"parallelism gives each tensor-parallel rank seq_length / tp positions")
         stages = self.pp * (self.virtual_pp or 1)
         _check(model.num_layers % stages == 0,
                f"model.num_layers={model.num_layers} is not divisible by parallel.pp * virtual_pp = "
                f"{self.pp} * {self.virtual_pp or 1} = {stages}: each pipeline stage needs the same "
                f"number of layers")
+
+
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass
@@ -256,6 +266,13 @@ class TrainerConfig:
     # Intra-op threads per process; None leaves PyTorch's choice.
     threads: int | None = None
     progress: bool = True
+    # Activation recomputation (Korthikanti et al. 2022): none; selective = the core attention
+    # (scores, softmax, dropout, attention over values) is recomputed in backward; full = each
+    # layer keeps only its input and is recomputed whole (MoE layers too, token exchange included).
+    recompute: str = "none"
+    # ZeRO-1 (train/zero.py): AdamW moments sharded over the data-parallel group (experts: their
+    # expert-data-parallel group); updates equal the unsharded optimizer's.
+    zero1: bool = False
 
     def __post_init__(self) -> None:
         _check(self.global_batch_size >= 1 and self.micro_batch_size >= 1,
@@ -269,6 +286,7 @@ class TrainerConfig:
         _check(0 <= self.warmup_fraction < 1, f"trainer.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
         _check(self.precision in ("auto", "fp32", "bf16"), f"trainer.precision={self.precision!r}: auto, fp32 or bf16")
         _check(self.eval_interval >= 0 and self.log_interval >= 1, "trainer.eval_interval >= 0, log_interval >= 1")
+        _check(self.recompute in RECOMPUTE, f"trainer.recompute={self.recompute!r}: choose one of {RECOMPUTE}")
 
 
 @dataclass

@@ -45,14 +45,27 @@ class SelfAttention(MegatronModule):
         rope_position_ids: torch.Tensor,
         rope_block_position_ids: torch.Tensor | None,
     ) -> torch.Tensor:
-        seq, batch = hidden_SBH.shape[:2]
         qkv, _ = self.qkv(hidden_SBH)
+        seq, batch = qkv.shape[:2]  # the whole sequence: under sequence parallelism qkv gathered it
         qkv = qkv.view(seq, batch, self.heads_local, 3, self.head_dim)
         query, key, value = qkv.unbind(dim=3)  # each [s, b, n, d]
         cfg = self.model_cfg
         query = apply_rope(query, rope_position_ids, rope_block_position_ids, cfg.rope, cfg.rope_base)
         key = apply_rope(key, rope_position_ids, rope_block_position_ids, cfg.rope, cfg.rope_base)
 
+        if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
+            # Selective recomputation (Korthikanti et al. 2022): scores, softmax and dropout
+            # ([b, n, s, s] each: 5 a s^2 b bytes per layer in 16 bit) are not kept; q, k, v are.
+            context = tensor_parallel.checkpoint(self.core_attention, False, query, key, value, attention_mask)
+        else:
+            context = self.core_attention(query, key, value, attention_mask)
+        output, _ = self.out(context)
+        return output
+
+    def core_attention(self, query, key, value, attention_mask) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v for [s, b, n, d] inputs; returns [s, b, n * d]."""
+        cfg = self.model_cfg
+        seq, batch = query.shape[:2]
         # [b, n, s, d]
         query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         coeff = float(self.layer_number) if cfg.query_layer_scaling else 1.0
@@ -64,6 +77,4 @@ class SelfAttention(MegatronModule):
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 probs = torch.nn.functional.dropout(probs, p=cfg.attention_dropout)
         context = torch.matmul(probs, value)  # [b, n, s, d]
-        context = context.permute(2, 0, 1, 3).reshape(seq, batch, self.heads_local * self.head_dim)
-        output, _ = self.out(context)
-        return output
+        return context.permute(2, 0, 1, 3).reshape(seq, batch, self.heads_local * self.head_dim)

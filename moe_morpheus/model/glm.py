@@ -9,6 +9,7 @@ lives here.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sha
 
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
 from moe_morpheus.model import init
-from moe_morpheus.model.layer import GLMLayer
+from moe_morpheus.model.layer import GLMLayer, mark_sequence_parallel
 from moe_morpheus.model.mask import glm_attention_mask
 
 
@@ -28,7 +29,22 @@ def _backend() -> str | None:
     return dist.get_backend() if dist.is_initialized() else None
 
 
-def megatron_config(model_cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype) -> TransformerConfig:
+def _recompute_fields(recompute: str) -> dict:
+    """``trainer.recompute`` as Megatron-Core's fields. full: every layer is one recompute unit
+    (uniform, 1 layer), so a layer keeps only its [s, b, h] input; selective: Megatron's default
+    module, the core attention (Korthikanti et al. 2022, sec. 4.2: the 5 a s / h part of the
+    34 + 5 a s / h bytes per token and hidden unit)."""
+    if recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if recompute == "none":
+        return {}
+    raise ValueError(f"recompute={recompute!r}: choose none, selective or full")
+
+
+def megatron_config(model_cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
+                    recompute: str = "none") -> TransformerConfig:
     """The Megatron-Core config the tensor-parallel layers and the pipeline schedule read."""
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
@@ -39,7 +55,11 @@ def megatron_config(model_cfg: ModelConfig, parallel: ParallelConfig, dtype: tor
         # Needed for correct layer offsets and checkpoint keys under PP (DESIGN.md).
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.virtual_pp if (parallel.virtual_pp or 1) > 1 else None,
-        sequence_parallel=False,
+        # Activations between the TP regions (LayerNorms, dropout, residual, MoE routing) are split
+        # along the sequence: column-parallel layers all-gather their input, row-parallel ones
+        # reduce-scatter their output (Korthikanti et al. 2022, sec. 4.2.2).
+        sequence_parallel=parallel.sequence_parallel,
+        **_recompute_fields(recompute),
         # Initialise the full master weight on the CPU, then slice: every TP layout starts from
         # the same model for the same seed (TP=1 vs TP=2 tests, checkpoint resharding).
         use_cpu_initialization=True,
@@ -76,6 +96,7 @@ class GLMEmbedding(torch.nn.Module):
             config=config,
         )
         self.grad_shrink = model_cfg.embedding_grad_shrink
+        self.sequence_parallel = config.sequence_parallel
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         emb_BSH = self.word_embeddings(tokens_BS)
@@ -83,7 +104,11 @@ class GLMEmbedding(torch.nn.Module):
             # Forward value unchanged; gradient into the embedding scaled by alpha (0.1 in GLM-130B,
             # whose embedding gradients ran orders of magnitude above the other layers').
             emb_BSH = emb_BSH * self.grad_shrink + emb_BSH.detach() * (1.0 - self.grad_shrink)
-        return emb_BSH.transpose(0, 1).contiguous()
+        emb_SBH = emb_BSH.transpose(0, 1).contiguous()
+        if self.sequence_parallel:
+            # This TP rank's s / tp positions; the backward all-gathers (Megatron's GPT embedding).
+            emb_SBH = tensor_parallel.scatter_to_sequence_parallel_region(emb_SBH)
+        return emb_SBH
 
 
 def layer_range(model_cfg: ModelConfig, parallel: ParallelConfig, pp_rank: int, vp_stage: int | None) -> range:
@@ -100,6 +125,20 @@ def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         yield
+
+
+def _run_counted_once(layer: GLMLayer, *inputs):
+    """Run ``layer``; in the recompute pass of a full-recompute backward (grad enabled inside
+    Megatron's checkpoint) its MoE routing statistics are not recorded again: the first pass,
+    which ran without grad, already counted this micro-batch."""
+    moe = getattr(layer.ffn, "moe", None)
+    if not (torch.is_grad_enabled() and hasattr(moe, "_record_stats")):
+        return layer(*inputs)
+    moe._record_stats = lambda *args: None  # instance attribute shadows FMoE._record_stats
+    try:
+        return layer(*inputs)
+    finally:
+        del moe._record_stats
 
 
 class GLMModel(LanguageModule):
@@ -137,6 +176,7 @@ class GLMModel(LanguageModule):
         self.layers = torch.nn.ModuleList(layers)
         if post_process:
             self.final_norm = torch.nn.LayerNorm(model_cfg.hidden_size, eps=model_cfg.layernorm_epsilon)
+            mark_sequence_parallel(self.final_norm, config)
             # Logits use the word-embedding matrix (tied). On a last stage without the embedding,
             # Megatron keeps a copy here that setup_embeddings_and_output_layer() syncs from the
             # first stage, and finalize_model_grads all-reduces its gradient with the original.
@@ -208,8 +248,15 @@ class GLMModel(LanguageModule):
         hidden = self.embedding(tokens) if self.pre_process else self.input_tensor
         mask = glm_attention_mask(segment_ids, prefix_mask)
         rope_pos, rope_block = self.rope_positions(position_ids, block_position_ids, gmask)
+        full_recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            hidden = layer(hidden, mask, rope_pos, rope_block)
+            if full_recompute:
+                # Keeps only the layer's input; its forward (MoE token exchange included) runs again
+                # in backward with the RNG states of the first pass (Megatron-Core's checkpoint).
+                hidden = tensor_parallel.checkpoint(
+                    functools.partial(_run_counted_once, layer), False, hidden, mask, rope_pos, rope_block)
+            else:
+                hidden = layer(hidden, mask, rope_pos, rope_block)
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden)
@@ -226,13 +273,14 @@ def build_model(
     parallel: ParallelConfig,
     dtype: torch.dtype = torch.float32,
     seed: int = 1234,
+    recompute: str = "none",
 ) -> list[GLMModel]:
     """Build this rank's model chunks (one, or ``virtual_pp`` for the interleaved schedule).
 
     Call after :func:`moe_morpheus.parallel.initialize`. The initial weights depend only on
-    ``seed``, not on the parallel layout.
+    ``seed``, not on the parallel layout. ``recompute``: none, selective or full (``trainer.recompute``).
     """
-    config = megatron_config(model_cfg, parallel, dtype)
+    config = megatron_config(model_cfg, parallel, dtype, recompute)
     vpp = parallel.virtual_pp or 1
     chunks = []
     for vp_stage in range(vpp):

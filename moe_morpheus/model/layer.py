@@ -7,6 +7,7 @@ Post-LN with DeepNorm (GLM-130B): ``x = LN(alpha * x + F(x))`` for each sub-laye
 from __future__ import annotations
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
@@ -15,12 +16,21 @@ from moe_morpheus.model.attention import SelfAttention
 from moe_morpheus.model.ffn import GeGLU
 
 
+def mark_sequence_parallel(module: torch.nn.Module, config: TransformerConfig) -> None:
+    """Under sequence parallelism a replicated LayerNorm sees only this TP rank's positions: its
+    gradients are partial sums, which ``finalize_model_grads`` sums over the TP group for
+    parameters marked ``sequence_parallel`` (Megatron-Core's own LayerNorms carry the mark)."""
+    for param in module.parameters():
+        param.sequence_parallel = config.sequence_parallel
+
+
 def build_ffn(config: TransformerConfig, model_cfg: ModelConfig, moe_cfg: MoEConfig | None, layer_index: int):
     """The FFN switch: layer ``layer_index`` (0-based) is MoE iff ``moe.is_moe_layer(i)``."""
     if moe_cfg is not None and moe_cfg.is_moe_layer(layer_index):
         from moe_morpheus.moe import MoEFeedForward
 
-        ffn = MoEFeedForward(model_cfg, moe_cfg)
+        # Under sequence parallelism the input is already this TP rank's share of the tokens.
+        ffn = MoEFeedForward(model_cfg, moe_cfg, sequence_parallel=config.sequence_parallel)
         ffn.layer_number = layer_index + 1
         return ffn
     return GeGLU(config, model_cfg)
@@ -37,13 +47,21 @@ class GLMLayer(MegatronModule):
         self.attention_norm = torch.nn.LayerNorm(h, eps=eps)
         self.attention = SelfAttention(config, model_cfg, self.layer_number)
         self.ffn_norm = torch.nn.LayerNorm(h, eps=eps)
+        mark_sequence_parallel(self.attention_norm, config)
+        mark_sequence_parallel(self.ffn_norm, config)
         self.ffn = build_ffn(config, model_cfg, moe_cfg, layer_index)
         self.alpha = model_cfg.residual_alpha
         self.pre_ln = model_cfg.norm == "pre_ln"
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         p = self.model_cfg.hidden_dropout
-        return torch.nn.functional.dropout(x, p=p, training=self.training) if p > 0 else x
+        if p == 0:
+            return x
+        if self.config.sequence_parallel:
+            # TP ranks hold different positions here: draw from the per-TP-rank stream (Megatron).
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return torch.nn.functional.dropout(x, p=p, training=self.training)
+        return torch.nn.functional.dropout(x, p=p, training=self.training)
 
     def forward(self, hidden_SBH, attention_mask, rope_position_ids, rope_block_position_ids):
         def attend(x):
