@@ -19,6 +19,7 @@ from torch import nn
 
 from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig
 from moe_morpheus.moe.experts import GeGLUExperts
+from moe_morpheus.moe.faster import FasterMoE
 from moe_morpheus.moe.gates import gate_class
 from moe_morpheus.moe.layer import FMoE
 
@@ -127,7 +128,11 @@ class MoEFeedForward(nn.Module):
         d_model = model_cfg.hidden_size
         d_hidden = moe_cfg.expert_hidden_size or model_cfg.ffn_hidden_size
         slice_group = tp_group if tp > 1 and not sequence_parallel else None
+        faster = moe_cfg.faster
         if moe_cfg.backend == "fastmoe":
+            if faster.schedule or faster.shadow or moe_cfg.gate == "faster":
+                raise ConfigError("moe.faster.* and gate=faster run on moe.backend=native; FastMoE's own "
+                                  "FasterMoE is switched by its FMOE_FASTER_* environment variables")
             self.moe = build_fastmoe_layer(
                 num_expert, d_model, d_hidden, world_size=ep, moe_group=moe_group, slice_group=slice_group,
                 top_k=moe_cfg.top_k, gate=moe_cfg.gate, capacity_factor=moe_cfg.capacity_factor,
@@ -135,10 +140,17 @@ class MoEFeedForward(nn.Module):
         else:
             gate = partial(gate_class(moe_cfg.gate), capacity=moe_cfg.capacity_factor,
                            softmax_before_topk=moe_cfg.softmax_before_topk)
+            if moe_cfg.gate == "faster":
+                gate = partial(gate, ranks_per_node=faster.ranks_per_node,
+                               outgoing_fraction=faster.outgoing_fraction, moe_group=moe_group)
             experts = GeGLUExperts(num_expert, d_model, d_hidden, gain=model_cfg.init_beta,
                                    first_expert=ep_rank * num_expert)
             self.moe = FMoE(num_expert, d_model, world_size=ep, moe_group=moe_group, slice_group=slice_group,
                             top_k=moe_cfg.top_k, gate=gate, expert=experts)
+            if faster.schedule or faster.shadow:
+                self.moe.faster = FasterMoE(self.moe, schedule=faster.schedule, group_size=faster.group_size,
+                                            shadow=faster.shadow, net_bandwidth=faster.net_bandwidth,
+                                            flops=faster.flops)
             if tp > 1 and sequence_parallel:
                 # TP ranks hold disjoint parts of one micro-batch, as slice ranks do: the balance
                 # and z-losses are taken over the whole micro-batch, so TP=2 matches TP=1.
