@@ -147,7 +147,13 @@ class Trainer:
         self.plan = self._plan()
         self.counts = param_counts(exp.model, exp.moe if exp.moe.enabled else None)
         self.model = wrap_ddp(build_model(exp.model, exp.moe if exp.moe.enabled else None, exp.parallel,
-                                          seed=trainer.seed))
+                                          seed=trainer.seed, recompute=trainer.recompute))
+        if trainer.zero1:
+            # The checkpoint module saves AdamW state per parameter (optimizer.adam.state[param]);
+            # ZeroOptimizer holds chunks and offers moments_like_params / load_moments for it.
+            raise ConfigError("trainer.zero1=true: checkpoints cannot save sharded optimizer state yet "
+                              "(moe_morpheus.train.checkpoint must call ZeroOptimizer.moments_like_params); "
+                              "use trainer.zero1=false")
         self.optimizer = Optimizer(self.model, lr=trainer.lr, weight_decay=trainer.weight_decay,
                                    betas=(trainer.beta1, trainer.beta2), eps=trainer.eps, grad_clip=trainer.grad_clip)
         self.num_microbatches = trainer.global_batch_size // (trainer.micro_batch_size * self.dp)
