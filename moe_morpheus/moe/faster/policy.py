@@ -143,7 +143,7 @@ def predict_schedule(load_WG: torch.Tensor, num_expert: int, group_size: int, co
 
 
 def calibrate(group, run_expert, d_model: int, token_flops: float, *, net_bandwidth: float | None,
-              flops: float | None, reps: int = 3) -> tuple[float, float]:
+              flops: float | None, device: torch.device, reps: int = 3) -> tuple[float, float]:
     """(net bandwidth bytes/s, expert FLOP/s) for the policy, measured on the actual backend
     unless given: the best of ``reps`` broadcasts of 4 MiB over ``group`` (the transfer a
     shadowed expert costs) and the best of ``reps`` forwards of 256 tokens through
@@ -151,28 +151,30 @@ def calibrate(group, run_expert, d_model: int, token_flops: float, *, net_bandwi
     all-reduce of the times), so the policy's inputs, and decisions, are identical on every
     rank. Costs ~10 ms on 2 CPU processes.
     """
-    times = torch.zeros(2, dtype=torch.float64)
-    buf = torch.zeros(1 << 20)  # 4 MiB of fp32
+    times = torch.zeros(2, dtype=torch.float64, device=device)
+    buf = torch.zeros(1 << 20, device=device)  # 4 MiB of fp32
+    sync = torch.cuda.synchronize if buf.is_cuda else (lambda: None)
     if net_bandwidth is None:
         src = dist.get_global_rank(group, 0) if group is not None else 0
         dist.broadcast(buf, src, group=group)  # warm-up: first use of a pair sets up connections
-        times[0] = _best_time(lambda: dist.broadcast(buf, src, group=group), reps)
+        times[0] = _best_time(lambda: dist.broadcast(buf, src, group=group), reps, sync)
     if flops is None:
-        x_ND = torch.randn(256, d_model)
+        x_ND = torch.randn(256, d_model, device=device)
         with torch.no_grad():
             run_expert(x_ND)
-            times[1] = _best_time(lambda: run_expert(x_ND), reps)
-    if group is not None or dist.is_initialized():
-        dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
+            times[1] = _best_time(lambda: run_expert(x_ND), reps, sync)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
     bw = net_bandwidth if net_bandwidth is not None else buf.numel() * buf.element_size() / times[0].item()
     fl = flops if flops is not None else 256 * token_flops / times[1].item()
     return bw, fl
 
 
-def _best_time(fn, reps: int) -> float:
+def _best_time(fn, reps: int, sync) -> float:
     best = float("inf")
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return max(best, 1e-9)

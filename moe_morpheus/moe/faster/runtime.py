@@ -68,7 +68,7 @@ class FasterMoE:
             layer = self.layer
             bw, fl = calibrate(self.group, lambda x: layer._run_experts(x, [x.shape[0]] + [0] * (self.num_expert - 1)),
                                layer.d_model, self._token_flops, net_bandwidth=self._measure[0],
-                               flops=self._measure[1])
+                               flops=self._measure[1], device=like.device)
             self.costs = Costs(self._token_flops, layer.d_model * self.shadow.layout.params[0].element_size(),
                                self._param_bytes, bw, fl)
         return self.costs

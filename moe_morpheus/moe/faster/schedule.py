@@ -57,7 +57,7 @@ class SmartSchedule:
     def __call__(self, x_send_ND, send_WE, recv_WE, run_experts, params, stats: FasterStats):
         """Rows ``x_send_ND`` (``send_WE[w, e]`` of them for rank w's expert e, in that order)
         through the experts of their ranks; returns the results in the same row order."""
-        plan = _Plan(self, send_WE.tolist(), recv_WE.tolist(), run_experts, stats)
+        plan = _Plan(self, send_WE.tolist(), recv_WE.tolist(), run_experts, stats, x_send_ND.device)
         params = [p for p in params if p.requires_grad]
         if torch.is_grad_enabled() and (x_send_ND.requires_grad or params):
             return _Pipelined.apply(plan, x_send_ND, *params)
@@ -77,7 +77,7 @@ class _Plan:
     """Row offsets and per-step chunk layouts of one call."""
 
     def __init__(self, sched: SmartSchedule, send_WE: list[list[int]], recv_WE: list[list[int]],
-                 run_experts, stats: FasterStats):
+                 run_experts, stats: FasterStats, device: torch.device):
         self.sched, self.run_experts, self.stats = sched, run_experts, stats
         self.send_off = _offsets([sum(row) for row in send_WE])
         self.recv_off = _offsets([sum(row) for row in recv_WE])
@@ -90,7 +90,8 @@ class _Plan:
             inverse = torch.empty_like(perm)
             inverse[perm] = torch.arange(perm.numel())
             counts_E = [sum(recv_WE[w][e] for w in srcs) for e in range(E)]
-            self.chunks.append((self.recv_off[srcs.start], self.recv_off[srcs.stop], perm, inverse, counts_E))
+            self.chunks.append((self.recv_off[srcs.start], self.recv_off[srcs.stop], perm.to(device),
+                                inverse.to(device), counts_E))
 
     def rows_send(self, t, w):
         return t[self.send_off[w]:self.send_off[w + 1]]
