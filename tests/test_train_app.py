@@ -23,7 +23,10 @@ pytestmark = pytest.mark.slow
 
 
 def train(tmp_path: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, PYTHONWARNINGS="ignore::UserWarning", OMP_NUM_THREADS="1", **(env or {}))
+    # A clean launch environment: no rendezvous variables from this process's own process group.
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full_env.update(PYTHONWARNINGS="ignore::UserWarning", OMP_NUM_THREADS="1", **(env or {}))
     result = subprocess.run(
         [sys.executable, str(REPO / "train.py"), f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *args],
         cwd=tmp_path, capture_output=True, text=True, env=full_env, timeout=600,

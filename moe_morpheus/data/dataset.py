@@ -25,6 +25,7 @@ How row i of the training stream is made (it depends only on the config, the cor
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import warnings
 import zlib
@@ -383,12 +384,22 @@ def build_data(data_cfg: DataConfig, seq_length: int, *, progress: bool = True) 
         stats[name] = {**report.stats, "train_tokens": int((train[:, 2] - train[:, 1]).sum()),
                        "valid_tokens": int((valid[:, 2] - valid[:, 1]).sum())}
 
-    streams: dict[str, Stream] = {}
+    parallel = [name for name, src in data_cfg.sources.items() if src.kind == "parallel"]
+
+    def make_streams(cfg: DataConfig) -> dict[str, Stream]:
+        streams: dict[str, Stream] = {name: TextStream(name, corpora[name], windows[name][0], cfg, seq_length)
+                                      for name, src in cfg.sources.items() if src.weight > 0}
+        if cfg.mip_ratio > 0:
+            streams["mip"] = MipStream(
+                [corpora[n] for n in parallel], [np.unique(windows[n][0][:, 0]) for n in parallel],
+                [np.unique(windows[n][1][:, 0]) for n in parallel], MipTemplates(tokenizer), cfg.seed, seq_length)
+        return streams
+
+    streams = make_streams(data_cfg)
     valid_sets: dict[str, RowsDataset] = {}
-    for name, src in data_cfg.sources.items():
-        if src.weight == 0:
+    for name, stream in streams.items():
+        if name == "mip":
             continue
-        stream = streams[name] = TextStream(name, corpora[name], windows[name][0], data_cfg, seq_length)
         if len(windows[name][1]) == 0:
             warnings.warn(f"data.sources.{name}: no validation chunk ({stats[name]['tokens']} tokens, "
                           f"valid_fraction {data_cfg.valid_fraction}); it has no validation set", stacklevel=2)
@@ -397,11 +408,8 @@ def build_data(data_cfg: DataConfig, seq_length: int, *, progress: bool = True) 
             rows = stream.plan(_rng(data_cfg.valid_seed, _key(f"{name}_{suffix}")), force=kind,
                                units=windows[name][1])
             valid_sets[f"{name}_{suffix}"] = RowsDataset([stream.pack(r) for r in rows[: data_cfg.valid_rows]])
-    if data_cfg.mip_ratio > 0:
-        parallel = [name for name, src in data_cfg.sources.items() if src.kind == "parallel"]
-        mip = streams["mip"] = MipStream(
-            [corpora[n] for n in parallel], [np.unique(windows[n][0][:, 0]) for n in parallel],
-            [np.unique(windows[n][1][:, 0]) for n in parallel], MipTemplates(tokenizer), data_cfg.seed, seq_length)
+    if "mip" in streams:
+        mip = streams["mip"]
         rows = mip.plan(_rng(data_cfg.valid_seed, _key("mip_heldout")), valid=True)
         if rows:
             valid_sets["mip_heldout"] = RowsDataset([mip.pack(r) for r in rows[: data_cfg.valid_rows]])
@@ -410,7 +418,11 @@ def build_data(data_cfg: DataConfig, seq_length: int, *, progress: bool = True) 
                         "skipped_too_long": mip.skipped_too_long}
 
     train = TrainDataset(streams, Schedule(data_cfg.row_shares(), data_cfg.seed))
-    unigram = target_unigram(train, tokenizer.vocab_size)
+    # The baseline is estimated on the stream of the fixed validation seed, so that every run
+    # (whatever its seed) is compared against the same number.
+    baseline_cfg = dataclasses.replace(data_cfg, seed=data_cfg.valid_seed)
+    baseline = TrainDataset(make_streams(baseline_cfg), Schedule(data_cfg.row_shares(), data_cfg.valid_seed))
+    unigram = target_unigram(baseline, tokenizer.vocab_size)
     entropy = {name: unigram_cross_entropy(unigram, np.concatenate([r["targets"][r["loss_mask"] > 0] for r in ds.rows]))
                for name, ds in valid_sets.items()}
     return Data(train, valid_sets, tokenizer, entropy, stats)

@@ -68,8 +68,10 @@ def initialize(
 
     if not dist.is_initialized():
         if world_size == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            # A world of one needs no agreed port: always a fresh one, so an inherited
+            # MASTER_PORT (another process's store) cannot collide.
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group(
             backend=backend,
             rank=rank,
