@@ -102,7 +102,8 @@ def test_faster_paths_equal_plain_expert_parallel(W):
         if "shadow" in name or name.startswith("both"):
             assert s["faster/shadowed_experts"] >= 1 or name == "both_measured", name
             assert s["faster/shadow_bytes"] > 0 or name == "both_measured"
-            assert s["faster/predicted_s"] <= s["faster/predicted_s_no_shadow"]
+            if name in ("shadow_model", "both_model", "both_measured"):  # the model's own choice
+                assert s["faster/predicted_s"] <= s["faster/predicted_s_no_shadow"]
     assert ranks[0]["stats"]["shadow_model"]["faster/shadowed"][0] == 1.0  # the hot expert
     forced = [0, 1, 5, G - 1] if W == 4 else [0, 5]
     assert ranks[0]["stats"]["shadow_forced"]["faster/shadowed"] == [float(g in forced) for g in range(G)]
