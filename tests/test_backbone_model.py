@@ -88,7 +88,7 @@ def test_deepnorm_residual_and_init_scale(norm, alpha, beta):
     # Post-LN residual: x_out = LN(alpha * x + F(x)) for each sub-layer. With both sub-layers
     # returning a constant c the output is LN(alpha * LN(alpha * x + c) + c), computed by hand.
     const = torch.randn(256)
-    layer.attention.forward = lambda x, *args: const.expand_as(x)
+    layer.attention.forward = lambda x, *args, **kwargs: const.expand_as(x)
     layer.ffn.forward = lambda x: const.expand_as(x)
     x = torch.randn(5, 2, 256)
 

@@ -36,6 +36,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -83,6 +84,19 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
+
+    def encode_with_masks(self, text: str) -> list[int]:
+        """Like ``encode``, but the literal markers ``[MASK]`` and ``[gMASK]`` in the text become
+        the mask tokens (``encode`` keeps them as text: corpora may contain those strings)."""
+        ids: list[int] = []
+        for piece in re.split(r"(\[g?MASK\])", text):
+            if piece == "[MASK]":
+                ids.append(MASK_ID)
+            elif piece == "[gMASK]":
+                ids.append(GMASK_ID)
+            elif piece:
+                ids.extend(self.encode(piece))
+        return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Same ids as ``encode`` on each text, 5x faster on long documents: no piece contains

@@ -44,7 +44,12 @@ class SelfAttention(MegatronModule):
         attention_mask: torch.Tensor,
         rope_position_ids: torch.Tensor,
         rope_block_position_ids: torch.Tensor | None,
+        kv_cache: dict | None = None,
     ) -> torch.Tensor:
+        """``attention_mask`` [b, 1, s_q, s_k] (True = may attend) or None (every key).
+        ``kv_cache`` (generation): a dict holding this layer's rotated keys and values of the
+        tokens seen so far; the new ones are appended and the queries attend to all of them,
+        so each new token costs one step instead of a forward over the whole sequence."""
         qkv, _ = self.qkv(hidden_SBH)
         seq, batch = qkv.shape[:2]  # the whole sequence: under sequence parallelism qkv gathered it
         qkv = qkv.view(seq, batch, self.heads_local, 3, self.head_dim)
@@ -52,6 +57,11 @@ class SelfAttention(MegatronModule):
         cfg = self.model_cfg
         query = apply_rope(query, rope_position_ids, rope_block_position_ids, cfg.rope, cfg.rope_base)
         key = apply_rope(key, rope_position_ids, rope_block_position_ids, cfg.rope, cfg.rope_base)
+        if kv_cache is not None:
+            if "key" in kv_cache:
+                key = torch.cat([kv_cache["key"], key], dim=0)
+                value = torch.cat([kv_cache["value"], value], dim=0)
+            kv_cache["key"], kv_cache["value"] = key, value
 
         if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
             # Selective recomputation (Korthikanti et al. 2022): scores, softmax and dropout
@@ -71,7 +81,8 @@ class SelfAttention(MegatronModule):
         coeff = float(self.layer_number) if cfg.query_layer_scaling else 1.0
         query = query / (math.sqrt(self.head_dim) * coeff)
         scores = torch.matmul(query, key.transpose(-1, -2)).float() * coeff
-        scores = scores.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).to(value.dtype)
         if self.training and cfg.attention_dropout > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork():

@@ -237,26 +237,32 @@ class GLMModel(LanguageModule):
         tokens: torch.Tensor,
         position_ids: torch.Tensor,
         block_position_ids: torch.Tensor,
-        segment_ids: torch.Tensor,
-        prefix_mask: torch.Tensor,
+        segment_ids: torch.Tensor | None,
+        prefix_mask: torch.Tensor | None,
         targets: torch.Tensor | None = None,
         gmask: torch.Tensor | None = None,
+        kv_caches: list[dict] | None = None,
     ) -> torch.Tensor:
         """All inputs [b, s]. Returns per-token cross entropy [b, s] on the last stage when
         ``targets`` are given, logits [b, s, vocab / tp] on the last stage otherwise, and the
-        hidden states [s, b, h] on other stages."""
+        hidden states [s, b, h] on other stages.
+
+        Generation (moe_morpheus.generate) passes ``kv_caches``, one dict per layer: the new
+        tokens attend to the cached ones too. ``segment_ids`` None means every new token may
+        attend to every cached token and to itself (a decoding step after the context)."""
         hidden = self.embedding(tokens) if self.pre_process else self.input_tensor
-        mask = glm_attention_mask(segment_ids, prefix_mask)
+        mask = glm_attention_mask(segment_ids, prefix_mask) if segment_ids is not None else None
         rope_pos, rope_block = self.rope_positions(position_ids, block_position_ids, gmask)
         full_recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             if full_recompute:
                 # Keeps only the layer's input; its forward (MoE token exchange included) runs again
                 # in backward with the RNG states of the first pass (Megatron-Core's checkpoint).
                 hidden = tensor_parallel.checkpoint(
                     functools.partial(_run_counted_once, layer), False, hidden, mask, rope_pos, rope_block)
             else:
-                hidden = layer(hidden, mask, rope_pos, rope_block)
+                cache = kv_caches[index] if kv_caches is not None else None
+                hidden = layer(hidden, mask, rope_pos, rope_block, kv_cache=cache)
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden)

@@ -1,0 +1,173 @@
+"""Blank filling and continuation with a trained GLM (reference/glm.md, section 4).
+
+- ``[gMASK]``: the input is ``text [gMASK] <sop>``; the context up to the mask is bidirectional
+  (Part A); generated tokens take (mask position, 1, 2, ...) as 2D positions, or continue the
+  positions linearly with 1D RoPE (GLM-130B).
+- ``[MASK]``: ``a [MASK] c <sop>``; the generated span takes the mask's position (and block
+  positions 1, 2, ... in 2D). Several masks are filled left to right, each span after the
+  previous one in Part B (as in training), and spliced back into the text.
+- Stops at ``<eop>`` or ``<eos>``; greedy, temperature, top-k and top-p sampling.
+- A cache of past keys and values makes each new token one step; ``use_cache=False`` runs the
+  whole sequence each time (the reference the tests compare with).
+
+``python -m moe_morpheus.generate --checkpoint DIR --prompt "..."``: see ``main``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import tensor_parallel
+
+from moe_morpheus.data.tokenizer import EOP_ID, EOS_ID, GMASK_ID, MASK_ID, SOP_ID
+
+
+class GenerationError(ValueError):
+    """A prompt that cannot be generated from; the message says why and what to change."""
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 48
+    # 0: greedy. Otherwise logits / temperature, then top-k and top-p (nucleus) filtering.
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the top-k logits and the smallest set whose probability reaches top_p."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+class Generator:
+    """Generation with one model chunk (pipeline parallelism 1; any tensor parallelism)."""
+
+    def __init__(self, model, vocab_size: int, seq_length: int):
+        self.model = model
+        self.vocab_size = vocab_size  # the tokenizer's: padded embedding rows are never sampled
+        self.seq_length = seq_length
+        self.device = next(model.parameters()).device
+
+    def _next_token(self, logits_BSV: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+        # Vocab-parallel logits: every TP rank gathers the whole row and draws the same token
+        # (same logits, same seeded generator).
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits_BSV[:, -1:])[0, -1]
+        logits = logits[: self.vocab_size].float()
+        if sampling.temperature <= 0:
+            return int(torch.argmax(logits))
+        logits = _filter(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+        return int(torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator))
+
+    def _forward(self, tokens, positions, blocks, gmask, prefix_len, caches, fed):
+        """Logits after the last token. Without a cache: the whole sequence with GLM's mask.
+        With one: the context (Part A and <sop>) first, then the tokens not yet cached one at a
+        time, each attending to everything cached and to itself (causal, like Part B)."""
+        def window(values, start, end):
+            return torch.tensor([values[start:end]], dtype=torch.long, device=self.device)
+
+        if caches is None or fed == 0:
+            segment = torch.ones(1, len(tokens), dtype=torch.long, device=self.device)
+            prefix = (torch.arange(len(tokens), device=self.device) < prefix_len).long()[None]
+            return self.model(window(tokens, 0, None), window(positions, 0, None), window(blocks, 0, None),
+                              segment, prefix, gmask=window(gmask, 0, None), kv_caches=caches)
+        for i in range(fed, len(tokens)):
+            logits = self.model(window(tokens, i, i + 1), window(positions, i, i + 1), window(blocks, i, i + 1),
+                                None, None, gmask=window(gmask, i, i + 1), kv_caches=caches)
+        return logits
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], sampling: Sampling | None = None, *, use_cache: bool = True
+                 ) -> tuple[list[int], list[list[int]]]:
+        """Fill every ``[MASK]`` of ``prompt_ids`` (or continue after a final ``[gMASK]``, added
+        when the prompt has no mask). Returns (the text with the spans spliced in, the spans)."""
+        sampling = sampling or Sampling()
+        if not prompt_ids:
+            raise GenerationError("the prompt is empty: give some text to continue or to fill")
+        part_a = list(prompt_ids)
+        if not any(t in (MASK_ID, GMASK_ID) for t in part_a):
+            part_a.append(GMASK_ID)
+        masks = [i for i, t in enumerate(part_a) if t in (MASK_ID, GMASK_ID)]
+        needed = len(part_a) + len(masks) * (1 + sampling.max_new_tokens)
+        if needed > self.seq_length:
+            raise GenerationError(
+                f"the prompt has {len(part_a)} tokens; with {len(masks)} span(s) of up to "
+                f"{sampling.max_new_tokens} new tokens it needs {needed} positions but the model was trained "
+                f"with seq_length={self.seq_length}: shorten the prompt or lower max_new_tokens")
+        self.model.eval()
+        generator = torch.Generator().manual_seed(sampling.seed)
+        tokens, positions, blocks = list(part_a), list(range(len(part_a))), [0] * len(part_a)
+        gmask = [0] * len(part_a)
+        caches = [{} for _ in self.model.layers] if use_cache else None
+        fed = 0  # tokens already in the cache
+        spans = []
+        for mask_position in masks:
+            is_gmask = int(part_a[mask_position] == GMASK_ID)
+            tokens.append(SOP_ID)
+            positions.append(mask_position)
+            blocks.append(1)
+            gmask.append(is_gmask)
+            span = []
+            for step in range(sampling.max_new_tokens):
+                logits = self._forward(tokens, positions, blocks, gmask, len(part_a), caches, fed)
+                fed = len(tokens)
+                token = self._next_token(logits, sampling, generator)
+                if token in (EOP_ID, EOS_ID):
+                    break
+                span.append(token)
+                tokens.append(token)
+                positions.append(mask_position)
+                blocks.append(step + 2)
+                gmask.append(is_gmask)
+            spans.append(span)
+        text = []
+        for i, token in enumerate(part_a):
+            text.extend(spans[masks.index(i)] if i in masks else [token])
+        return text, spans
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m moe_morpheus.generate --checkpoint CKPT [--prompt TEXT | --file F] [options]``.
+
+    ``CKPT`` is a run's checkpoint folder (``outputs/<name>/<run>/checkpoints``, its newest valid
+    checkpoint is used) or one ``step_*`` folder. Put ``[MASK]`` in the text to fill blanks;
+    otherwise the text is continued after ``[gMASK]``.
+    """
+    import argparse
+
+    from moe_morpheus.train.checkpoint import load_for_inference
+
+    parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    group.add_argument("--file", help="a text file with one prompt per line")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    prompts = args.prompt or [line.rstrip("\n") for line in open(args.file, encoding="utf-8") if line.strip()]
+    model, tokenizer, exp = load_for_inference(args.checkpoint)
+    generator = Generator(model, tokenizer.vocab_size, exp.model.seq_length)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    for prompt in prompts:
+        ids = tokenizer.encode_with_masks(prompt)
+        text, _ = generator.generate(ids, sampling)
+        print(f">>> {prompt}\n{tokenizer.decode(text)}\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
