@@ -1,0 +1,142 @@
+"""Consolidated export: a distributed checkpoint of any layout -> one safetensors file, a JSON
+config and the tokenizer (docs/export_format.md), loadable without Megatron-Core by
+:mod:`moe_morpheus.reference_model`.
+
+``python -m moe_morpheus.export CHECKPOINT OUT_DIR`` where CHECKPOINT is a ``step_*`` folder
+written by the trainer (moe_morpheus/train/checkpoint.py). The checkpoint's keys name global
+tensors, so loading it into a world of one (tp = pp = ep = 1) through ``dist_checkpointing``
+reassembles every TP, PP and EP shard; the tensors are then written under their parameter names
+in that model. The ``safetensors`` package is not a dependency: the format (a little-endian u64
+header length, a JSON header, raw tensors) is written here and read back by either.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import torch
+
+from moe_morpheus.config import ModelConfig, MoEConfig
+
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                torch.int64: "I64", torch.int32: "I32"}
+FORMAT = "moe_morpheus-glm-v1"
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Tensors in name order, contiguous; the header padded with spaces to a multiple of 8 bytes
+    (the format's alignment rule)."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    blobs = []
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        blob = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for blob in blobs:
+            out.write(blob)
+
+
+def export_config(model: ModelConfig, moe: MoEConfig | None, tokenizer_file: str | None) -> dict:
+    """What :class:`~moe_morpheus.reference_model.ReferenceGLM` needs (docs/export_format.md)."""
+    config = {
+        "format": FORMAT,
+        "num_layers": model.num_layers, "hidden_size": model.hidden_size,
+        "num_attention_heads": model.num_attention_heads, "ffn_hidden_size": model.ffn_hidden_size,
+        "vocab_size": model.vocab_size, "padded_vocab_size": model.padded_vocab_size,
+        "seq_length": model.seq_length, "norm": model.norm, "residual_alpha": model.residual_alpha,
+        "rope": model.rope, "rope_base": model.rope_base, "layernorm_epsilon": model.layernorm_epsilon,
+        "query_layer_scaling": model.query_layer_scaling, "tied_embeddings": True,
+        "tokenizer": tokenizer_file,
+    }
+    if moe is not None and moe.enabled:
+        config["moe"] = {"layer_freq": moe.layer_freq, "num_experts": moe.num_experts, "top_k": moe.top_k,
+                         "expert_hidden_size": moe.expert_hidden_size or model.ffn_hidden_size,
+                         "gate": moe.gate, "softmax_before_topk": moe.softmax_before_topk}
+    return config
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters of a whole (tp = pp = ep = 1) model by name: the export's tensor names."""
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def configs_from_manifest(manifest: dict) -> tuple[ModelConfig, MoEConfig | None, dict]:
+    """The model and MoE configs a checkpoint was written with (its checkpoint.json)."""
+    from omegaconf import OmegaConf
+
+    config = manifest["config"]
+    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), config["model"]))
+    moe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MoEConfig), config["moe"]))
+    return model, moe if moe.enabled else None, config
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write ``model.safetensors``, ``config.json`` and the tokenizer of ``checkpoint`` into
+    ``out_dir``. Runs as a world of one (call it outside any other process group)."""
+    from megatron.core import dist_checkpointing
+
+    from moe_morpheus.config import ParallelConfig
+    from moe_morpheus.data.config import resolve_path
+    from moe_morpheus.model import build_model
+    from moe_morpheus.parallel import initialize
+    from moe_morpheus.train import safe_load
+    from moe_morpheus.train.checkpoint import model_entries, read_manifest
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    model_cfg, moe_cfg, config = configs_from_manifest(read_manifest(checkpoint))
+    initialize(ParallelConfig(), model_cfg)
+    (model,) = build_model(model_cfg, moe_cfg, ParallelConfig())
+    safe_load.install()
+    entries = model_entries([model])
+    targets = {name: entry.data for name, entry in entries.items()}
+    loaded = dist_checkpointing.load({"model": entries}, str(checkpoint))
+    with torch.no_grad():
+        for name, param in targets.items():
+            param.copy_(loaded["model"][name])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = config.get("data", {}).get("tokenizer")
+    tokenizer_name = None
+    if tokenizer and resolve_path(tokenizer).is_file():
+        tokenizer_name = "tokenizer.model"
+        shutil.copyfile(resolve_path(tokenizer), out_dir / tokenizer_name)
+    export = export_config(model_cfg, moe_cfg, tokenizer_name)
+    write_safetensors(out_dir / "model.safetensors", model_tensors(model),
+                      {"format": FORMAT, "source": str(checkpoint.resolve())})
+    (out_dir / "config.json").write_text(json.dumps(export, indent=1))
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moe_morpheus.export CHECKPOINT OUT_DIR``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m moe_morpheus.export CHECKPOINT_DIR OUT_DIR  (CHECKPOINT_DIR: a step_* folder)",
+              file=sys.stderr)
+        return 2
+    from moe_morpheus.train.checkpoint import CheckpointError
+
+    try:
+        out = export_checkpoint(args[0], args[1])
+    except CheckpointError as error:
+        print(f"cannot export: {error}", file=sys.stderr)
+        return 1
+    print(f"exported {args[0]} -> {out}/model.safetensors, config.json"
+          + (", tokenizer.model" if (out / "tokenizer.model").exists() else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""Consolidated export: a checkpoint written at EP=2 (x DP=2) becomes one safetensors file, a JSON
+config and the tokenizer; the plain-PyTorch reference forward reproduces the training model's
+logits (relative 1e-5, fp32)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import torch
+
+from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
+from tests.distributed import run_distributed
+from tests.synthetic import micro_batches
+from tests.test_backbone_parallel import relative_error
+
+MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
+MOE = dict(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=96)
+
+
+def _save_and_logits(directory: str):
+    """Train one step at ep=2, save a checkpoint, return the model's full logits. (TP=2: the
+    checkpoint module cannot save it yet, final_norm's TP replicas share replica id 0.)"""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from omegaconf import OmegaConf
+
+    from moe_morpheus.experiment import ExperimentConfig
+    from moe_morpheus.model import build_model
+    from moe_morpheus.moe import set_aux_loss_scale
+    from moe_morpheus.parallel import initialize
+    from moe_morpheus.train.checkpoint import TrainState, layout, model_shape, save_checkpoint
+    from moe_morpheus.train.optim import Optimizer
+    from moe_morpheus.train.step import MODEL_INPUTS, forward_backward, wrap_ddp
+
+    exp = ExperimentConfig(model=ModelConfig(**MODEL), moe=MoEConfig(**MOE), parallel=ParallelConfig(ep=2))
+    initialize(exp.parallel, exp.model)
+    chunks = wrap_ddp(build_model(exp.model, exp.moe, exp.parallel, seed=2))
+    optimizer = Optimizer(chunks, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0)
+    batches = micro_batches(2, 2, exp.model.seq_length, exp.model.vocab_size, seed=6)
+    set_aux_loss_scale(0.5)
+    forward_backward(chunks, batches)
+    optimizer.step()
+    manifest = {"config": OmegaConf.to_container(OmegaConf.structured(exp)), "layout": layout(exp.parallel),
+                "model_shape": model_shape(exp.model, exp.moe)}
+    path = save_checkpoint(directory, TrainState(step=1), chunks, optimizer, manifest=manifest, keep=1,
+                           checksums=False)
+    model = chunks[0].module.eval()
+    batch = batches[0]
+    with torch.no_grad():
+        logits = model(**{k: batch[k] for k in MODEL_INPUTS}, gmask=batch["gmask"])  # [b, s, V / tp]
+    group = parallel_state.get_tensor_model_parallel_group()
+    shards = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, logits.contiguous(), group=group)
+    return str(path), torch.cat(shards, dim=-1), batch
+
+
+def test_export_reproduces_training_logits(tmp_path):
+    from moe_morpheus.export import main
+    from moe_morpheus.reference_model import ReferenceGLM, read_safetensors
+
+    path, logits, batch = run_distributed(_save_and_logits, 2, str(tmp_path / "ckpt"))[0]
+    out = tmp_path / "export"
+    assert main([path, str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "tokenizer.model"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["moe"]["num_experts"] == 4 and config["padded_vocab_size"] == 256
+    tensors = read_safetensors(out / "model.safetensors")
+    assert tensors["layers.1.ffn.moe.experts.w_value_EFD"].shape == (4, 96, 64)  # both EP shards
+    assert tensors["layers.0.attention.qkv.weight"].shape == (192, 64)
+    reference = ReferenceGLM.load(out)
+    ref_logits = reference(batch["tokens"], batch["position_ids"], batch["block_position_ids"],
+                           batch["segment_ids"], batch["prefix_mask"], batch["gmask"])
+    assert ref_logits.shape == logits.shape == (2, 32, 256)
+    assert relative_error(ref_logits, logits) <= 1e-5
+
+
+def test_safetensors_layout_follows_the_format(tmp_path):
+    from moe_morpheus.export import write_safetensors
+    from moe_morpheus.reference_model import read_safetensors
+
+    tensors = {"b": torch.arange(6, dtype=torch.float32).view(2, 3), "a": torch.tensor([7], dtype=torch.int64),
+               "e": torch.zeros(0)}
+    write_safetensors(tmp_path / "t.safetensors", tensors, {"format": "x"})
+    raw = (tmp_path / "t.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8: 8 + length])
+    assert length % 8 == 0 and header["__metadata__"] == {"format": "x"}
+    assert header["a"] == {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}
+    assert header["b"]["data_offsets"] == [8, 32] and len(raw) == 8 + length + 32
+    back = read_safetensors(tmp_path / "t.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_export_usage_and_bad_checkpoint(tmp_path, capsys):
+    from moe_morpheus.export import main
+
+    assert main([]) == 2
+    assert main([str(tmp_path), str(tmp_path / "out")]) == 1
+    assert "has no checkpoint.json" in capsys.readouterr().err
