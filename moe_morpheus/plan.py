@@ -36,8 +36,9 @@ plus the logits; both are computed and the larger is reported):
   with attention dropout m Z (mask) + c Z (dropped probabilities), m = 1 byte on CUDA (bool
   mask), c on the CPU (its kernel keeps the scaled noise); dense FFN = 4 T F c / t (value,
   gate, GeLU output, product); MoE FFN, rows = T k cf / t routed (cf = capacity factor, 1 when
-  dropless: balanced routing assumed) = rows (4 Fe c + 2 h c + 16) (expert GeGLU, the expert
-  input and weighted output, two int64 index vectors) + 12 T E / t (router logits,
+  dropless: balanced routing assumed) = rows (2 Fe c + 2 h c + 16) (the experts keep their
+  value and pre-activation and recompute the GeLU, moe/experts.py; the expert input and the
+  weighted output; two int64 index vectors) + 12 T E / t (router logits,
   probabilities, their top-k in fp32); hidden dropout adds 2 T' h m bytes of masks. Per
   micro-batch once: the attention mask b s^2 (bool); on the last stage the final LayerNorm's
   input and output 2 T' h r and the fp32 logits kept by the vocab-parallel cross entropy
@@ -204,7 +205,7 @@ def layer_activation_bytes(model: ModelConfig, moe: MoEConfig | None, layout: La
     if _moe_layer(moe, index):
         fe = moe.expert_hidden_size or model.ffn_hidden_size
         rows = tokens * moe.top_k * (moe.capacity_factor or 1.0) / t
-        total += rows * (4 * fe * c + 2 * h * c + 16) + 12 * tokens * moe.num_experts / t
+        total += rows * (2 * fe * c + 2 * h * c + 16) + 12 * tokens * moe.num_experts / t
     else:
         total += 4 * tokens * model.ffn_hidden_size * c / t
     return total
