@@ -260,6 +260,8 @@ class TrainerConfig:
     grad_clip: float = 1.0
     # Validation every this many steps (and at the end); 0 = only at the end.
     eval_interval: int = 50
+    # Items per zero-shot task (held-out translation, en / zh cloze) at each evaluation; 0: none.
+    eval_task_items: int = 16
     log_interval: int = 1
     # auto: bf16 autocast on a GPU, fp32 on a CPU.
     precision: str = "auto"

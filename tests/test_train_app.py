@@ -54,7 +54,8 @@ def test_moe_64e_three_steps_logs_an_mlflow_run(tmp_path):
     history = MlflowClient().get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3]
     for key in ("tokens_seen", "flops", "flops_6nd", "budget_fraction", "valid/loss", "valid/en_gmask/loss",
-                "moe/layer2/balance_loss", "epochs/en", "final/valid_loss", "final/unigram_entropy"):
+                "moe/layer2/balance_loss", "epochs/en", "final/valid_loss", "final/unigram_entropy",
+                "eval/mip_heldout/chrf", "eval/cloze_en/accuracy", "eval/cloze_zh/accuracy"):
         assert key in run.data.metrics, key
     assert run.data.metrics["tokens_seen"] == 3 * 4 * 64
     outputs = list((tmp_path / "outputs" / "moe_64e").iterdir())

@@ -52,20 +52,6 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-@contextlib.contextmanager
-def dropless_routing(model: list[torch.nn.Module]):
-    """Validation routes every assignment (DESIGN.md: validation loss with dropless routing)."""
-    gates = [m for chunk in model for m in chunk.modules() if hasattr(m, "capacity") and hasattr(m, "get_loss")]
-    saved = [g.capacity for g in gates]
-    for gate in gates:
-        gate.capacity = None
-    try:
-        yield
-    finally:
-        for gate, capacity in zip(gates, saved):
-            gate.capacity = capacity
-
-
 class Throughput:
     """Tokens per second of training steps only (evaluation and logging excluded)."""
 
@@ -192,26 +178,21 @@ class Trainer:
         return self.guards.update(step, loss, lr, self.optimizer)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean cross entropy per target token on each validation set (fixed rows, dropless)."""
-        micro = self.exp.trainer.micro_batch_size
-        losses = {}
-        for chunk in self.model:
-            chunk.eval()
-        with dropless_routing(self.model), self.autocast:
-            for name, dataset in self.data.valid.items():
-                batches = list(batch_iterator(dataset, global_batch_size=micro * self.dp, micro_batch_size=micro,
-                                              dp_rank=self.dp_rank, dp_size=self.dp))
-                if batches:
-                    losses[name] = forward_backward(self.model, batches, forward_only=True)
-        for chunk in self.model:
-            chunk.train()
+    def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Loss per validation set (and ``mean``); with one pipeline stage also the zero-shot
+        translation and cloze metrics (moe_morpheus.evaluate; generation needs one chunk)."""
+        from moe_morpheus.evaluate import task_metrics, validation_losses
         from moe_morpheus.moe import collect_moe_stats
 
+        with self.autocast:
+            losses = validation_losses(self.model, self.data.valid, micro_batch_size=self.exp.trainer.micro_batch_size,
+                                       dp_rank=self.dp_rank, dp_size=self.dp)
+            tasks = {}
+            if self.exp.parallel.pp == 1 and self.exp.trainer.eval_task_items > 0:
+                tasks = task_metrics(self.model[0].module, self.data, self.exp.model.seq_length,
+                                     self.exp.trainer.eval_task_items)
         collect_moe_stats(self.model)  # evaluation routing is not training load
-        if losses:
-            losses["mean"] = sum(losses.values()) / len(losses)
-        return losses
+        return losses, tasks
 
     def fit(self) -> TrainResult:
         from moe_morpheus.moe import collect_moe_stats
@@ -272,10 +253,11 @@ class Trainer:
                     metrics.update(load.add(collect_moe_stats(self.model)))
                 last = step == plan.steps - 1
                 if last or (trainer.eval_interval and (step + 1) % trainer.eval_interval == 0):
-                    valid = self.evaluate()
+                    valid, tasks = self.evaluate()
                     valid_history.append(valid["mean"])
                     metrics["valid/loss"] = valid["mean"]
                     metrics.update({f"valid/{k}/loss": v for k, v in valid.items() if k != "mean"})
+                    metrics.update(tasks)
                 if logger and (last or step % trainer.log_interval == 0 or "valid/loss" in metrics):
                     logger.log(metrics, step + 1)
                 state = TrainState(step=step + 1, consumed_samples=consumed, tokens=tokens,
@@ -288,7 +270,7 @@ class Trainer:
                                      budget=f"{metrics['budget_fraction']:.1%}", refresh=False)
                 step += 1
             if not valid_history:  # resumed from the final checkpoint: nothing left to train
-                valid = self.evaluate()
+                valid, _ = self.evaluate()
                 valid_history.append(valid["mean"])
             status = "FINISHED"
         except KeyboardInterrupt:
