@@ -55,8 +55,10 @@ class FasterStats:
             self.predicted = [a + b for a, b in zip(self.predicted, predicted)]
 
     def pop(self) -> dict:
-        """Means per forward (micro-batch) since the last pop, then reset. Keys:
-        ``faster/shadowed`` (list per global expert: fraction of forwards it was shadowed),
+        """Means per forward (micro-batch) since the last pop, then reset; all floats (the
+        trainer logs every value but the load list as a scalar metric). Keys:
+        ``faster/shadowed/e{g}``, fraction of forwards expert g was shadowed, only for the experts
+        that were (an absent key is 0: a few metrics per step, not one per expert and layer),
         ``faster/shadowed_experts``, ``faster/{exchange,compute,shadow_comm}_s`` (forward and
         backward; exchange = time spent waiting for transfers, i.e. not hidden behind compute),
         ``faster/{exchange,shadow}_bytes`` (sent by this rank: token rows both ways, forward and
@@ -69,8 +71,8 @@ class FasterStats:
             torch.cuda.synchronize()
             for kind, start, end in self.events:
                 self.seconds[kind] += start.elapsed_time(end) / 1e3
-        out = {"faster/shadowed": [c / n for c in self.shadowed_G],
-               "faster/shadowed_experts": sum(self.shadowed_G) / n}
+        out = {f"faster/shadowed/e{g}": c / n for g, c in enumerate(self.shadowed_G) if c}
+        out["faster/shadowed_experts"] = sum(self.shadowed_G) / n
         out.update({f"faster/{k}_s": v / n for k, v in self.seconds.items()})
         out.update({f"faster/{k}_bytes": v / n for k, v in self.bytes.items()})
         if any(self.predicted):
