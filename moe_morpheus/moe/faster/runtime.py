@@ -37,7 +37,7 @@ class FasterMoE:
             raise ValueError(f"moe.faster.group_size={group_size} does not divide the expert-parallel size 1")
         # The shape check runs at any W: a config that cannot shadow fails on one process too.
         layout = ExpertParams(layer.experts) if shadow else None
-        self.shadow = Shadow(layer.experts, layer.moe_group, E) if shadow and W > 1 else None
+        self.shadow = Shadow(layout, layer.moe_group, E) if shadow and W > 1 else None
         self.policy = policy
         self.costs: Costs | None = None
         self._measure = (net_bandwidth, flops)

@@ -105,8 +105,8 @@ class ExpertParams:
 class Shadow:
     """Broadcast, local computation and gradient reduction of the shadowed experts."""
 
-    def __init__(self, experts: nn.Module, group, num_expert: int):
-        self.layout = ExpertParams(experts)
+    def __init__(self, layout: ExpertParams, group, num_expert: int):
+        self.layout = layout
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.num_expert = num_expert
