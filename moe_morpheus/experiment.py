@@ -27,6 +27,7 @@ from moe_morpheus.config import (
     TrainerConfig,
 )
 from moe_morpheus.data.config import DataConfig
+from moe_morpheus.upcycle import InitConfig, UpcycleConfig, granularity
 
 
 @dataclass
@@ -48,13 +49,19 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    # init.from_dense: start from a dense checkpoint converted per `upcycle` (moe_morpheus/upcycle.py).
+    init: InitConfig = field(default_factory=InitConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
 
     def __post_init__(self) -> None:
         if self.variant is None:
-            self.variant = "moe" if self.moe.enabled else "dense"
+            upcycled = self.init.from_dense is not None and self.moe.enabled
+            self.variant = "upcycled" if upcycled else "moe" if self.moe.enabled else "dense"
         if self.variant not in ("dense", "moe", "upcycled"):
             raise ConfigError(f"variant={self.variant!r}: choose dense, moe or upcycled (or null)")
         self.parallel.validate_model(self.model)
+        if self.init.from_dense is not None and self.moe.enabled:
+            granularity(self.model, self.moe, self.upcycle)  # bad upcycling targets fail at composition
         if self.moe.enabled and self.moe.num_experts % self.parallel.ep:
             raise ConfigError(
                 f"moe.num_experts={self.moe.num_experts} is not divisible by parallel.ep={self.parallel.ep}: "

@@ -98,6 +98,9 @@ class TrainState:
     run_id: str | None = None
     guards: dict = field(default_factory=dict)
     moe_load: dict = field(default_factory=dict)
+    # A run started from a dense checkpoint (moe_morpheus.upcycle.upcycle_into): the source run,
+    # checkpoint, its tokens and FLOPs (sunk compute) and the conversion mode; kept by every save.
+    lineage: dict = field(default_factory=dict)
 
 
 def checkpoint_name(step: int) -> str:
@@ -224,6 +227,12 @@ def _my_share(items: list[str]) -> list[str]:
     return items[dist.get_rank()::dist.get_world_size()]
 
 
+def _gather_lists(local: list) -> list[list]:
+    gathered: list[list | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return gathered
+
+
 def _gather_dicts(local: dict) -> dict:
     gathered: list[dict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
@@ -297,9 +306,7 @@ def verify_checkpoint(path: Path, *, checksums: bool) -> list[str]:
                             f"(truncated or overwritten)")
         elif checksums and expected.get("sha256") and _sha256(file) != expected["sha256"]:
             problems.append(f"{file}: SHA-256 differs from {MANIFEST} (corrupt)")
-    gathered: list[list[str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, problems)
-    return sorted({p for part in gathered for p in part})
+    return sorted({p for part in _gather_lists(problems) for p in part})
 
 
 def newest_valid(directory: Path, *, checksums: bool) -> Path | None:
@@ -400,10 +407,11 @@ def load_checkpoint(path: Path, model: list[torch.nn.Module], optimizer, *, shap
     # The load replaces the request's entries by plain tensors: take the targets first.
     params = {name: entry.data for name, entry in model_sd.items()}
     key_of = {id(param): name for name, param in params.items()}
-    loaded, missing, _ = dist_checkpointing.load(request, str(path), strict=StrictHandling.RETURN_ALL)
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors this model needs, e.g. "
-                              f"{sorted(missing)[:3]}")
+    # Megatron's naming: "unexpected" = requested here but absent from the checkpoint (per rank).
+    loaded, _, unexpected = dist_checkpointing.load(request, str(path), strict=StrictHandling.RETURN_ALL)
+    absent = sorted(set().union(*_gather_lists(sorted(unexpected))))
+    if absent:
+        raise CheckpointError(f"checkpoint {path} lacks {len(absent)} tensors this model needs, e.g. {absent[:3]}")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(loaded["model"][name])

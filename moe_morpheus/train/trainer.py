@@ -200,10 +200,25 @@ class Trainer:
         self.setup()
         exp, trainer, plan = self.exp, self.exp.trainer, self.plan
         # Resume (train/checkpoint.py) before the MLflow run opens: a resumed run logs into its run.
-        state = self.checkpointer.resume() or TrainState()
-        logger = RunLogger(self, resume_run_id=state.run_id) if is_rank0() else None
+        state = self.checkpointer.resume()
+        if state is None and exp.init.from_dense is not None:
+            from moe_morpheus.upcycle import upcycle_into
+
+            state = upcycle_into(self.model, exp, exp.init.from_dense)
+        state = state or TrainState()
+        # Sunk compute of a run started from a dense checkpoint (moe_morpheus/upcycle.py).
+        sunk_tokens, sunk_flops = state.lineage.get("tokens", 0), state.lineage.get("flops", 0.0)
+        logger = RunLogger(self, resume_run_id=state.run_id, lineage=state.lineage) if is_rank0() else None
         if logger:
             print(format_budget(plan), flush=True)
+        if state.lineage and state.step == 0:
+            # The loss at the handoff, before any update: equal to the dense run's for a
+            # function-preserving conversion; what he_scaling / drop cost.
+            valid, _ = self.evaluate()
+            if logger:
+                logger.log({"valid/loss": valid["mean"], **{f"valid/{k}/loss": v for k, v in valid.items()
+                                                            if k != "mean"}, "flops_with_sunk": sunk_flops,
+                            "tokens_with_sunk": sunk_tokens}, 0)
 
         def batches(start_sample: int):
             return batch_iterator(self.data.train, global_batch_size=trainer.global_batch_size,
@@ -245,6 +260,8 @@ class Trainer:
                     **self.guards.metrics(),
                     "tokens_seen": tokens, "flops": tokens * plan.flops_per_token,
                     "flops_6nd": 6 * plan.n_params * tokens,
+                    "flops_with_sunk": tokens * plan.flops_per_token + sunk_flops,
+                    "tokens_with_sunk": tokens + sunk_tokens,
                     "budget_fraction": tokens / plan.budget_tokens,
                     "throughput/tokens_per_s": throughput.last,
                 }
@@ -262,7 +279,7 @@ class Trainer:
                     logger.log(metrics, step + 1)
                 state = TrainState(step=step + 1, consumed_samples=consumed, tokens=tokens,
                                    flops=tokens * plan.flops_per_token, run_id=logger.run_id if logger else None,
-                                   guards=self.guards.state_dict(), moe_load=load.totals)
+                                   guards=self.guards.state_dict(), moe_load=load.totals, lineage=state.lineage)
                 if self.checkpointer.due(step + 1, last):
                     self.checkpointer.save(state)
                 progress.update(1)
@@ -282,6 +299,8 @@ class Trainer:
             if logger:
                 summary = {"final/tokens": plan.steps * self.tokens_per_step,
                            "final/flops": plan.steps * self.tokens_per_step * plan.flops_per_token,
+                           "final/flops_with_sunk": plan.steps * self.tokens_per_step * plan.flops_per_token
+                           + sunk_flops,
                            "final/tokens_per_s": throughput.mean, "final/unigram_entropy": entropy}
                 if valid_history:
                     summary.update({"final/valid_loss": valid_history[-1], "best/valid_loss": min(valid_history)})
@@ -308,12 +327,16 @@ def _progress(total: int, enabled: bool):
 class RunLogger:
     """The run's MLflow side (rank 0): params, tags, metrics, summary and artifacts."""
 
-    def __init__(self, trainer: Trainer, resume_run_id: str | None = None):
+    def __init__(self, trainer: Trainer, resume_run_id: str | None = None, lineage: dict | None = None):
         from moe_morpheus.tracking import Tracker, flatten_config, resolve_uri, run_tags
+        from moe_morpheus.upcycle import lineage_tags
 
         exp = trainer.exp
         uri = resolve_uri(exp.tracking.uri)
-        tags = run_tags(exp.variant, exp.name, exp.sweep, f"{exp.layout}-dp{trainer.dp}")
+        # A converted checkpoint trained via checkpoint.resume is an upcycled run too.
+        variant = "upcycled" if lineage and lineage["kind"] == "upcycled" else exp.variant
+        lineage_tag, lineage_params = lineage_tags(lineage) if lineage else ({}, {})
+        tags = run_tags(variant, exp.name, exp.sweep, f"{exp.layout}-dp{trainer.dp}", extra=lineage_tag)
         if any(v > 1 for v in trainer.data.epochs(trainer.plan.steps * exp.trainer.global_batch_size).values()):
             tags["data_repeated"] = "true"
             log.warning("this run repeats data: planned epochs per source %s",
@@ -328,7 +351,7 @@ class RunLogger:
             "count.embedding_params": counts.embedding, "count.non_embedding_params": counts.non_embedding,
             "budget.chinchilla_tokens": plan.budget_tokens, "budget.planned_tokens": plan.tokens,
             "budget.planned_steps": plan.steps, "flops_per_token": plan.flops_per_token,
-            "world_size": dist.get_world_size(), "dp": trainer.dp,
+            "world_size": dist.get_world_size(), "dp": trainer.dp, **lineage_params,
         })
         self.tracker.start({k: str(v) for k, v in params.items()}, OmegaConf.to_yaml(trainer.resolved_config))
         self.output_dir = trainer.output_dir

@@ -1,0 +1,198 @@
+"""Dense -> MoE upcycling (moe_morpheus/upcycle.py): function preservation of copy and
+virtual_group (logits, relative 1e-5 fp32) in a world of one and across a layout change
+(dense TP=2 -> MoE TP=1 x EP=2), he_scaling's step-0 loss, Drop-Upcycling's exact fraction,
+and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
+from moe_morpheus.upcycle import (
+    UpcycleConfig,
+    UpcycleError,
+    granularity,
+    load_dense,
+    resolve_source,
+    upcycle_ffn,
+)
+from tests.distributed import run_distributed
+from tests.synthetic import micro_batches
+from tests.test_backbone_parallel import relative_error
+
+# hidden 64: dense FFN 192 (8/3 h rounded up to 64); granularity 2 -> experts of 96.
+MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
+TARGETS = {
+    "copy": (dict(num_experts=4, top_k=2, expert_hidden_size=None), {}),
+    "virtual_group": (dict(num_experts=8, top_k=2, expert_hidden_size=96), {}),
+    "he_scaling": (dict(num_experts=8, top_k=2, expert_hidden_size=96), {}),
+    "drop": (dict(num_experts=4, top_k=2, expert_hidden_size=None), dict(drop_fraction=0.5)),
+}
+
+
+def _logits(chunks, batch):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from moe_morpheus.train.step import MODEL_INPUTS
+
+    model = chunks[0].module.eval() if hasattr(chunks[0], "module") else chunks[0].eval()
+    with torch.no_grad():
+        logits = model(**{k: batch[k] for k in MODEL_INPUTS}, gmask=batch["gmask"])
+    group = parallel_state.get_tensor_model_parallel_group()
+    shards = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, logits.contiguous(), group=group)
+    return torch.cat(shards, dim=-1)
+
+
+def _loss(logits, batch):
+    mask = batch["loss_mask"].bool()
+    return torch.nn.functional.cross_entropy(logits[mask], batch["targets"][mask]).item()
+
+
+def _dense_checkpoint(directory: str, tp: int):
+    """A dense model of seed 3 saved at TP=tp with a trainer state; returns (path, logits, batch)."""
+    from omegaconf import OmegaConf
+
+    from moe_morpheus.experiment import ExperimentConfig
+    from moe_morpheus.model import build_model
+    from moe_morpheus.parallel import initialize
+    from moe_morpheus.train.checkpoint import TrainState, layout, model_shape, save_checkpoint
+    from moe_morpheus.train.optim import Optimizer
+    from moe_morpheus.train.step import wrap_ddp
+
+    exp = ExperimentConfig(model=ModelConfig(**MODEL), parallel=ParallelConfig(tp=tp))
+    initialize(exp.parallel, exp.model)
+    chunks = wrap_ddp(build_model(exp.model, None, exp.parallel, seed=3))
+    optimizer = Optimizer(chunks, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0)
+    manifest = {"config": OmegaConf.to_container(OmegaConf.structured(exp)), "layout": layout(exp.parallel),
+                "model_shape": model_shape(exp.model, None)}
+    state = TrainState(step=7, consumed_samples=56, tokens=1792, flops=5.5e9, run_id="dense-run")
+    path = save_checkpoint(directory, state, chunks, optimizer, manifest=manifest, keep=1, checksums=True)
+    batch = micro_batches(1, 2, exp.model.seq_length, exp.model.vocab_size, seed=4)[0]
+    return path, _logits(chunks, batch), batch
+
+
+def _upcycled_logits(source, mode: str, parallel: ParallelConfig, batch):
+    from moe_morpheus.experiment import ExperimentConfig
+    from moe_morpheus.model import build_model
+    from moe_morpheus.parallel import initialize
+    from moe_morpheus.upcycle import InitConfig, upcycle_into
+
+    moe, options = TARGETS[mode]
+    exp = ExperimentConfig(model=ModelConfig(**MODEL), moe=MoEConfig(layer_freq=1, **moe), parallel=parallel,
+                           init=InitConfig(from_dense=str(source)), upcycle=UpcycleConfig(mode=mode, **options))
+    initialize(exp.parallel, exp.model)
+    chunks = build_model(exp.model, exp.moe, exp.parallel, seed=9)
+    state = upcycle_into(chunks, exp, source)
+    return _logits(chunks, batch), state
+
+
+def _world_of_one(directory: str):
+    path, dense, batch = _dense_checkpoint(directory, tp=1)
+    out = {"dense_loss": _loss(dense, batch)}
+    for mode in TARGETS:
+        logits, state = _upcycled_logits(path, mode, ParallelConfig(), batch)
+        out[mode] = (relative_error(logits, dense), _loss(logits, batch))
+    out["state"] = state
+    return out
+
+
+def test_copy_and_virtual_group_preserve_the_function_in_a_world_of_one(tmp_path):
+    out = run_distributed(_world_of_one, 1, str(tmp_path / "dense"))[0]
+    print({k: v for k, v in out.items() if k != "state"})
+    assert out["copy"][0] <= 1e-5 and out["virtual_group"][0] <= 1e-5
+    # He et al.'s scaling and re-initialised units change the function (step-0 loss reported).
+    assert out["he_scaling"][0] > 1e-3 and out["drop"][0] > 1e-3
+    state = out["state"]
+    assert (state.step, state.consumed_samples) == (0, 56)  # fresh schedule, dense data position
+    assert state.lineage["kind"] == "upcycled" and state.lineage["from_run"] == "dense-run"
+    assert (state.lineage["tokens"], state.lineage["flops"], state.lineage["mode"]) == (1792, 5.5e9, "drop")
+    assert state.lineage["from_checkpoint"].endswith("step_00000007")
+
+
+def _layout_change(directory: str):
+    # Dense saved at TP=2; converted in the same two processes into MoE TP=1 x EP=2 (dp=2).
+    path, dense, batch = _dense_checkpoint(directory, tp=2)
+    return {mode: relative_error(_upcycled_logits(path, mode, ParallelConfig(ep=2), batch)[0], dense)
+            for mode in ("copy", "virtual_group")}
+
+
+def test_function_preserved_across_a_layout_change(tmp_path):
+    errors = run_distributed(_layout_change, 2, str(tmp_path / "dense"))
+    print(errors)
+    for rank_errors in errors:
+        assert rank_errors["copy"] <= 1e-5 and rank_errors["virtual_group"] <= 1e-5
+
+
+def _dense_ffn(ffn: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"value.weight": torch.randn(ffn, hidden, generator=gen), "value.bias": torch.randn(ffn, generator=gen),
+            "gelu.weight": torch.randn(ffn, hidden, generator=gen), "gelu.bias": torch.randn(ffn, generator=gen),
+            "fc2.weight": torch.randn(hidden, ffn, generator=gen), "fc2.bias": torch.randn(hidden, generator=gen)}
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0])
+def test_drop_reinitialises_exactly_the_configured_fraction(fraction):
+    model = ModelConfig(**MODEL)
+    moe = MoEConfig(layer_freq=1, num_experts=8, top_k=2, expert_hidden_size=96)
+    dense = _dense_ffn(192, 64)
+    base = upcycle_ffn(dense, model, moe, UpcycleConfig(mode="virtual_group"), layer=1)
+    dropped = upcycle_ffn(dense, model, moe, UpcycleConfig(mode="drop", drop_fraction=fraction), layer=1)
+    expected = round(fraction * 96)
+    unit_sets = []
+    for e in range(8):
+        value = (dropped["moe.experts.w_value_EFD"][e] != base["moe.experts.w_value_EFD"][e]).any(1)
+        gelu = (dropped["moe.experts.w_gelu_EFD"][e] != base["moe.experts.w_gelu_EFD"][e]).any(1)
+        out = (dropped["moe.experts.w_out_EDF"][e] != base["moe.experts.w_out_EDF"][e]).any(0)
+        assert int(value.sum()) == expected and torch.equal(value, gelu) and torch.equal(value, out)
+        assert torch.all(dropped["moe.experts.b_value_EF"][e][value] == 0)
+        unit_sets.append(tuple(value.nonzero().flatten().tolist()))
+    if 0 < fraction < 1:
+        assert len(set(unit_sets)) > 1  # each expert drops its own units
+    # The router and the kept units are those of the undropped conversion.
+    assert torch.equal(dropped["moe.gate.gate.weight"], base["moe.gate.gate.weight"])
+
+
+def test_virtual_group_layout_of_shards_and_router():
+    model = ModelConfig(**MODEL)
+    moe = MoEConfig(layer_freq=1, num_experts=8, top_k=2, expert_hidden_size=96)
+    dense = _dense_ffn(192, 64)
+    out = upcycle_ffn(dense, model, moe, UpcycleConfig(), layer=0)
+    router = out["moe.gate.gate.weight"]
+    for e in range(8):
+        shard = slice((e % 2) * 96, (e % 2 + 1) * 96)
+        assert torch.equal(out["moe.experts.w_value_EFD"][e], dense["value.weight"][shard])
+        assert torch.equal(out["moe.experts.w_gelu_EFD"][e], dense["gelu.weight"][shard])
+        assert torch.equal(out["moe.experts.w_out_EDF"][e], 2 * dense["fc2.weight"][:, shard])
+        assert torch.equal(router[e], router[e - e % 2])  # tied within the group
+    assert not torch.equal(router[0], router[2])
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    model = ModelConfig(**MODEL)
+    with pytest.raises(UpcycleError, match="does not divide the dense FFN size"):
+        granularity(model, MoEConfig(layer_freq=1, num_experts=10, expert_hidden_size=38), UpcycleConfig(granularity=5))
+    with pytest.raises(UpcycleError, match="not divisible by the granularity 2"):
+        granularity(model, MoEConfig(layer_freq=1, num_experts=5, expert_hidden_size=96), UpcycleConfig())
+    with pytest.raises(UpcycleError, match="not model.ffn_hidden_size / granularity"):
+        granularity(model, MoEConfig(layer_freq=1, num_experts=8, expert_hidden_size=100), UpcycleConfig())
+    with pytest.raises(UpcycleError, match="mode=copy"):
+        granularity(model, MoEConfig(layer_freq=1, num_experts=8, expert_hidden_size=96), UpcycleConfig(mode="copy"))
+    with pytest.raises(UpcycleError, match="top_k=3 is not a multiple"):
+        granularity(model, MoEConfig(layer_freq=1, num_experts=8, top_k=3, expert_hidden_size=96), UpcycleConfig())
+    with pytest.raises(UpcycleError, match="softmax_before_topk"):
+        granularity(model, MoEConfig(layer_freq=1, softmax_before_topk=True), UpcycleConfig(mode="copy"))
+    with pytest.raises(UpcycleError, match="no such checkpoint"):
+        resolve_source(tmp_path / "missing")
+    moe_ckpt = tmp_path / "moe" / "step_00000001"
+    moe_ckpt.mkdir(parents=True)
+    (moe_ckpt / "checkpoint.json").write_text(json.dumps({
+        "format": 1, "config": {"model": MODEL, "moe": {"layer_freq": 2, "num_experts": 4}}}))
+    with pytest.raises(UpcycleError, match="already a MoE checkpoint"):
+        load_dense(moe_ckpt, model, ParallelConfig())
+    with pytest.raises(UpcycleError, match="upcycle.mode='sparse'"):
+        UpcycleConfig(mode="sparse")
