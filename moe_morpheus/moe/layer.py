@@ -203,10 +203,11 @@ class FMoE(nn.Module):
         send_splits, recv_splits = send_WE.sum(1).tolist(), recv_WE.sum(1).tolist()
         x_recv = AllToAll.apply(x_ND, recv_splits, send_splits, self.moe_group)
         # Received rows: blocks (source w, local expert e), w-major; the experts need e-major.
-        block_R = torch.repeat_interleave(torch.arange(W * E), recv_WE.reshape(-1))
-        perm_R = torch.argsort((block_R % E) * W + block_R // E, stable=True)
+        device = recv_WE.device  # on a GPU the counts (and so the permutation) live there too
+        block_R = torch.repeat_interleave(torch.arange(W * E, device=device), recv_WE.reshape(-1))
+        perm_R = torch.argsort((block_R % E) * W + block_R // E, stable=True).to(x_recv.device)
         inverse_R = torch.empty_like(perm_R)
-        inverse_R[perm_R] = torch.arange(perm_R.numel())
+        inverse_R[perm_R] = torch.arange(perm_R.numel(), device=perm_R.device)
         y_local = self._run_experts(x_recv.index_select(0, perm_R), recv_WE.sum(0).tolist())
         return AllToAll.apply(y_local.index_select(0, inverse_R), send_splits, recv_splits, self.moe_group)
 
