@@ -209,7 +209,8 @@ class GLMModel(LanguageModule):
         for index, layer in zip(self.layer_indices, self.layers):
             entries.update(layer.sharded_state_dict(f"{prefix}layers.{index}.", (), metadata))
         if self.post_process:
-            entries.update(sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", (), metadata))
+            entries.update(sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", (), metadata,
+                                                      tp_group=parallel_state.get_tensor_model_parallel_group()))
             entries.update(self.output_layer.sharded_state_dict(f"{prefix}output_layer.", (), metadata))
             self.tie_embeddings_and_output_weights_state_dict(
                 entries, f"{prefix}output_layer.weight", f"{prefix}embedding.word_embeddings.weight", metadata)

@@ -39,6 +39,17 @@ def _ranks_from_slurm() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+def _elastic_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under ``torchrun --max-restarts``, the agent's TCP store outlives a restart and still holds
+    the previous attempt's gloo addresses under the same keys: a restarted rank connected to a
+    dead peer and hung (measured here, torch 2.13). Keys are prefixed per attempt instead."""
+    if world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def initialize(
     parallel: ParallelConfig,
     model: ModelConfig | None = None,
@@ -72,12 +83,9 @@ def initialize(
             # MASTER_PORT (another process's store) cannot collide.
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
+                                store=_elastic_store(world_size, timeout))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

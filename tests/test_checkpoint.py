@@ -1,0 +1,240 @@
+"""Checkpoints at the function level: resharding across TP / PP / EP (same loss, same continued
+training, relative 1e-5), atomic files and rotation, and bad input (another model shape, a missing
+directory, a truncated file, pickle payloads in .metadata and common.pt) with clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moe_morpheus.config import (
+    CheckpointConfig,
+    FaultConfig,
+    GuardConfig,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+)
+from tests.distributed import run_distributed
+from tests.synthetic import micro_batches
+
+MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
+MOE = dict(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=96)
+
+
+def _setup(tp: int, pp: int, ep: int, moe: dict | None, model: dict = MODEL):
+    from moe_morpheus.model import build_model
+    from moe_morpheus.parallel import initialize
+    from moe_morpheus.train.optim import Optimizer
+    from moe_morpheus.train.step import wrap_ddp
+
+    model_cfg, moe_cfg = ModelConfig(**model), MoEConfig(**moe) if moe else None
+    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep)
+    dp = initialize(parallel, model_cfg)
+    chunks = wrap_ddp(build_model(model_cfg, moe_cfg, parallel, seed=5))
+    # eps 1e-3: updates a smooth function of the gradient (tests/test_train_parallel.py says why).
+    optimizer = Optimizer(chunks, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-3, grad_clip=1.0)
+    return SimpleNamespace(model_cfg=model_cfg, moe_cfg=moe_cfg, parallel=parallel, dp=dp, chunks=chunks,
+                           optimizer=optimizer)
+
+
+def _mine(run, seed: int) -> list[dict]:
+    """This rank's share of a global batch of 4 micro-batches x 2 rows."""
+    from megatron.core import parallel_state
+
+    batches = micro_batches(4, 2, MODEL["seq_length"], MODEL["vocab_size"], seed=seed)
+    per_rank = len(batches) // run.dp
+    rank = parallel_state.get_data_parallel_rank()
+    return batches[rank * per_rank: (rank + 1) * per_rank]
+
+
+def _train(run, seeds) -> list[float]:
+    from moe_morpheus.moe import set_aux_loss_scale
+    from moe_morpheus.train.step import forward_backward
+
+    losses = []
+    for seed in seeds:
+        mine = _mine(run, seed)
+        for chunk in run.chunks:
+            chunk.zero_grad_buffer()
+        set_aux_loss_scale(1.0 / (len(mine) * run.dp))
+        losses.append(forward_backward(run.chunks, mine))
+        run.optimizer.step()
+    return losses
+
+
+def _eval(run) -> float:
+    from moe_morpheus.train.step import forward_backward
+
+    return forward_backward(run.chunks, _mine(run, 99), forward_only=True)
+
+
+def _save(run, directory: str, step: int) -> Path:
+    from moe_morpheus.train.checkpoint import TrainState, layout, model_shape, save_checkpoint
+
+    manifest = {"layout": layout(run.parallel), "model_shape": model_shape(run.model_cfg, run.moe_cfg)}
+    return save_checkpoint(Path(directory), TrainState(step=step, consumed_samples=8 * step), run.chunks,
+                           run.optimizer, manifest=manifest, keep=2, checksums=True)
+
+
+def _load(run, path: Path):
+    from moe_morpheus.train.checkpoint import layout, load_checkpoint, model_shape
+
+    return load_checkpoint(path, run.chunks, run.optimizer, shape=model_shape(run.model_cfg, run.moe_cfg),
+                           current_layout=layout(run.parallel))
+
+
+def save_then_continue(tp, pp, ep, moe, directory):
+    run = _setup(tp, pp, ep, moe)
+    _train(run, [1, 2])
+    _save(run, directory, 2)
+    return _eval(run), _train(run, range(3, 8))
+
+
+def load_then_continue(tp, pp, ep, moe, directory):
+    from moe_morpheus.train.checkpoint import newest_valid
+
+    run = _setup(tp, pp, ep, moe)
+    state = _load(run, newest_valid(Path(directory), checksums=True))
+    return state.step, _eval(run), _train(run, range(3, 8))
+
+
+def _close(a: float, b: float, tol: float = 1e-5) -> bool:
+    return abs(a - b) <= tol * abs(b)
+
+
+def _assert_resharded(saved, loaded) -> None:
+    ref_eval, ref_losses = saved[0]
+    step, loss, losses = loaded[0]
+    assert step == 2
+    assert _close(loss, ref_eval), (loss, ref_eval)
+    assert all(_close(a, b) for a, b in zip(losses, ref_losses, strict=True)), (losses, ref_losses)
+
+
+def test_dense_tp2_checkpoint_loads_at_tp1_and_at_pp2(tmp_path):
+    saved = run_distributed(save_then_continue, 2, 2, 1, 1, None, str(tmp_path))
+    _assert_resharded(saved, run_distributed(load_then_continue, 1, 1, 1, 1, None, str(tmp_path)))
+    _assert_resharded(saved, run_distributed(load_then_continue, 2, 1, 2, 1, None, str(tmp_path)))
+
+
+def test_moe_ep2_checkpoint_loads_at_ep1(tmp_path):
+    saved = run_distributed(save_then_continue, 2, 1, 1, 2, MOE, str(tmp_path))
+    _assert_resharded(saved, run_distributed(load_then_continue, 1, 1, 1, 1, MOE, str(tmp_path)))
+
+
+class _Payload:
+    """Unpickling this runs code: it would create ``marker``."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def _rewrite(checkpoint: Path, name: str, data: bytes) -> None:
+    """Replace a file and make checkpoint.json agree (a forged checkpoint, not a corrupt one)."""
+    (checkpoint / name).write_bytes(data)
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
+
+
+def bad_inputs(directory: str) -> dict:
+    from moe_morpheus.train import safe_load
+    from moe_morpheus.train.checkpoint import (
+        Checkpointer,
+        CheckpointError,
+        complete_checkpoints,
+        newest_valid,
+        verify_checkpoint,
+    )
+    from moe_morpheus.train.guards import Guards
+
+    root = Path(directory)
+    run = _setup(1, 1, 1, None)
+    _train(run, [1])
+    first = _save(run, directory, 1)
+    _train(run, [2])
+    second = _save(run, directory, 2)
+    out = {"listed": [p.name for p in complete_checkpoints(root)], "latest": (root / "latest").read_text().strip()}
+
+    other = _setup(1, 1, 1, None, dict(MODEL, hidden_size=128))
+    try:
+        _load(other, second)
+    except CheckpointError as error:
+        out["shape"] = str(error)
+
+    trainer = SimpleNamespace(exp=SimpleNamespace(model=run.model_cfg, moe=MoEConfig(), parallel=run.parallel),
+                              output_dir=root, model=run.chunks, optimizer=run.optimizer, resolved_config={})
+    guards = Guards(GuardConfig(), FaultConfig(), run.chunks, 1.0)
+    try:
+        Checkpointer(CheckpointConfig(resume=str(root / "missing")), trainer, guards).resume()
+    except CheckpointError as error:
+        out["missing"] = str(error)
+
+    shard = second / "__0_0.distcp"
+    os.truncate(shard, shard.stat().st_size // 2)
+    out["truncated"] = verify_checkpoint(second, checksums=True)
+    out["fallback"] = newest_valid(root, checksums=True).name
+    try:
+        Checkpointer(CheckpointConfig(resume=str(second)), trainer, guards).resume()
+    except CheckpointError as error:
+        out["explicit_truncated"] = str(error)
+
+    for name, data in ((".metadata", pickle.dumps(_Payload(str(root / "pwned_metadata")))),
+                       ("common.pt", None)):
+        forged = root / f"forged_{name.strip('.')}"
+        shutil.copytree(first, forged)
+        if data is None:  # a torch.save'd common state with the payload inside
+            path = forged / name
+            torch.save({"trainer": _Payload(str(root / "pwned_common"))}, path)
+            data = path.read_bytes()
+        _rewrite(forged, name, data)
+        try:
+            _load(run, forged)
+        except safe_load.UnsafeCheckpointError as error:
+            out[f"unsafe{name}"] = str(error)
+    out["markers"] = sorted(p.name for p in root.glob("pwned_*"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    return run_distributed(bad_inputs, 1, str(tmp_path_factory.mktemp("bad")))[0]
+
+
+def test_saves_are_listed_newest_first_with_a_latest_pointer(bad):
+    assert bad["listed"] == ["step_00000002", "step_00000001"] and bad["latest"] == "step_00000002"
+
+
+def test_another_model_shape_is_refused_naming_the_field(bad):
+    assert "model.hidden_size: checkpoint 64, this run 128" in bad["shape"]
+    assert "model.ffn_hidden_size: checkpoint 192, this run 384" in bad["shape"]
+
+
+def test_a_missing_directory_is_named(bad):
+    assert "no such directory" in bad["missing"] and bad["missing"].endswith("missing: no such directory")
+
+
+def test_a_truncated_file_is_detected_skipped_for_auto_and_refused_when_asked_for(bad):
+    assert len(bad["truncated"]) == 1 and "__0_0.distcp has" in bad["truncated"][0]
+    assert "(truncated or overwritten)" in bad["truncated"][0]
+    assert bad["fallback"] == "step_00000001"
+    assert "cannot be used" in bad["explicit_truncated"] and "__0_0.distcp" in bad["explicit_truncated"]
+
+
+@pytest.mark.parametrize("name,referred", [(".metadata", "builtins.exec"), ("common.pt", "")])
+def test_a_pickle_payload_is_refused_and_runs_nothing(bad, name, referred):
+    message = bad[f"unsafe{name}"]
+    assert message.startswith("refusing to load") and name in message and referred in message
+    assert "nothing was executed" in message
+    assert bad["markers"] == []
