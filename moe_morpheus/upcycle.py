@@ -350,6 +350,7 @@ def convert(source: str | Path, output_dir: str | Path, overrides: list[str]) ->
     from moe_morpheus.experiment import compose_experiment
     from moe_morpheus.model import build_model
     from moe_morpheus.train.checkpoint import layout, model_shape, save_checkpoint
+    from moe_morpheus.train.guards import Guards
     from moe_morpheus.train.optim import Optimizer
     from moe_morpheus.train.step import wrap_ddp
 
@@ -364,6 +365,8 @@ def convert(source: str | Path, output_dir: str | Path, overrides: list[str]) ->
     optimizer = Optimizer(chunks, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.eps,
                           grad_clip=t.grad_clip)
     state = upcycle_into(chunks, exp, source)
+    # A fresh run's guard state (empty spike window), which resuming from this checkpoint restores.
+    state.guards = Guards(exp.guards, exp.faults, chunks, exp.model.embedding_grad_shrink).state_dict()
     manifest = {"config": OmegaConf.to_container(OmegaConf.structured(exp)), "layout": layout(exp.parallel),
                 "model_shape": model_shape(exp.model, exp.moe)}
     return save_checkpoint(Path(output_dir), state, chunks, optimizer, manifest=manifest, keep=1,
