@@ -196,3 +196,20 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         load_dense(moe_ckpt, model, ParallelConfig())
     with pytest.raises(UpcycleError, match="upcycle.mode='sparse'"):
         UpcycleConfig(mode="sparse")
+
+
+def test_sweep_plan_equal_extra_and_equal_total_compute(tmp_path):
+    from moe_morpheus.config import ConfigError
+    from moe_morpheus.upcycle_sweep import load_config, plan
+
+    cfg = load_config([f"output_dir={tmp_path}", "seeds=[3]", "extra_fractions=[0.006]"])
+    stages = {s.key: s.args for s in plan(cfg)}
+    assert list(stages) == ["s3/dense", "s3/x0.006/dense_continued", "s3/x0.006/upcycled",
+                            "s3/x0.006/scratch_extra", "s3/x0.006/scratch_total"]
+    assert "budget.chinchilla_fraction=0.012" in stages["s3/dense"]
+    assert f"init.from_dense={tmp_path}/s3/dense/checkpoints" in stages["s3/x0.006/upcycled"]
+    assert "budget.chinchilla_fraction=0.006" in stages["s3/x0.006/scratch_extra"]
+    assert "budget.chinchilla_fraction=0.018" in stages["s3/x0.006/scratch_total"]
+    assert all("trainer.seed=3" in args for args in stages.values())
+    with pytest.raises(ConfigError, match="must be positive"):
+        load_config(["extra_fractions=[0.0]"])

@@ -1,0 +1,226 @@
+"""Staged sweep ``upcycle_vs_scratch``: does upcycling a trained dense model beat continuing it,
+or training the MoE from scratch? (reference/scaling.md sec. 5; Komatsuzaki et al. 2022 find
+upcycling ahead until about 100-120% extra compute.)
+
+``python -m moe_morpheus.upcycle_sweep [key=value ...]`` (keys: :class:`SweepConfig`, defaults
+in ``conf/upcycle/upcycle_vs_scratch.yaml``; ``overrides=[...]`` go to every ``train.py`` job).
+Hydra's basic sweeper runs independent jobs; these depend on each other, so this driver runs the
+graph, one ``train.py`` process per stage, in order. Per seed:
+
+1. ``dense``: the dense experiment to ``dense_fraction`` of its Chinchilla budget;
+2. for each extra budget x (a fraction of the same budget; the MoE targets have the dense
+   model's active parameters, so x is the same extra compute for all):
+   ``dense_continued`` (init.from_dense, a dense target: same weights, fresh schedule),
+   ``upcycled`` (init.from_dense into the MoE target), ``scratch_extra`` (the MoE from random
+   init with x: equal *additional* compute, the dense cost sunk) and ``scratch_total`` (x +
+   dense_fraction: equal *total* compute, the dense cost counted; continued and upcycled runs
+   log ``flops_with_sunk``).
+
+Resumable: a stage whose MLflow run (found by its run name under the sweep's tag) is FINISHED
+is not run again; an unfinished one restarts in its own folder and resumes from its own
+checkpoints. One MLflow parent run per sweep folder (found again by its tags), every stage a
+nested child (``MOE_MORPHEUS_PARENT_RUN_ID``, as tracking.MLflowSweepCallback does). At the end
+``summary.json`` and a printed table give the seed-mean final validation loss per variant and
+extra budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moe_morpheus.config import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = REPO_ROOT / "conf" / "upcycle" / "upcycle_vs_scratch.yaml"
+VARIANTS = ("dense_continued", "upcycled", "scratch_extra", "scratch_total")
+
+
+@dataclass
+class SweepConfig:
+    name: str = "upcycle_vs_scratch"
+    seeds: list[int] = field(default_factory=lambda: [1, 2])
+    dense_experiment: str = "dense"
+    moe_experiment: str = "upcycle_64e"
+    scratch_experiment: str = "moe_64e"
+    dense_fraction: float = 0.012
+    extra_fractions: list[float] = field(default_factory=lambda: [0.006, 0.012])
+    # Every stage exactly this many steps instead of the budget fractions (tests, smoke runs).
+    stage_steps: int | None = None
+    output_dir: str = "outputs/upcycle_vs_scratch"
+    tracking_uri: str | None = None
+    tracking_experiment: str = "moe_morpheus"
+    overrides: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.seeds or not self.extra_fractions:
+            raise ConfigError("upcycle_sweep: seeds and extra_fractions must not be empty")
+        if self.dense_fraction <= 0 or min(self.extra_fractions) <= 0:
+            raise ConfigError("upcycle_sweep: dense_fraction and extra_fractions must be positive")
+        if self.stage_steps is not None and self.stage_steps < 1:
+            raise ConfigError(f"upcycle_sweep: stage_steps={self.stage_steps} must be >= 1 (or null)")
+
+
+@dataclass
+class Stage:
+    key: str  # s1/x0.006/upcycled
+    args: list[str]
+    depends_on_dense: bool
+
+
+def load_config(argv: list[str]) -> SweepConfig:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.load(DEFAULTS), OmegaConf.from_dotlist(argv))
+    return OmegaConf.to_object(cfg)
+
+
+def plan(cfg: SweepConfig) -> list[Stage]:
+    """Every stage in run order (the dense stage of a seed before the stages that start from it)."""
+    out = Path(cfg.output_dir).resolve()
+
+    def length(fraction: float) -> list[str]:
+        if cfg.stage_steps is not None:
+            return [f"trainer.steps={cfg.stage_steps}"]
+        return [f"budget.chinchilla_fraction={fraction:g}"]
+
+    stages = []
+    for seed in cfg.seeds:
+        dense_ckpt = out / f"s{seed}" / "dense" / "checkpoints"
+        stages.append(Stage(f"s{seed}/dense", [f"+experiment={cfg.dense_experiment}",
+                                               *length(cfg.dense_fraction)], False))
+        for x in cfg.extra_fractions:
+            prefix = f"s{seed}/x{x:g}"
+            init = f"init.from_dense={dense_ckpt}"
+            stages += [
+                Stage(f"{prefix}/dense_continued", [f"+experiment={cfg.dense_experiment}", init, *length(x)], True),
+                Stage(f"{prefix}/upcycled", [f"+experiment={cfg.moe_experiment}", init, *length(x)], True),
+                Stage(f"{prefix}/scratch_extra", [f"+experiment={cfg.scratch_experiment}", *length(x)], False),
+                Stage(f"{prefix}/scratch_total", [f"+experiment={cfg.scratch_experiment}",
+                                                  *length(x + cfg.dense_fraction)], False),
+            ]
+    for stage in stages:
+        seed = stage.key.split("/")[0][1:]
+        stage.args += [f"trainer.seed={seed}", f"hydra.run.dir={out / stage.key}",
+                       f"tracking.run_name={cfg.name}/{stage.key}", f"sweep={cfg.name}",
+                       f"tracking.experiment={cfg.tracking_experiment}", *cfg.overrides]
+    return stages
+
+
+class Driver:
+    """Runs the stages of one sweep folder against one MLflow store."""
+
+    def __init__(self, cfg: SweepConfig):
+        from mlflow import MlflowClient
+
+        from moe_morpheus.tracking import _ensure_experiment, resolve_uri
+
+        self.cfg = cfg
+        self.uri = resolve_uri(cfg.tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = _ensure_experiment(self.client, cfg.tracking_experiment)
+        self.out = Path(cfg.output_dir).resolve()
+
+    def parent(self) -> str:
+        """The sweep folder's parent run: found by its tags, else created."""
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.sweep = '{self.cfg.name}' and tags.sweep_dir = '{self.out}' "
+                                                f"and tags.sweep_driver = 'upcycle_sweep'")
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        from moe_morpheus.tracking import git_commit
+
+        tags = {"sweep": self.cfg.name, "sweep_dir": str(self.out), "sweep_driver": "upcycle_sweep"}
+        if commit := git_commit():
+            tags["mlflow.source.git.commit"] = commit
+        return self.client.create_run(self.experiment_id, run_name=self.cfg.name, tags=tags).info.run_id
+
+    def finished(self, stage: Stage):
+        """The FINISHED MLflow run of ``stage``, or None."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.sweep = '{self.cfg.name}' and "
+                                                f"attributes.run_name = '{self.cfg.name}/{stage.key}' and "
+                                                f"attributes.status = 'FINISHED'")
+        return runs[0] if runs else None
+
+    def run_stage(self, stage: Stage, parent: str) -> None:
+        env = dict(os.environ)
+        env["MOE_MORPHEUS_PARENT_RUN_ID"] = parent
+        command = [sys.executable, str(REPO_ROOT / "train.py"), f"tracking.uri={self.uri}", *stage.args]
+        print(f"[{self.cfg.name}] running {stage.key}", flush=True)
+        result = subprocess.run(command, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"stage {stage.key} failed (exit {result.returncode}): {' '.join(command)}")
+
+    def run(self) -> dict:
+        parent = self.parent()
+        status = "FAILED"
+        try:
+            ran = []
+            for stage in plan(self.cfg):
+                if self.finished(stage) is not None:
+                    print(f"[{self.cfg.name}] {stage.key}: finished in MLflow, skipped", flush=True)
+                    continue
+                self.run_stage(stage, parent)
+                ran.append(stage.key)
+            summary = self.summary()
+            summary["ran"] = ran
+            status = "FINISHED"
+        finally:
+            self.client.set_terminated(parent, status=status)
+        (self.out / "summary.json").parent.mkdir(parents=True, exist_ok=True)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(format_summary(summary), flush=True)
+        return summary
+
+    def summary(self) -> dict:
+        """Seed-mean final validation loss and FLOPs (own, and with sunk) per extra budget and variant."""
+        table: dict[str, dict[str, dict]] = {}
+        for x in self.cfg.extra_fractions:
+            row = table.setdefault(f"{x:g}", {})
+            for variant in VARIANTS:
+                losses, flops, total = [], [], []
+                for seed in self.cfg.seeds:
+                    run = self.finished(Stage(f"s{seed}/x{x:g}/{variant}", [], False))
+                    metrics = run.data.metrics
+                    losses.append(metrics["final/valid_loss"])
+                    flops.append(metrics["final/flops"])
+                    total.append(metrics.get("final/flops_with_sunk", metrics["final/flops"]))
+                row[variant] = {"valid_loss": sum(losses) / len(losses), "losses": losses,
+                                "flops": sum(flops) / len(flops), "flops_with_sunk": sum(total) / len(total)}
+            extra = {v: row[v]["valid_loss"] for v in ("dense_continued", "upcycled", "scratch_extra")}
+            total_eq = {v: row[v]["valid_loss"] for v in ("dense_continued", "upcycled", "scratch_total")}
+            row["winner_equal_extra"] = min(extra, key=extra.get)
+            row["winner_equal_total"] = min(total_eq, key=total_eq.get)
+        return {"sweep": self.cfg.name, "seeds": list(self.cfg.seeds), "dense_fraction": self.cfg.dense_fraction,
+                "extra": table}
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{summary['sweep']}: seed-mean final validation loss (seeds {summary['seeds']}, dense stage "
+             f"{summary['dense_fraction']:g} of its Chinchilla budget)",
+             f"{'extra':>8} " + " ".join(f"{v:>16}" for v in VARIANTS) + "  winner (equal extra / equal total)"]
+    for x, row in summary["extra"].items():
+        lines.append(f"{x:>8} " + " ".join(f"{row[v]['valid_loss']:16.4f}" for v in VARIANTS)
+                     + f"  {row['winner_equal_extra']} / {row['winner_equal_total']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    Driver(cfg).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
