@@ -86,26 +86,18 @@ def configs_from_manifest(manifest: dict) -> tuple[ModelConfig, MoEConfig | None
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write ``model.safetensors``, ``config.json`` and the tokenizer of ``checkpoint`` into
     ``out_dir``. Runs as a world of one (call it outside any other process group)."""
-    from megatron.core import dist_checkpointing
 
     from moe_morpheus.config import ParallelConfig
     from moe_morpheus.data.config import resolve_path
     from moe_morpheus.model import build_model
     from moe_morpheus.parallel import initialize
-    from moe_morpheus.train import safe_load
-    from moe_morpheus.train.checkpoint import model_entries, read_manifest
+    from moe_morpheus.train.checkpoint import load_model_weights, read_manifest
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     model_cfg, moe_cfg, config = configs_from_manifest(read_manifest(checkpoint))
     initialize(ParallelConfig(), model_cfg)
     (model,) = build_model(model_cfg, moe_cfg, ParallelConfig())
-    safe_load.install()
-    entries = model_entries([model])
-    targets = {name: entry.data for name, entry in entries.items()}
-    loaded = dist_checkpointing.load({"model": entries}, str(checkpoint))
-    with torch.no_grad():
-        for name, param in targets.items():
-            param.copy_(loaded["model"][name])
+    load_model_weights(checkpoint, [model])
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = config.get("data", {}).get("tokenizer")
     tokenizer_name = None

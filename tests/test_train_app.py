@@ -61,6 +61,27 @@ def test_moe_64e_three_steps_logs_an_mlflow_run(tmp_path):
     outputs = list((tmp_path / "outputs" / "moe_64e").iterdir())
     assert len(outputs) == 1 and (outputs[0] / "moe_load.json").exists()
 
+    # The run's checkpoint generates in both languages and evaluates (issue 10's commands).
+    checkpoints = outputs[0] / "checkpoints"
+    generated = module(tmp_path, "moe_morpheus.generate", "--checkpoint", str(checkpoints), "--max-new-tokens", "8",
+                       "--prompt", "It is a truth universally acknowledged that", "--prompt", "天下大势，[MASK]久必合。")
+    assert ">>> It is a truth universally acknowledged that" in generated and ">>> 天下大势" in generated
+    evaluated = module(tmp_path, "moe_morpheus.evaluate", "--checkpoint", str(checkpoints), "--items", "2")
+    assert "valid/zh_gmask/perplexity" in evaluated and "eval/mip_heldout/chrf" in evaluated
+    missing = module(tmp_path, "moe_morpheus.generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x",
+                     check=False)
+    assert "does not exist: pass a run's checkpoints folder" in missing
+
+
+def module(tmp_path: Path, name: str, *args: str, check: bool = True) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env["PYTHONWARNINGS"] = "ignore::UserWarning"
+    result = subprocess.run([sys.executable, "-m", name, *args], cwd=tmp_path, capture_output=True, text=True,
+                            env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return result.stdout + result.stderr
+
 
 def test_multirun_makes_a_parent_with_nested_children(tmp_path):
     train(tmp_path, "-m", "+sweeps=dense_vs_moe", "+experiment=dense,moe_8e", "trainer.seed=1",

@@ -428,6 +428,66 @@ def load_checkpoint(path: Path, model: list[torch.nn.Module], optimizer, *, shap
     return TrainState(**loaded["trainer"])
 
 
+def load_model_weights(path: Path, model: list[torch.nn.Module]) -> dict:
+    """Only the parameters of checkpoint ``path`` into ``model`` (any layout; no optimizer, no RNG),
+    for inference, export and upcycling. Returns the checkpoint's trainer state (a dict).
+    Collective; refuses pickle payloads (safe_load)."""
+    safe_load.install()
+    entries = model_entries(model)
+    targets = {name: entry.data for name, entry in entries.items()}
+    loaded = dist_checkpointing.load({"model": entries}, str(path))
+    with torch.no_grad():
+        for name, param in targets.items():
+            param.copy_(loaded["model"][name])
+    return loaded.get("trainer", {})
+
+
+def find_checkpoint(path: str | Path, *, checksums: bool = True) -> Path:
+    """A checkpoint folder (``step_*``), or the newest valid one in a run's checkpoints folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: pass a run's checkpoints folder or one step_* folder in it")
+    if (path / MANIFEST).is_file():
+        problems = verify_checkpoint(path, checksums=checksums)
+        if problems:
+            raise CheckpointError(f"checkpoint {path} is damaged: " + "; ".join(problems))
+        return path
+    found = newest_valid(path, checksums=checksums)
+    if found is None:
+        raise CheckpointError(f"{path} holds no complete checkpoint (step_*/{MANIFEST})")
+    return found
+
+
+def load_for_inference(checkpoint: str | Path, *, with_info: bool = False):
+    """(model chunk, tokenizer, experiment) of a checkpoint, as one process (TP = PP = EP = 1,
+    whatever layout wrote it); with ``with_info`` also {path, step, run_id}."""
+    from omegaconf import OmegaConf
+
+    from moe_morpheus.config import ParallelConfig
+    from moe_morpheus.data.config import resolve_path
+    from moe_morpheus.data.tokenizer import Tokenizer
+    from moe_morpheus.experiment import ExperimentConfig, to_experiment
+    from moe_morpheus.model import build_model
+    from moe_morpheus.parallel import initialize
+
+    initialize(ParallelConfig())  # a world of one: verifying and loading are collectives
+    path = find_checkpoint(checkpoint)
+    config = dict(read_manifest(path)["config"])
+    config["parallel"] = {}  # one process reads any layout (the shards are resharded on load)
+    exp = to_experiment(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), config))
+    tokenizer_path = resolve_path(exp.data.tokenizer)
+    if not tokenizer_path.is_file():
+        raise CheckpointError(f"checkpoint {path} was trained with the tokenizer {exp.data.tokenizer}, which is not "
+                              f"at {tokenizer_path}: put it back or point data.tokenizer at a copy")
+    (chunk,) = build_model(exp.model, exp.moe if exp.moe.enabled else None, ParallelConfig())
+    state = load_model_weights(path, [chunk])
+    chunk.eval()
+    tokenizer = Tokenizer(tokenizer_path)
+    if with_info:
+        return chunk, tokenizer, exp, {"path": path, "step": int(state.get("step", 0)), "run_id": state.get("run_id")}
+    return chunk, tokenizer, exp
+
+
 # ---------------------------------------------------------------------- the trainer's side
 class Checkpointer:
     """When to save, where, and resuming for one run (the trainer's interface).
