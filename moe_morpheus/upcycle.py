@@ -260,33 +260,22 @@ def load_whole(chunks, tensors: dict[str, torch.Tensor]) -> None:
 def resolve_source(path: str | Path, *, checksums: bool = True) -> Path:
     """The dense checkpoint folder to read: ``path`` itself (a step_* folder, verified) or the
     newest valid checkpoint inside it. Collective."""
-    from moe_morpheus.train.checkpoint import MANIFEST, newest_valid, verify_checkpoint
+    from moe_morpheus.train.checkpoint import CheckpointError, find_checkpoint
 
-    path = Path(path)
-    if not path.exists():
-        raise UpcycleError(f"init.from_dense={path}: no such checkpoint (a step_* folder or a checkpoints folder)")
-    if (path / MANIFEST).exists():
-        problems = verify_checkpoint(path, checksums=checksums)
-        if problems:
-            raise UpcycleError(f"dense checkpoint {path} cannot be used: " + "; ".join(problems))
-        return path
-    found = newest_valid(path, checksums=checksums)
-    if found is None:
-        raise UpcycleError(f"init.from_dense={path}: no valid checkpoint (step_*/{MANIFEST}) in it")
-    return found
+    try:
+        return find_checkpoint(path, checksums=checksums)
+    except CheckpointError as error:
+        raise UpcycleError(f"init.from_dense={path}: {error}") from None
 
 
 def load_dense(path: Path, model: ModelConfig, parallel) -> tuple[dict[str, torch.Tensor], dict]:
     """Whole tensors and the trainer state of the dense checkpoint at ``path``, read through a
     dense model of this run's layout. Collective; raises UpcycleError for a MoE source or
     another model shape."""
-    from megatron.core import dist_checkpointing
-
     from moe_morpheus.export import configs_from_manifest
     from moe_morpheus.model import build_model
     from moe_morpheus.parallel.gather import gather_full
-    from moe_morpheus.train import safe_load
-    from moe_morpheus.train.checkpoint import model_entries, model_shape, read_manifest
+    from moe_morpheus.train.checkpoint import load_model_weights, model_shape, read_manifest
 
     manifest = read_manifest(path)
     source_model, source_moe, _ = configs_from_manifest(manifest)
@@ -300,14 +289,8 @@ def load_dense(path: Path, model: ModelConfig, parallel) -> tuple[dict[str, torc
         raise UpcycleError(f"dense checkpoint {path} does not match the target model (pass the dense run's "
                            f"model.* settings): " + "; ".join(mismatches))
     chunks = build_model(source_model, None, parallel)
-    safe_load.install()
-    entries = model_entries(chunks)
-    targets = {name: entry.data for name, entry in entries.items()}
-    loaded = dist_checkpointing.load({"model": entries}, str(path))
-    with torch.no_grad():
-        for name, param in targets.items():
-            param.copy_(loaded["model"][name])
-    return gather_full(chunks, lambda p: p), loaded["trainer"]
+    trainer = load_model_weights(path, chunks)
+    return gather_full(chunks, lambda p: p), trainer
 
 
 def upcycle_into(chunks, exp, source: str | Path):

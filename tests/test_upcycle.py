@@ -186,7 +186,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         granularity(model, MoEConfig(layer_freq=1, num_experts=8, top_k=3, expert_hidden_size=96), UpcycleConfig())
     with pytest.raises(UpcycleError, match="softmax_before_topk"):
         granularity(model, MoEConfig(layer_freq=1, softmax_before_topk=True), UpcycleConfig(mode="copy"))
-    with pytest.raises(UpcycleError, match="no such checkpoint"):
+    with pytest.raises(UpcycleError, match="missing does not exist: pass a run.s checkpoints folder"):
         resolve_source(tmp_path / "missing")
     moe_ckpt = tmp_path / "moe" / "step_00000001"
     moe_ckpt.mkdir(parents=True)
