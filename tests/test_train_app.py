@@ -28,7 +28,8 @@ def train(tmp_path: Path, *args: str, check: bool = True, env: dict | None = Non
                 if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     full_env.update(PYTHONWARNINGS="ignore::UserWarning", OMP_NUM_THREADS="1", **(env or {}))
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *args],
+        [sys.executable, str(REPO / "train.py"), *args,
+         *([] if any(a.startswith("tracking.uri=") for a in args) else [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])],
         cwd=tmp_path, capture_output=True, text=True, env=full_env, timeout=600,
     )
     if check and result.returncode != 0:
@@ -105,6 +106,7 @@ def test_multirun_makes_a_parent_with_nested_children(tmp_path):
     for run_id in children.run_id:
         assert run_id in text
     assert list(out.glob("*.png")) and (out / "report.html").stat().st_size > 10_000
+    assert "## Evaluation" in text and "en_gmask perplexity" in text and "cloze_zh/accuracy" in text
 
 
 @pytest.mark.parametrize("layout,experiment,expected", [

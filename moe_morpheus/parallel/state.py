@@ -78,9 +78,10 @@ def initialize(
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
 
     if not dist.is_initialized():
-        if world_size == 1:
-            # A world of one needs no agreed port: always a fresh one, so an inherited
-            # MASTER_PORT (another process's store) cannot collide.
+        if world_size == 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            # A world of one outside torchrun needs no agreed port: always a fresh one, so an
+            # inherited MASTER_PORT (another process's store) cannot collide. Under torchrun
+            # (even --nproc_per_node=1) the launcher's store is on MASTER_PORT: keep it.
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(free_port())
         timeout = datetime.timedelta(minutes=timeout_minutes)

@@ -160,6 +160,27 @@ def epochs_section(c: Collection) -> list[Block]:
             Table(["run", "config"] + [k[len("epochs/"):] for k in sources] + ["repeated data"], rows)]
 
 
+def evaluation_section(c: Collection) -> list[Block]:
+    """Per-language perplexity of the [gMASK] sets (exp of the final loss) and the zero-shot
+    tasks of the last evaluation: held-out translation (chrF, exact match) and last-word cloze."""
+    runs = c.runs
+    if not any(runs["eval"].map(bool)):
+        return [Heading("Evaluation"), Para("No run logged zero-shot task metrics (eval/*).")]
+    perplexity_sets = [s for s in c.valid_sets if s.endswith("_gmask")]
+    tasks = ["mip_heldout/chrf", "mip_heldout/exact_match", "cloze_en/accuracy", "cloze_zh/accuracy"]
+    header = ["run", "config"] + [f"{s} perplexity" for s in perplexity_sets] + tasks
+    rows = []
+    for _, r in runs.iterrows():
+        ppl = [num(float(np.exp(r[f"final:{s}"])), 1) if np.isfinite(r[f"final:{s}"]) else "-" for s in perplexity_sets]
+        rows.append([r["name"], r["group"], *ppl, *[num(r["eval"].get(t, np.nan)) for t in tasks]])
+    return [Heading("Evaluation"),
+            Para("Perplexity = exp(final validation loss) of each language's [gMASK] (language-model) set; "
+                 "translation is greedy continuation of held-out instruction templates and pairs, scored "
+                 "with chrF (0-100); cloze is the share of held-out passages whose last word the model "
+                 "generates first."),
+            Table(header, rows)]
+
+
 def moe_section(c: Collection, out: Path) -> list[Block]:
     moe_runs = c.runs[c.runs["variant"] != "dense"]
     if moe_runs.empty:
@@ -284,5 +305,5 @@ def make_report(c: Collection, out: Path) -> tuple[Path, Path]:
         return write(title, problems(c), out)
     blocks = overview(c) + problems(c) + [Heading("Runs"), run_table(c.runs)]
     blocks += curves_section(c, out) + matched_section(c, out) + flops_section(c) + epochs_section(c)
-    blocks += moe_section(c, out) + upcycling_section(c, out) + scaling_section(c, out)
+    blocks += evaluation_section(c) + moe_section(c, out) + upcycling_section(c, out) + scaling_section(c, out)
     return write(title, blocks, out)
