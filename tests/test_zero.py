@@ -101,3 +101,51 @@ def test_zero1_halves_optimizer_state_at_dp2(results, case):
 def test_zero1_whole_moments_for_checkpoints(results):
     for by_case in results:
         assert by_case["round_trip"] == (True, True, True)
+
+
+def _save_sharded(directory: str):
+    """ZeRO-1 at dp=2 (MoE, experts over expert-DP) trains 2 steps and saves a checkpoint; also
+    returns the unsharded optimizer's moments for the same steps, by parameter name."""
+    from pathlib import Path
+
+    from moe_morpheus.train.checkpoint import TrainState, layout, model_shape, save_checkpoint
+
+    _, _, plain_chunks, plain = _train(MOE, 1, zero=False)
+    _, _, chunks, zero = _train(MOE, 1, zero=True)
+    manifest = {"config": {}, "layout": layout(ParallelConfig()),
+                "model_shape": model_shape(ModelConfig(**MODEL), MoEConfig(**MOE))}
+    save_checkpoint(Path(directory), TrainState(step=2), chunks, zero, manifest=manifest, keep=2, checksums=False)
+    names = {id(p): n for n, p in plain_chunks[0].module.named_parameters()}
+    return {names[id(p)]: {m: plain.adam.state[p][m].clone() for m in ("exp_avg", "exp_avg_sq")} for p in plain.params}
+
+
+def _load_unsharded(directory: str):
+    """One process, plain AdamW: load the ZeRO-1 checkpoint (resharded from dp=2 to dp=1)."""
+    from pathlib import Path
+
+    from moe_morpheus.model import build_model
+    from moe_morpheus.parallel import initialize
+    from moe_morpheus.train.checkpoint import layout, load_checkpoint, model_shape, newest_valid
+    from moe_morpheus.train.optim import Optimizer
+    from moe_morpheus.train.step import wrap_ddp
+
+    model_cfg, moe_cfg = ModelConfig(**MODEL), MoEConfig(**MOE)
+    initialize(ParallelConfig(), model_cfg)
+    chunks = wrap_ddp(build_model(model_cfg, moe_cfg, ParallelConfig(), seed=5))
+    optimizer = Optimizer(chunks, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-3, grad_clip=0.05)
+    path = newest_valid(Path(directory), checksums=False)
+    load_checkpoint(path, chunks, optimizer, shape=model_shape(model_cfg, moe_cfg), current_layout=layout(ParallelConfig()))
+    names = {id(p): n for n, p in chunks[0].module.named_parameters()}
+    return optimizer.step_count(), {names[id(p)]: {m: optimizer.adam.state[p][m] for m in ("exp_avg", "exp_avg_sq")}
+                                    for p in optimizer.params}
+
+
+def test_zero1_checkpoint_reshards_into_the_unsharded_optimizer(tmp_path):
+    """Saved under ZeRO-1 at dp=2, loaded by one process with the plain optimizer: the moments
+    equal those the plain optimizer reached itself, and AdamW's step count is kept."""
+    expected = run_distributed(_save_sharded, 2, str(tmp_path))[0]
+    step, loaded = run_distributed(_load_unsharded, 1, str(tmp_path))[0]
+    assert step == 2 and set(loaded) == set(expected)
+    for name, moments in expected.items():
+        for moment, value in moments.items():
+            assert relative_error(loaded[name][moment], value) <= 1e-6, (name, moment)

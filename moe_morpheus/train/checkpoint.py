@@ -72,6 +72,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from moe_morpheus.config import CheckpointConfig, ModelConfig, MoEConfig, ParallelConfig
 from moe_morpheus.train import safe_load
+from moe_morpheus.train.optim import MOMENTS
 
 log = logging.getLogger(__name__)
 
@@ -134,42 +135,25 @@ def model_entries(model: list[torch.nn.Module]) -> dict[str, ShardedTensor]:
     return entries
 
 
-def _materialize_adam_state(optimizer) -> None:
-    """Give every parameter AdamW state, as ``torch.optim.AdamW`` would lazily at its first
-    update (zeros, step 0: the same numbers), so that every checkpoint has the same entries."""
-    from torch.optim.optimizer import _get_scalar_dtype
-
-    for group in optimizer.adam.param_groups:
-        on_device = group["fused"] or group["capturable"]
-        for param in group["params"]:
-            state = optimizer.adam.state[param]
-            if not state:
-                state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]),
-                                            device=param.device if on_device else "cpu")
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
 def optimizer_entries(model_sd: dict[str, ShardedTensor], optimizer) -> dict[str, ShardedTensor]:
-    """AdamW moments as sharded tensors with their parameter's key, offsets and replica id."""
-    _materialize_adam_state(optimizer)
+    """AdamW moments, whole per parameter shard (``moments_like_params``: ZeRO-1's chunks are
+    gathered), as sharded tensors with their parameter's key, offsets and replica id: so they
+    reshard like the parameters, with or without ZeRO-1. Collective under ZeRO-1."""
+    moments = optimizer.moments_like_params()
     by_param = {id(entry.data): (name, entry) for name, entry in model_sd.items()}
     entries = {}
     for param in optimizer.params:
         name, entry = by_param[id(param)]
-        state = optimizer.adam.state[param]
-        for moment in ("exp_avg", "exp_avg_sq"):
-            entries[f"{moment}.{name}"] = dataclasses.replace(entry, key=f"optimizer.{moment}.{entry.key}",
-                                                              data=state[moment])
+        for moment, value in moments[param].items():
+            entries[f"{moment}.{name}"] = dataclasses.replace(entry, key=f"optimizer.{moment}.{entry.key}", data=value)
     return entries
 
 
 def adam_step(optimizer) -> int:
-    steps = {int(optimizer.adam.state[p]["step"]) for p in optimizer.params}
-    if len(steps) != 1:
-        raise CheckpointError(f"AdamW step counts differ between parameters ({sorted(steps)}); every update "
-                              f"is expected to move all parameters")
-    return steps.pop()
+    try:
+        return optimizer.step_count()
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def _rng_states() -> dict:
@@ -415,11 +399,9 @@ def load_checkpoint(path: Path, model: list[torch.nn.Module], optimizer, *, shap
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(loaded["model"][name])
-        for param in optimizer.params:
-            state = optimizer.adam.state[param]
-            for moment in ("exp_avg", "exp_avg_sq"):
-                state[moment].copy_(loaded["optimizer"][f"{moment}.{key_of[id(param)]}"])
-            state["step"].fill_(loaded["adam_step"])
+        moments = {param: {m: loaded["optimizer"][f"{m}.{key_of[id(param)]}"] for m in MOMENTS}
+                   for param in optimizer.params}
+    optimizer.load_moments(moments, loaded["adam_step"])
     if same_layout:
         _set_rng_states(loaded["rng"])
     else:

@@ -82,6 +82,18 @@ def grad_norms(params: list[torch.nn.Parameter], embedding_params: set[int]) -> 
                      rest=math.sqrt(rest))
 
 
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def adam_step_count(adam: torch.optim.AdamW) -> int:
+    """AdamW's step count, the same for every parameter (each applied update moves them all)."""
+    steps = {int(state["step"]) for state in adam.state.values() if "step" in state}
+    if len(steps) > 1:
+        raise ValueError(f"AdamW step counts differ between parameters ({sorted(steps)}); every update "
+                         f"is expected to move all parameters")
+    return steps.pop() if steps else 0
+
+
 class Optimizer:
     """AdamW with decoupled weight decay on matrices (not on biases, LayerNorms or gains)."""
 
@@ -117,3 +129,37 @@ class Optimizer:
         for param in self.params:
             param.grad = None
         return norms
+
+    # ------------------------------------------------------------------ state (checkpoints)
+    def _materialize(self) -> None:
+        """Give every parameter AdamW state, as AdamW would lazily at its first update (zeros,
+        step 0: the same numbers), so that every checkpoint has the same entries."""
+        from torch.optim.optimizer import _get_scalar_dtype
+
+        for group in self.adam.param_groups:
+            on_device = group["fused"] or group["capturable"]
+            for param in group["params"]:
+                state = self.adam.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]),
+                                                device=param.device if on_device else "cpu")
+                    for moment in MOMENTS:
+                        state[moment] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def moments_like_params(self) -> dict[torch.nn.Parameter, dict[str, torch.Tensor]]:
+        """Each parameter's AdamW moments, shaped like it (what checkpoints store; ZeroOptimizer
+        offers the same from its shards)."""
+        self._materialize()
+        return {p: {m: self.adam.state[p][m] for m in MOMENTS} for p in self.params}
+
+    @torch.no_grad()
+    def load_moments(self, moments: dict[torch.nn.Parameter, dict[str, torch.Tensor]], step: int) -> None:
+        self._materialize()
+        for param in self.params:
+            state = self.adam.state[param]
+            for moment in MOMENTS:
+                state[moment].copy_(moments[param][moment])
+            state["step"].fill_(step)
+
+    def step_count(self) -> int:
+        return adam_step_count(self.adam)

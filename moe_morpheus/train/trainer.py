@@ -31,6 +31,7 @@ from moe_morpheus.train.checkpoint import Checkpointer, TrainState
 from moe_morpheus.train.guards import Guards
 from moe_morpheus.train.optim import Optimizer, lr_at
 from moe_morpheus.train.step import forward_backward, wrap_ddp
+from moe_morpheus.train.zero import ZeroOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +135,11 @@ class Trainer:
         self.counts = param_counts(exp.model, exp.moe if exp.moe.enabled else None)
         self.model = wrap_ddp(build_model(exp.model, exp.moe if exp.moe.enabled else None, exp.parallel,
                                           seed=trainer.seed, recompute=trainer.recompute))
-        if trainer.zero1:
-            # The checkpoint module saves AdamW state per parameter (optimizer.adam.state[param]);
-            # ZeroOptimizer holds chunks and offers moments_like_params / load_moments for it.
-            raise ConfigError("trainer.zero1=true: checkpoints cannot save sharded optimizer state yet "
-                              "(moe_morpheus.train.checkpoint must call ZeroOptimizer.moments_like_params); "
-                              "use trainer.zero1=false")
-        self.optimizer = Optimizer(self.model, lr=trainer.lr, weight_decay=trainer.weight_decay,
-                                   betas=(trainer.beta1, trainer.beta2), eps=trainer.eps, grad_clip=trainer.grad_clip)
+        # ZeRO-1 (train/zero.py) shards AdamW's moments over the data-parallel group; the same API.
+        optimizer_class = ZeroOptimizer if trainer.zero1 else Optimizer
+        self.optimizer = optimizer_class(self.model, lr=trainer.lr, weight_decay=trainer.weight_decay,
+                                         betas=(trainer.beta1, trainer.beta2), eps=trainer.eps,
+                                         grad_clip=trainer.grad_clip)
         self.num_microbatches = trainer.global_batch_size // (trainer.micro_batch_size * self.dp)
         self.warmup_steps = int(trainer.warmup_fraction * self.plan.steps)
         # Stability guards and checkpoints (train/guards.py, train/checkpoint.py).

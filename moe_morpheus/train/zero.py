@@ -29,9 +29,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from moe_morpheus.train.optim import GradNorms, grad_norms
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from moe_morpheus.train.optim import MOMENTS, GradNorms, adam_step_count, grad_norms
 
 
 @dataclass
@@ -174,6 +172,9 @@ class ZeroOptimizer:
                 if c.size > 1:
                     dist.all_reduce(out[c.param][moment], group=c.group)
         return out
+
+    def step_count(self) -> int:
+        return adam_step_count(self.adam)
 
     @torch.no_grad()
     def load_moments(self, moments: dict[torch.nn.Parameter, dict[str, torch.Tensor]], step: int) -> None:
