@@ -90,6 +90,13 @@ def test_safetensors_layout_follows_the_format(tmp_path):
     assert header["b"]["data_offsets"] == [8, 32] and len(raw) == 8 + length + 32
     back = read_safetensors(tmp_path / "t.safetensors")
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    # The reference implementation reads our file, and ours reads its file.
+    from safetensors.torch import load_file, save_file
+
+    official = load_file(str(tmp_path / "t.safetensors"))
+    assert set(official) == set(tensors) and all(torch.equal(official[k], v) for k, v in tensors.items())
+    save_file(tensors, str(tmp_path / "official.safetensors"))
+    assert all(torch.equal(read_safetensors(tmp_path / "official.safetensors")[k], v) for k, v in tensors.items())
 
 
 def test_export_usage_and_bad_checkpoint(tmp_path, capsys):
