@@ -95,7 +95,10 @@ def adam_step_count(adam: torch.optim.AdamW) -> int:
 
 
 class Optimizer:
-    """AdamW with decoupled weight decay on matrices (not on biases, LayerNorms or gains)."""
+    """AdamW with decoupled weight decay on matrices (not on biases, LayerNorms or gains).
+
+    Subclasses change what AdamW updates (``_updated_tensors``) and how the clipped gradients
+    reach it (``_apply``): :class:`~moe_morpheus.train.zero.ZeroOptimizer` updates shards."""
 
     def __init__(self, model: list[torch.nn.Module], *, lr: float, weight_decay: float, betas: tuple[float, float],
                  eps: float, grad_clip: float):
@@ -103,14 +106,18 @@ class Optimizer:
         self.embedding_params = {
             id(p) for chunk in model for name, p in chunk.named_parameters() if "word_embeddings" in name
         }
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        fused = self.params[0].is_cuda
+        self.grad_clip = grad_clip
+        updated = self._updated_tensors()
+        fused = bool(self.params) and self.params[0].is_cuda
         self.adam = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": [t for t, matrix in updated if matrix], "weight_decay": weight_decay},
+             {"params": [t for t, matrix in updated if not matrix], "weight_decay": 0.0}],
             lr=lr, betas=betas, eps=eps, fused=fused or None,
         )
-        self.grad_clip = grad_clip
+
+    def _updated_tensors(self) -> list[tuple[torch.Tensor, bool]]:
+        """(tensor AdamW updates, whether it is a matrix: weight decay)."""
+        return [(p, p.dim() >= 2) for p in self.params]
 
     def set_lr(self, lr: float) -> None:
         for group in self.adam.param_groups:
@@ -119,16 +126,17 @@ class Optimizer:
     def step(self) -> GradNorms:
         """Clip and apply the finalised gradients; a non-finite norm skips the update."""
         norms = grad_norms(self.params, self.embedding_params)
-        if not norms.finite:
-            return norms
-        scale = min(1.0, self.grad_clip / (norms.total + 1e-6)) if self.grad_clip > 0 else 1.0
+        if norms.finite:
+            self._apply(min(1.0, self.grad_clip / (norms.total + 1e-6)) if self.grad_clip > 0 else 1.0)
+        return norms
+
+    def _apply(self, scale: float) -> None:
         for param in self.params:
             grad = param.main_grad
             param.grad = grad.mul_(scale) if scale < 1.0 else grad
         self.adam.step()
         for param in self.params:
             param.grad = None
-        return norms
 
     # ------------------------------------------------------------------ state (checkpoints)
     def _materialize(self) -> None:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from moe_morpheus.train.optim import MOMENTS, GradNorms, adam_step_count, grad_norms
+from moe_morpheus.train.optim import MOMENTS, Optimizer
 
 
 @dataclass
@@ -63,39 +63,17 @@ def _chunk(param: torch.nn.Parameter) -> Chunk:
     return Chunk(param, group, size, start, end, view)
 
 
-class ZeroOptimizer:
-    """Drop-in for :class:`~moe_morpheus.train.optim.Optimizer` (same arguments, ``set_lr``,
-    ``step`` returning :class:`GradNorms`, ``params``), with sharded AdamW state."""
+class ZeroOptimizer(Optimizer):
+    """:class:`~moe_morpheus.train.optim.Optimizer` with sharded AdamW state: this rank updates
+    its chunk of every parameter, then the updated chunks are all-gathered."""
 
-    def __init__(self, model: list[torch.nn.Module], *, lr: float, weight_decay: float,
-                 betas: tuple[float, float], eps: float, grad_clip: float):
-        self.params = [p for chunk in model for p in chunk.parameters() if p.requires_grad]
-        self.embedding_params = {
-            id(p) for chunk in model for name, p in chunk.named_parameters() if "word_embeddings" in name
-        }
+    def _updated_tensors(self) -> list[tuple[torch.Tensor, bool]]:
         self.chunks = [_chunk(p) for p in self.params]
         # A parameter smaller than its group leaves some ranks an empty chunk: nothing to update.
-        owned = [c for c in self.chunks if c.end > c.start]
-        decay = [c.view for c in owned if c.param.dim() >= 2]
-        no_decay = [c.view for c in owned if c.param.dim() < 2]
-        fused = bool(self.params) and self.params[0].is_cuda
-        self.adam = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=betas, eps=eps, fused=fused or None,
-        )
-        self.grad_clip = grad_clip
-        self._owned = owned
+        self._owned = [c for c in self.chunks if c.end > c.start]
+        return [(c.view, c.param.dim() >= 2) for c in self._owned]
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.adam.param_groups:
-            group["lr"] = lr
-
-    def step(self) -> GradNorms:
-        """Clip, update this rank's chunks, all-gather the updated parameters."""
-        norms = grad_norms(self.params, self.embedding_params)
-        if not norms.finite:
-            return norms
-        scale = min(1.0, self.grad_clip / (norms.total + 1e-6)) if self.grad_clip > 0 else 1.0
+    def _apply(self, scale: float) -> None:
         for c in self._owned:
             grad = c.param.main_grad.view(-1)[c.start:c.end]
             c.view.grad = grad.mul_(scale) if scale < 1.0 else grad
@@ -103,7 +81,6 @@ class ZeroOptimizer:
         for c in self._owned:
             c.view.grad = None
         self._all_gather()
-        return norms
 
     @torch.no_grad()
     def _all_gather(self) -> None:
@@ -133,17 +110,6 @@ class ZeroOptimizer:
         return sum(t.numel() * t.element_size() for state in self.adam.state.values()
                    for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
 
-    def _materialize(self) -> None:
-        """Zero moments for chunks not yet updated (AdamW creates them lazily at the first step,
-        as zeros): every checkpoint then has the same entries."""
-        for group in self.adam.param_groups:
-            for view in group["params"]:
-                state = self.adam.state[view]
-                if not state:  # fused AdamW keeps its step on the device, the others on the CPU
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=view.device if group["fused"] else "cpu")
-                    for moment in MOMENTS:
-                        state[moment] = torch.zeros_like(view)
-
     def state_dict(self) -> dict:
         """This rank's AdamW state (chunks: loads back only into the same layout)."""
         return self.adam.state_dict()
@@ -172,9 +138,6 @@ class ZeroOptimizer:
                 if c.size > 1:
                     dist.all_reduce(out[c.param][moment], group=c.group)
         return out
-
-    def step_count(self) -> int:
-        return adam_step_count(self.adam)
 
     @torch.no_grad()
     def load_moments(self, moments: dict[torch.nn.Parameter, dict[str, torch.Tensor]], step: int) -> None:
