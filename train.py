@@ -8,18 +8,12 @@
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 REPO_ROOT = Path(__file__).resolve().parent
-# Megatron-Core warns at import about optional CUDA kernels (Transformer Engine, Apex) that a
-# CPU run cannot have; the console is for the run.
-warnings.filterwarnings(
-    "ignore", message=r"(Transformer Engine and Apex|Apex is not installed|full scope is deprecated|When using async)"
-)
 
 # Sweep configs live in REPO_ROOT/sweeps: put the repo root on Hydra's search path by absolute
 # path, so `+sweeps=NAME` works from any working directory.
@@ -31,7 +25,6 @@ if int(os.environ.get("RANK", "0")) > 0:
         f"hydra.run.dir={tempfile.gettempdir()}/moe_morpheus_rank{os.environ['RANK']}_{os.getpid()}",
         "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
     ]
-
 elif int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and not any(
     a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in sys.argv[1:]
 ):
