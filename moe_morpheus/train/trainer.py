@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -368,11 +367,3 @@ class RunLogger:
             path.write_text(json.dumps(load, indent=1))
             self.tracker.log_artifact(path)
         self.tracker.finish(status, summary)
-
-
-def stats_by_layer(stats: dict) -> dict[str, dict]:
-    grouped: dict[str, dict] = defaultdict(dict)
-    for key, value in stats.items():
-        _, layer, name = key.split("/", 2)
-        grouped[layer][name] = value
-    return grouped
