@@ -55,7 +55,7 @@ def test_convert_then_train_and_init_from_dense_with_lineage(tmp_path):
         first = [m.value for m in history if m.step == 0]
         assert relative_error(torch.tensor(first), torch.tensor([dense.data.metrics["final/valid_loss"]])) <= 1e-5
     missing = train(tmp_path, *TARGET, "trainer.steps=2", "init.from_dense=nowhere", *FAST, check=False)
-    assert missing.returncode == 2 and "no such checkpoint" in missing.stderr
+    assert missing.returncode == 2 and "nowhere does not exist: pass a run's checkpoints folder" in missing.stderr
 
 
 def test_driver_runs_stages_once(tmp_path):
