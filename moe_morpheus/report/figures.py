@@ -51,14 +51,16 @@ def _legend(ax, runs: pd.DataFrame, colors: dict[str, tuple]) -> None:
 
 
 def _log_x(ax, label: str) -> None:
-    """Log x axis (call after plotting) with short labels ("2e+12"): at 1, 2 and 5 per decade
+    """Log x axis (call after plotting) with short labels ("2e+12", "2.5e+12"): at 1, 2 and 5 per decade
     when the data span <= 2 decades, else at decades only. Matplotlib's default labels every
     minor tick on short ranges as "2x10^12", and on a 5-inch panel those overlap."""
     ax.set_xscale("log")
     lo, hi = ax.get_xlim()
     subs = (1.0, 2.0, 5.0) if np.log10(hi / lo) <= 2 else (1.0,)
     ax.xaxis.set_major_locator(LogLocator(subs=subs))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+    # Two significant digits: within one decade the locator may place 1.5e12 and 2.5e12, which
+    # one digit would both print as "2e+12".
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(label)
     ax.grid(alpha=0.3, which="both")
