@@ -76,6 +76,8 @@ def test_rows_match_corpus_and_contract(demo_data):
         for (a, b), piece in zip(segments(row), pieces):
             text = reconstruct(row, a, b)
             kinds[piece[0]] += 1
+            # The per-token [gMASK] flag (1D RoPE) marks exactly the [gMASK] and MIP samples.
+            assert set(row["gmask"][np.concatenate([a, b])].tolist()) == {int(piece[0] in (GMASK, MIP))}
             if piece[0] == MIP:
                 _, c, d, t, _ = piece
                 en, zh = stream.corpora[c].pair(d)

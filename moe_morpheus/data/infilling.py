@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moe_morpheus.data.tokenizer import GMASK_ID
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -173,7 +175,10 @@ def sample_gmask_start(length: int, rng: np.random.Generator, *, min_ratio: floa
     return length - int(rng.integers(shortest, length + 1))
 
 
-ROW_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "block_position_ids", "segment_ids", "prefix_mask")
+# ``gmask``: 1 on every token of a [gMASK] sample (MIP included), which 1D RoPE (GLM-130B) needs:
+# its Part B continues the positions linearly, a [MASK] sample's stays at the mask (DESIGN.md).
+ROW_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "block_position_ids", "segment_ids", "prefix_mask",
+            "gmask")
 
 
 def pack(samples: list[Sample], seq_length: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -193,6 +198,7 @@ def pack(samples: list[Sample], seq_length: int, pad_id: int) -> dict[str, np.nd
         row["block_position_ids"][at:end] = s.block_position_ids
         row["segment_ids"][at:end] = segment
         row["prefix_mask"][at:at + s.sep] = 1
+        row["gmask"][at:end] = int(s.tokens[s.sep - 1] == GMASK_ID)  # Part A of a [gMASK] sample ends in it
         at = end
     row["loss_mask"] = row["loss_mask"].astype(np.float32)
     return row
