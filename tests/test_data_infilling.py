@@ -144,8 +144,9 @@ def test_pack_and_attention_mask():
     assert all(len(v) == 20 for v in row.values())
     assert {k: v.dtype.name for k, v in row.items()} == {
         "tokens": "int64", "targets": "int64", "loss_mask": "float32", "position_ids": "int64",
-        "block_position_ids": "int64", "segment_ids": "int64", "prefix_mask": "int64"}
+        "block_position_ids": "int64", "segment_ids": "int64", "prefix_mask": "int64", "gmask": "int64"}
     assert row["segment_ids"].tolist() == [1] * 10 + [2] * 4 + [0] * 6
+    assert row["gmask"].tolist() == [0] * 10 + [1] * 4 + [0] * 6  # the [gMASK] sample only (1D RoPE)
     assert row["prefix_mask"].tolist() == [1] * 5 + [0] * 5 + [1] * 2 + [0] * 2 + [0] * 6
     assert row["position_ids"][10:14].tolist() == [0, 1, 1, 1]  # positions restart per segment
     assert row["loss_mask"][14:].sum() == 0 and row["tokens"][14:].tolist() == [0] * 6

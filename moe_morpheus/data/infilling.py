@@ -23,12 +23,11 @@ a real token) and carries no loss.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
-
-from moe_morpheus.data.tokenizer import GMASK_ID
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,8 @@ class Sample:
     position_ids: np.ndarray
     block_position_ids: np.ndarray
     sep: int
+    # A [gMASK] sample (its Part B continues the text): 1D RoPE positions it linearly.
+    gmask: bool = False
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -110,9 +111,9 @@ def build_gmask_sample(tokens, start: int, *, gmask_id: int, sop_id: int) -> Sam
         raise ValueError(f"[gMASK] suffix start {start} must be in [0, {len(text)}): the suffix cannot be empty")
     suffix = text[start:]
     part_a = np.concatenate([text[:start], _i64([gmask_id])])
-    return _assemble(part_a, np.concatenate([_i64([sop_id]), suffix[:-1]]), suffix,
-                     np.full(len(suffix), start, dtype=np.int64),
-                     np.arange(1, len(suffix) + 1, dtype=np.int64))
+    sample = _assemble(part_a, np.concatenate([_i64([sop_id]), suffix[:-1]]), suffix,
+                       np.full(len(suffix), start, dtype=np.int64), np.arange(1, len(suffix) + 1, dtype=np.int64))
+    return dataclasses.replace(sample, gmask=True)
 
 
 def _assemble(part_a, b_tokens, b_targets, b_pos, b_block) -> Sample:
@@ -198,7 +199,7 @@ def pack(samples: list[Sample], seq_length: int, pad_id: int) -> dict[str, np.nd
         row["block_position_ids"][at:end] = s.block_position_ids
         row["segment_ids"][at:end] = segment
         row["prefix_mask"][at:at + s.sep] = 1
-        row["gmask"][at:end] = int(s.tokens[s.sep - 1] == GMASK_ID)  # Part A of a [gMASK] sample ends in it
+        row["gmask"][at:end] = int(s.gmask)
         at = end
     row["loss_mask"] = row["loss_mask"].astype(np.float32)
     return row
