@@ -106,8 +106,12 @@ def native_layer(num_experts: int, expert=None) -> FMoE:
                 expert=expert or GeGLUExperts(num_experts, HIDDEN, EXPERT_HIDDEN))
 
 
-def megatron_moe_layer(num_experts: int) -> nn.Module:
-    """Megatron-Core's MoELayer (allgather dispatcher, SequentialMLP experts) on CPU."""
+def megatron_moe_layer(num_experts: int, *, hidden: int = HIDDEN, expert_hidden: int = EXPERT_HIDDEN,
+                       dispatcher: str = "allgather", dtype: torch.dtype = torch.float32,
+                       grouped_gemm: bool = False) -> nn.Module:
+    """Megatron-Core's MoELayer (GeGLU experts, top-2, no aux loss) in a world of one: on the
+    CPU the allgather dispatcher with SequentialMLP experts; on a GPU any dispatcher, and
+    GroupedMLP experts with ``grouped_gemm`` (Megatron-Core's fastest path without TE)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
@@ -117,13 +121,14 @@ def megatron_moe_layer(num_experts: int) -> nn.Module:
 
     initialize(ParallelConfig())  # a world of one; enables the CPU redirections (DESIGN.md)
     config = TransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, num_moe_experts=num_experts,
-        moe_router_topk=TOP_K, moe_ffn_hidden_size=EXPERT_HIDDEN, ffn_hidden_size=TOP_K * EXPERT_HIDDEN,
-        moe_token_dispatcher_type="allgather", gated_linear_unit=True, activation_func=F.gelu,
-        add_bias_linear=False, use_cpu_initialization=True, moe_grouped_gemm=False, moe_aux_loss_coeff=0.0,
-        params_dtype=torch.float32)
-    spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False)
-    return build_module(spec.submodules.mlp, config=config)
+        num_layers=1, hidden_size=hidden, num_attention_heads=4, num_moe_experts=num_experts,
+        moe_router_topk=TOP_K, moe_ffn_hidden_size=expert_hidden, ffn_hidden_size=TOP_K * expert_hidden,
+        moe_token_dispatcher_type=dispatcher, gated_linear_unit=True, activation_func=F.gelu,
+        add_bias_linear=False, use_cpu_initialization=True, moe_grouped_gemm=grouped_gemm, moe_aux_loss_coeff=0.0,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=grouped_gemm)
+    layer = build_module(spec.submodules.mlp, config=config)
+    return layer.cuda() if torch.cuda.is_available() else layer
 
 
 def main() -> None:

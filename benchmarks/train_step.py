@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_step.py [--rounds 2] [--steps 5] [--cases small/dense ...]
                                               [--json benchmarks/results/train_step.json]
+    python benchmarks/train_step.py --gpu       # one GPU, bf16 (benchmarks/gpu/run.sh sets it up)
 
 Every case is a fresh process (``torchrun --nproc_per_node=2`` for the 2-process ones) that
 builds the run exactly as ``train.py`` does (``Trainer.setup``: demo data, model, Megatron DDP,
@@ -26,6 +27,10 @@ Cases (fp32, micro-batch 8, global batch 16 = 2 micro-batches, demo corpus):
   mask) of the same size (4 layers, s256, vocab 8192), trained by the same loop;
 - ``2proc/*``: glm_small with 2 processes x 1 thread: data parallel, expert parallel (64
   experts), TP=2, PP=2; compared with the 1 process x 2 threads cases.
+
+``--gpu``: ``gpu/dense_1b`` and ``gpu/moe_1b_8e`` (glm_1b, bf16 autocast, micro-batch 2 x 2048,
+global batch 8), MFU against an 8192^3 bf16 matmul measured in the run and against the H100 /
+H200 spec peak (989 TFLOP/s), peak GPU memory.
 
 Goals (issue #11): GLM >= 0.9 x GPTModel tokens/s; dense MFU >= 70% at h512; MoE 64 experts
 >= 0.75 x dense; data parallel 2 x 1 thread >= 0.85 x 1 process x 2 threads.
@@ -63,6 +68,11 @@ CASES: dict[str, dict] = {
     "2proc/ep2_moe_64e": {"overrides": ["+experiment=moe_64e", *SMALL_MOE, "parallel.ep=2"], "nproc": 2},
     "2proc/tp2": {"overrides": ["+experiment=dense", "model=glm_small", "parallel.tp=2"], "nproc": 2},
     "2proc/pp2": {"overrides": ["+experiment=dense", "model=glm_small", "parallel.pp=2"], "nproc": 2},
+    # One GPU, bf16 autocast (--gpu): glm_1b (24 x 2048, s2048) dense and with 8 experts top-2 in
+    # every second layer (expert hidden 2752 = half the dense FFN's 5504: the same active size).
+    "gpu/dense_1b": {"overrides": ["+experiment=dense", "model=glm_1b"], "gpu": True},
+    "gpu/moe_1b_8e": {"overrides": ["+experiment=moe_8e", "model=glm_1b", "moe.expert_hidden_size=2752"],
+                      "gpu": True},
 }
 COMMON = ["trainer.micro_batch_size=8", "trainer.global_batch_size=16", "trainer.progress=false",
           "trainer.eval_task_items=0"]
@@ -78,23 +88,31 @@ RATIOS = [
     ("EP 2x1 thread / 1 process x 2 threads", "2proc/ep2_moe_64e", "small/moe_64e", None),
     ("TP=2 2x1 thread / 1 process x 2 threads", "2proc/tp2", "small/dense", None),
     ("PP=2 2x1 thread / 1 process x 2 threads", "2proc/pp2", "small/dense", None),
+    ("GPU MoE 8e / dense tokens/s, glm_1b bf16", "gpu/moe_1b_8e", "gpu/dense_1b", None),
 ]
+# Dense bf16 tensor-core peak of an H100 / H200 SXM (NVIDIA's spec sheet, without sparsity).
+GPU_SPEC_PEAK = 989e12
 
 
 # ---------------------------------------------------------------------------------- timing
 class PhaseTimer:
     """Exclusive wall time per phase: a region's time minus the regions nested in it."""
 
-    def __init__(self):
+    def __init__(self, synchronize=lambda: None):
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.stack: list[list] = []  # [name, start, nested seconds]
+        # On a GPU each boundary waits for the device, so time lands in the phase that queued
+        # it (this serialises what would overlap: the split is an upper bound per phase).
+        self.synchronize = synchronize
 
     @contextlib.contextmanager
     def region(self, name: str):
+        self.synchronize()
         self.stack.append([name, time.perf_counter(), 0.0])
         try:
             yield
         finally:
+            self.synchronize()
             _, start, nested = self.stack.pop()
             elapsed = time.perf_counter() - start
             self.seconds[name] += elapsed - nested
@@ -165,16 +183,21 @@ def instrument(trainer, timer: PhaseTimer) -> None:
         setattr(dist, name, wrap(getattr(dist, name)))
 
 
-def matmul_peak(size: int = 2048, reps: int = 8) -> float:
-    """Best FLOP/s of a [size, size] x [size, size] fp32 matmul with this process's threads."""
+def matmul_peak(gpu: bool = False, reps: int = 8) -> float:
+    """Best FLOP/s of a square matmul: 2048^3 fp32 on the CPU (this process's threads), 8192^3
+    bf16 on the GPU."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    size, kind = (8192, dict(device="cuda", dtype=torch.bfloat16)) if gpu else (2048, {})
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    a, b = torch.randn(size, size, **kind), torch.randn(size, size, **kind)
     a @ b
     best = float("inf")
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
@@ -231,6 +254,7 @@ def use_reference(trainer) -> None:
 def run_case(name: str, steps: int, out: Path) -> None:
     """Runs inside the case's process (each rank of a 2-process case)."""
     import psutil
+    import torch
     import torch.distributed as dist
 
     from moe_morpheus.budget import flops_per_token
@@ -239,16 +263,18 @@ def run_case(name: str, steps: int, out: Path) -> None:
     from moe_morpheus.train.trainer import Trainer
 
     case = CASES[name]
-    nproc = case.get("nproc", 1)
+    nproc, gpu = case.get("nproc", 1), case.get("gpu", False)
     threads = 1 if nproc > 1 else 2
-    exp = compose_experiment([*case["overrides"], *COMMON, f"trainer.threads={threads}"])
+    device = ["trainer.precision=bf16", "trainer.micro_batch_size=2", "trainer.global_batch_size=8"] if gpu else \
+        [f"trainer.threads={threads}"]
+    exp = compose_experiment([*case["overrides"], *COMMON, *device])
     rss_before = psutil.Process().memory_info().rss
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(exp, Path(tmp))
         trainer.setup()
         if case.get("reference") == "gpt":
             use_reference(trainer)
-        timer = PhaseTimer()
+        timer = PhaseTimer(torch.cuda.synchronize if gpu else lambda: None)
         instrument(trainer, timer)
         t = exp.trainer
         batches = batch_iterator(trainer.data.train, global_batch_size=t.global_batch_size,
@@ -275,6 +301,7 @@ def run_case(name: str, steps: int, out: Path) -> None:
         "model_flops_per_s": tokens / seconds * flops_per_token(exp.model, exp.model.seq_length, moe),
         "phase_fraction": {k: v / seconds for k, v in timer.seconds.items()},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if gpu else None,
         "rss_before_mb": rss_before / 2**20, "loss_first": losses[0], "loss_last": losses[-1],
     }
     if dist.get_rank() == 0:
@@ -293,7 +320,9 @@ def launch(name: str, steps: int) -> dict:
                        f"--master_port={free_port()}", *script]
         else:
             command = [sys.executable, *script]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1" if nproc > 1 else "2"}
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        if not CASES[name].get("gpu"):
+            env["OMP_NUM_THREADS"] = "1" if nproc > 1 else "2"
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"case {name} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
@@ -301,8 +330,9 @@ def launch(name: str, steps: int) -> dict:
         return json.loads(out.read_text())
 
 
-def table(results: dict[str, dict], peak: float) -> str:
-    lines = [f"fp32 matmul peak (2048^3, 2 threads, best of the run): {peak / 1e9:.1f} GFLOP/s", "",
+def table(results: dict[str, dict], peak: float, gpu: bool = False) -> str:
+    what = "bf16 matmul peak (8192^3)" if gpu else "fp32 matmul peak (2048^3, 2 threads)"
+    lines = [f"{what}, best of the run: {peak / 1e9:.1f} GFLOP/s", "",
              "| case | procs x threads | layout | tokens/s | model GFLOP/s | MFU | "
              + " | ".join(PHASES) + " | peak RSS MB (+ over start) |",
              "| --- | --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in PHASES) + " | ---: |"]
@@ -312,6 +342,9 @@ def table(results: dict[str, dict], peak: float) -> str:
             f"| {name} | {r['nproc']} x {r['threads']} | {r['layout']} | {r['tokens_per_s']:,.0f} | "
             f"{r['model_flops_per_s'] / 1e9:.1f} | {r['model_flops_per_s'] / peak:.0%} | {phases} | "
             f"{r['peak_rss_mb']:,.0f} (+{r['peak_rss_mb'] - r['rss_before_mb']:,.0f}) |")
+        if r.get("peak_gpu_mb") is not None:
+            lines[-1] += (f" MFU against the {GPU_SPEC_PEAK / 1e12:.0f} TFLOP/s spec: "
+                          f"{r['model_flops_per_s'] / GPU_SPEC_PEAK:.1%}; peak GPU memory {r['peak_gpu_mb']:,.0f} MB")
     lines += ["", "| comparison | ratio | goal |", "| --- | ---: | ---: |"]
     for label, num, den, goal in RATIOS:
         if num in results and den in results:
@@ -323,10 +356,12 @@ def table(results: dict[str, dict], peak: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES), metavar="CASE")
+    parser.add_argument("--cases", nargs="*", choices=list(CASES), metavar="CASE",
+                        help="default: every CPU case, or every GPU case with --gpu")
+    parser.add_argument("--gpu", action="store_true", help="the one-GPU bf16 cases (needs CUDA)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case and round (after 2 warm-up)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "train_step.json")
+    parser.add_argument("--json", type=Path, help="default: benchmarks/results/train_step[_gpu].json")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -337,9 +372,12 @@ def main() -> None:
     import torch
     from tqdm import tqdm
 
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device")
+    args.cases = args.cases or [name for name, case in CASES.items() if case.get("gpu", False) == args.gpu]
     torch.set_num_threads(2)
     best: dict[str, dict] = {}
-    peaks = [matmul_peak()]
+    peaks = [matmul_peak(args.gpu)]
     with tqdm(total=args.rounds * len(args.cases), desc="cases", unit="case") as progress:
         for _ in range(args.rounds):
             for name in args.cases:
@@ -348,10 +386,11 @@ def main() -> None:
                 if name not in best or result["tokens_per_s"] > best[name]["tokens_per_s"]:
                     best[name] = result
                 progress.update(1)
-            peaks.append(matmul_peak())
+            peaks.append(matmul_peak(args.gpu))
     peak = max(peaks)
-    report = table({name: best[name] for name in args.cases}, peak)
+    report = table({name: best[name] for name in args.cases}, peak, args.gpu)
     print(report)
+    args.json = args.json or REPO / "benchmarks" / "results" / f"train_step{'_gpu' if args.gpu else ''}.json"
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"matmul_peak_flops": peak, "peaks": peaks, "torch": torch.__version__,
                                      "cases": best}, indent=1))

@@ -9,9 +9,11 @@ it keeps fp16/bf16 scores in range (Megatron-Core: apply_query_key_layer_scaling
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
@@ -73,19 +75,21 @@ class SelfAttention(MegatronModule):
         return output
 
     def core_attention(self, query, key, value, attention_mask) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d)) v for [s, b, n, d] inputs; returns [s, b, n * d]."""
+        """softmax(q k^T / sqrt(d)) v for [s, b, n, d] inputs; returns [s, b, n * d].
+
+        PyTorch's fused scaled-dot-product attention: no [b, n, s, s] score, mask or softmax
+        tensor is written (the CPU flash kernel here; flash / memory-efficient kernels on a GPU,
+        the latter for the boolean GLM mask). GLM-130B's layer scaling is kept as its kernel
+        arithmetic: q is divided by sqrt(d) * l before the product and the scores multiplied
+        by l inside the kernel, whose accumulation and softmax are fp32."""
         cfg = self.model_cfg
         seq, batch = query.shape[:2]
-        # [b, n, s, d]
+        # [b, n, s, d] views; the kernel takes strided inputs.
         query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         coeff = float(self.layer_number) if cfg.query_layer_scaling else 1.0
         query = query / (math.sqrt(self.head_dim) * coeff)
-        scores = torch.matmul(query, key.transpose(-1, -2)).float() * coeff
-        if attention_mask is not None:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1).to(value.dtype)
-        if self.training and cfg.attention_dropout > 0:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                probs = torch.nn.functional.dropout(probs, p=cfg.attention_dropout)
-        context = torch.matmul(probs, value)  # [b, n, s, d]
+        dropout = cfg.attention_dropout if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                     dropout_p=dropout, scale=coeff)
         return context.permute(2, 0, 1, 3).reshape(seq, batch, self.heads_local * self.head_dim)

@@ -2,8 +2,8 @@
 counts every parameter exactly once.
 
 One path on CPU and GPU (Megatron-Core's own optimizer wrappers assert CUDA tensors): the
-finalised fp32 ``main_grad`` of each parameter is handed to ``torch.optim.AdamW`` (fused on
-CUDA). Which copies count towards the norm (DESIGN.md, parallel layout):
+finalised fp32 ``main_grad`` of each parameter is handed to ``torch.optim.AdamW`` (its fused
+kernel on both). Which copies count towards the norm (DESIGN.md, parallel layout):
 
 - dense parameters sharded by tensor parallelism (``tensor_model_parallel``) count on every TP
   rank; replicated ones (LayerNorms, row-parallel biases, gates) only on TP rank 0; the sum
@@ -60,25 +60,33 @@ def grad_norms(params: list[torch.nn.Parameter], embedding_params: set[int]) -> 
     embedding's share is reported separately (GLM-130B: its gradient norm ran 100x the rest)."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     device = params[0].main_grad.device
-    # [dense, expert, embedding] sums of squares on this rank.
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    # One norm per tensor (torch._foreach_norm; a CPU reduction of fp32 accumulates in double),
+    # squared and summed in fp64. Converting each gradient to fp64 first copied every gradient
+    # once per step: on glm_small with 64 experts 1.0 of the 4.1 s of two steps.
+    dense, expert, embedding = [], [], []
     for param in params:
         if not _counts_here(param, tp_rank):
             continue
-        sq = param.main_grad.detach().double().pow(2).sum()
-        sums[1 if _is_expert(param) else 0] += sq
+        grad = param.main_grad.detach()
+        (expert if _is_expert(param) else dense).append(grad)
         if id(param) in embedding_params:
-            sums[2] += sq
-    dense = sums[[0, 2]].clone()
-    dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
-    expert = sums[1:2].clone()
+            embedding.append(grad)
+    # [dense, expert, embedding] sums of squares on this rank.
+    sums = torch.stack([
+        torch.stack(torch._foreach_norm(grads)).double().square().sum() if grads
+        else torch.zeros((), dtype=torch.float64, device=device)
+        for grads in (dense, expert, embedding)
+    ])
+    dense_sums = sums[[0, 2]].clone()
+    dist.all_reduce(dense_sums, group=parallel_state.get_model_parallel_group())
+    expert_sum = sums[1:2].clone()
     if parallel_state.get_expert_model_parallel_world_size() > 1:
-        dist.all_reduce(expert, group=parallel_state.get_expert_model_parallel_group())
+        dist.all_reduce(expert_sum, group=parallel_state.get_expert_model_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(expert, group=parallel_state.get_pipeline_model_parallel_group())
-    total = float(dense[0] + expert[0])
-    rest = max(float(dense[0] - dense[1] + expert[0]), 0.0)
-    return GradNorms(total=math.sqrt(total), embedding=math.sqrt(float(dense[1])), finite=math.isfinite(total),
+        dist.all_reduce(expert_sum, group=parallel_state.get_pipeline_model_parallel_group())
+    total = float(dense_sums[0] + expert_sum[0])
+    rest = max(float(dense_sums[0] - dense_sums[1] + expert_sum[0]), 0.0)
+    return GradNorms(total=math.sqrt(total), embedding=math.sqrt(float(dense_sums[1])), finite=math.isfinite(total),
                      rest=math.sqrt(rest))
 
 
@@ -108,11 +116,13 @@ class Optimizer:
         }
         self.grad_clip = grad_clip
         updated = self._updated_tensors()
-        fused = bool(self.params) and self.params[0].is_cuda
+        # The fused kernel (CUDA and, since PyTorch 2.4, CPU): one pass over param, grad and both
+        # moments; on the CPU 19.7 ms against 80.7 ms for the per-tensor loop over glm_small
+        # with 64 experts (39M parameters).
         self.adam = torch.optim.AdamW(
             [{"params": [t for t, matrix in updated if matrix], "weight_decay": weight_decay},
              {"params": [t for t, matrix in updated if not matrix], "weight_decay": 0.0}],
-            lr=lr, betas=betas, eps=eps, fused=fused or None,
+            lr=lr, betas=betas, eps=eps, fused=bool(self.params) or None,
         )
 
     def _updated_tensors(self) -> list[tuple[torch.Tensor, bool]]:
