@@ -20,7 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from moe_morpheus.config import ModelConfig
 from moe_morpheus.model import init
-from moe_morpheus.model.rope import apply_rope
+from moe_morpheus.model.rope import rotate
 
 
 class SelfAttention(MegatronModule):
@@ -44,21 +44,23 @@ class SelfAttention(MegatronModule):
         self,
         hidden_SBH: torch.Tensor,
         attention_mask: torch.Tensor,
-        rope_position_ids: torch.Tensor,
-        rope_block_position_ids: torch.Tensor | None,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
         kv_cache: dict | None = None,
     ) -> torch.Tensor:
         """``attention_mask`` [b, 1, s_q, s_k] (True = may attend) or None (every key).
+        ``rope_cos`` / ``rope_sin`` [s, b, head_dim]: the model's RoPE tables (model/rope.py).
         ``kv_cache`` (generation): a dict holding this layer's rotated keys and values of the
         tokens seen so far; the new ones are appended and the queries attend to all of them,
         so each new token costs one step instead of a forward over the whole sequence."""
         qkv, _ = self.qkv(hidden_SBH)
         seq, batch = qkv.shape[:2]  # the whole sequence: under sequence parallelism qkv gathered it
         qkv = qkv.view(seq, batch, self.heads_local, 3, self.head_dim)
-        query, key, value = qkv.unbind(dim=3)  # each [s, b, n, d]
-        cfg = self.model_cfg
-        query = apply_rope(query, rope_position_ids, rope_block_position_ids, cfg.rope, cfg.rope_base)
-        key = apply_rope(key, rope_position_ids, rope_block_position_ids, cfg.rope, cfg.rope_base)
+        # Queries and keys rotated in one pass: [s, b, n, 2, d] against [s, b, 1, 1, d] tables.
+        query_key = rotate(qkv[:, :, :, :2], rope_cos[:, :, None, None], rope_sin[:, :, None, None],
+                           self.model_cfg.rope)
+        query, key = query_key.unbind(dim=3)  # each [s, b, n, d]
+        value = qkv[:, :, :, 2]
         if kv_cache is not None:
             if "key" in kv_cache:
                 key = torch.cat([kv_cache["key"], key], dim=0)

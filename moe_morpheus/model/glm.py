@@ -23,6 +23,7 @@ from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
 from moe_morpheus.model import init
 from moe_morpheus.model.layer import GLMLayer, mark_sequence_parallel
 from moe_morpheus.model.mask import glm_attention_mask
+from moe_morpheus.model.rope import rope_tables
 
 
 def _backend() -> str | None:
@@ -253,17 +254,19 @@ class GLMModel(LanguageModule):
         attend to every cached token and to itself (a decoding step after the context)."""
         hidden = self.embedding(tokens) if self.pre_process else self.input_tensor
         mask = glm_attention_mask(segment_ids, prefix_mask) if segment_ids is not None else None
-        rope_pos, rope_block = self.rope_positions(position_ids, block_position_ids, gmask)
+        cfg = self.model_cfg
+        rope_cos, rope_sin = rope_tables(*self.rope_positions(position_ids, block_position_ids, gmask), cfg.rope,
+                                         cfg.head_dim, cfg.rope_base)
         full_recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             if full_recompute:
                 # Keeps only the layer's input; its forward (MoE token exchange included) runs again
                 # in backward with the RNG states of the first pass (Megatron-Core's checkpoint).
                 hidden = tensor_parallel.checkpoint(
-                    functools.partial(_run_counted_once, layer), False, hidden, mask, rope_pos, rope_block)
+                    functools.partial(_run_counted_once, layer), False, hidden, mask, rope_cos, rope_sin)
             else:
                 cache = kv_caches[index] if kv_caches is not None else None
-                hidden = layer(hidden, mask, rope_pos, rope_block, kv_cache=cache)
+                hidden = layer(hidden, mask, rope_cos, rope_sin, kv_cache=cache)
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden)

@@ -63,11 +63,9 @@ class GLMLayer(MegatronModule):
                 return torch.nn.functional.dropout(x, p=p, training=self.training)
         return torch.nn.functional.dropout(x, p=p, training=self.training)
 
-    def forward(self, hidden_SBH, attention_mask, rope_position_ids, rope_block_position_ids, kv_cache=None):
+    def forward(self, hidden_SBH, attention_mask, rope_cos, rope_sin, kv_cache=None):
         def attend(x):
-            return self._dropout(
-                self.attention(x, attention_mask, rope_position_ids, rope_block_position_ids, kv_cache=kv_cache)
-            )
+            return self._dropout(self.attention(x, attention_mask, rope_cos, rope_sin, kv_cache=kv_cache))
 
         if self.pre_ln:
             hidden_SBH = hidden_SBH + attend(self.attention_norm(hidden_SBH))

@@ -15,19 +15,37 @@ from __future__ import annotations
 import torch
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rope_tables(position_ids: torch.Tensor, block_position_ids: torch.Tensor | None, mode: str, head_dim: int,
+                base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [s, b, head_dim] in fp32 for ids [b, s]: computed once per forward and shared by
+    every layer (and by queries and keys), instead of per layer and per tensor.
+
+    In ``1d`` mode ``position_ids`` are the final 1D ids (the caller adds block positions for
+    ``[gMASK]`` rows, DESIGN.md "Positions"); in ``2d`` mode both id tensors are required, the
+    first half of the head dimension taking ``position_ids``, the second ``block_position_ids``."""
+    if mode == "1d":
+        parts = [(position_ids, head_dim)]
+    elif block_position_ids is None:
+        raise ValueError("2D RoPE needs block_position_ids (0 in Part A, 1, 2, ... in each span)")
+    else:
+        parts = [(position_ids, head_dim // 2), (block_position_ids, head_dim // 2)]
+    cos, sin = [], []
+    for positions, dim in parts:
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+        angles = positions.t().to(torch.float32)[..., None] * inv_freq  # [s, b, dim/2]
+        angles = torch.cat((angles, angles), dim=-1)
+        cos.append(angles.cos())
+        sin.append(angles.sin())
+    return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotate ``x`` [s, b, n, d] by ``positions`` [b, s] (d even)."""
-    dim = x.shape[-1]
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
-    angles = positions.t().to(torch.float32)[..., None] * inv_freq  # [s, b, d/2]
-    angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [s, b, 1, d]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str) -> torch.Tensor:
+    """Rotate ``x`` [..., head_dim] by tables that broadcast against it: within the whole head
+    (1d) or within each half (2d), dimension i paired with i + (rotated size) / 2."""
+    groups = 1 if mode == "1d" else 2
+    pairs = x.unflatten(-1, (groups, 2, x.shape[-1] // (2 * groups)))
+    rotated = torch.stack((-pairs[..., 1, :], pairs[..., 0, :]), dim=-2).flatten(-3)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 def apply_rope(
@@ -37,16 +55,7 @@ def apply_rope(
     mode: str,
     base: float = 10000.0,
 ) -> torch.Tensor:
-    """Apply RoPE to queries or keys ``x`` [s, b, heads, head_dim].
-
-    In ``1d`` mode ``position_ids`` are the final 1D ids (the caller adds block positions for
-    ``[gMASK]`` rows, DESIGN.md "Positions"); in ``2d`` mode both id tensors are required.
-    """
-    if mode == "1d":
-        return _rotate(x, position_ids, base)
-    if block_position_ids is None:
-        raise ValueError("2D RoPE needs block_position_ids (0 in Part A, 1, 2, ... in each span)")
-    half = x.shape[-1] // 2
-    return torch.cat(
-        (_rotate(x[..., :half], position_ids, base), _rotate(x[..., half:], block_position_ids, base)), dim=-1
-    )
+    """Apply RoPE to queries or keys ``x`` [s, b, heads, head_dim] (ids [b, s], as
+    :func:`rope_tables`)."""
+    cos, sin = rope_tables(position_ids, block_position_ids, mode, x.shape[-1], base)
+    return rotate(x, cos[:, :, None], sin[:, :, None], mode)
