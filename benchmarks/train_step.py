@@ -320,7 +320,10 @@ def launch(name: str, steps: int) -> dict:
                        f"--master_port={free_port()}", *script]
         else:
             command = [sys.executable, *script]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        # The checkout this script is in, whatever the installed package points at (a second
+        # worktree benchmarks another commit).
+        env = {**os.environ, "PYTHONWARNINGS": "ignore",
+               "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
         if not CASES[name].get("gpu"):
             env["OMP_NUM_THREADS"] = "1" if nproc > 1 else "2"
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
