@@ -446,6 +446,16 @@ def test_group_labels_name_differing_params():
 
 # --- build helpers -----------------------------------------------------------------------------------
 
+def test_runs_from_a_dense_checkpoint_are_their_own_configuration():
+    """The upcycle sweep's dense stage and its dense-continued runs share model and budget; the
+    continued ones (init.from_dense: a path per seed) form one configuration of their own."""
+    stage = {"model.hidden_size": "64", "budget.chinchilla_fraction": "0.012", "init.from_dense": "None"}
+    continued = [dict(stage, **{"init.from_dense": f"outputs/s{seed}/dense/checkpoints"}) for seed in (1, 2)]
+    sigs = [config_signature(p) for p in (stage, *continued)]
+    assert sigs[1] == sigs[2] != sigs[0]
+    assert group_labels(["dense"] * 3, sigs) == ["dense from_dense=-"] + ["dense from_dense=checkpoint"] * 2
+
+
 def test_catch_up_sentences():
     grid = np.array([1.0, 10.0, 100.0])
     nan = np.full(3, np.nan)

@@ -181,8 +181,14 @@ def select_runs(runs: list[Run], sweep: str | None, parent: str | None) -> tuple
 
 def config_signature(params: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """The params that make a configuration (model, MoE, budget, batch): equal signatures with
-    different ``trainer.seed`` are seeds of one configuration."""
-    return tuple(sorted((k, v) for k, v in params.items() if k.startswith(CONFIG_PREFIXES)))
+    different ``trainer.seed`` are seeds of one configuration. A run started from a dense
+    checkpoint (``init.from_dense``: dense continued, or upcycled) is another configuration than
+    the same model from random init (the staged upcycling sweep has both); the checkpoint's path
+    differs per seed, so only whether there is one counts."""
+    signature = {k: v for k, v in params.items() if k.startswith(CONFIG_PREFIXES)}
+    if params.get("init.from_dense", "None") != "None":
+        signature["init.from_dense"] = "checkpoint"
+    return tuple(sorted(signature.items()))
 
 
 def group_labels(variants: list[str], signatures: list[tuple]) -> list[str]:
