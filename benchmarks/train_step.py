@@ -239,15 +239,11 @@ def gpt_reference(model_cfg, parallel, seed: int):
 
 def use_reference(trainer) -> None:
     """Swap the trainer's GLM for Megatron-Core's GPTModel (same DDP, optimizer, guards)."""
-    from moe_morpheus.train.guards import Guards
-    from moe_morpheus.train.optim import Optimizer
     from moe_morpheus.train.step import wrap_ddp
 
-    exp, t = trainer.exp, trainer.exp.trainer
-    trainer.model = wrap_ddp([gpt_reference(exp.model, exp.parallel, t.seed)])
-    trainer.optimizer = Optimizer(trainer.model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
-                                  eps=t.eps, grad_clip=t.grad_clip)
-    trainer.guards = Guards(exp.guards, exp.faults, trainer.model, 1.0)
+    exp = trainer.exp
+    trainer.model = wrap_ddp([gpt_reference(exp.model, exp.parallel, exp.trainer.seed)])
+    trainer.setup_optimizer()
 
 
 # ---------------------------------------------------------------------------------- one case

@@ -134,13 +134,19 @@ class Trainer:
         self.counts = param_counts(exp.model, exp.moe if exp.moe.enabled else None)
         self.model = wrap_ddp(build_model(exp.model, exp.moe if exp.moe.enabled else None, exp.parallel,
                                           seed=trainer.seed, recompute=trainer.recompute))
+        self.num_microbatches = trainer.global_batch_size // (trainer.micro_batch_size * self.dp)
+        self.warmup_steps = int(trainer.warmup_fraction * self.plan.steps)
+        self.setup_optimizer()
+
+    def setup_optimizer(self) -> None:
+        """AdamW, stability guards and checkpoints for ``self.model`` (benchmarks/train_step.py
+        calls it again after swapping in a reference model)."""
+        exp, trainer = self.exp, self.exp.trainer
         # ZeRO-1 (train/zero.py) shards AdamW's moments over the data-parallel group; the same API.
         optimizer_class = ZeroOptimizer if trainer.zero1 else Optimizer
         self.optimizer = optimizer_class(self.model, lr=trainer.lr, weight_decay=trainer.weight_decay,
                                          betas=(trainer.beta1, trainer.beta2), eps=trainer.eps,
                                          grad_clip=trainer.grad_clip)
-        self.num_microbatches = trainer.global_batch_size // (trainer.micro_batch_size * self.dp)
-        self.warmup_steps = int(trainer.warmup_fraction * self.plan.steps)
         # Stability guards and checkpoints (train/guards.py, train/checkpoint.py).
         self.guards = Guards(exp.guards, exp.faults, self.model, exp.model.embedding_grad_shrink)
         self.checkpointer = Checkpointer(exp.checkpoint, self, self.guards)
