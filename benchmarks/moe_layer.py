@@ -108,7 +108,7 @@ def native_layer(num_experts: int, expert=None) -> FMoE:
 
 def megatron_moe_layer(num_experts: int, *, hidden: int = HIDDEN, expert_hidden: int = EXPERT_HIDDEN,
                        dispatcher: str = "allgather", dtype: torch.dtype = torch.float32,
-                       grouped_gemm: bool = False) -> nn.Module:
+                       grouped_gemm: bool = False, device: str = "cpu") -> nn.Module:
     """Megatron-Core's MoELayer (GeGLU experts, top-2, no aux loss) in a world of one: on the
     CPU the allgather dispatcher with SequentialMLP experts; on a GPU any dispatcher, and
     GroupedMLP experts with ``grouped_gemm`` (Megatron-Core's fastest path without TE)."""
@@ -128,7 +128,7 @@ def megatron_moe_layer(num_experts: int, *, hidden: int = HIDDEN, expert_hidden:
         params_dtype=dtype, bf16=dtype == torch.bfloat16)
     spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=grouped_gemm)
     layer = build_module(spec.submodules.mlp, config=config)
-    return layer.cuda() if torch.cuda.is_available() else layer
+    return layer.to(device)
 
 
 def main() -> None:

@@ -279,8 +279,8 @@ def run_case(name: str, steps: int, out: Path) -> None:
         losses = []
         for step in range(warmup + steps):
             if step == warmup:
+                dist.barrier()  # before the reset: waiting for the peer here is not a step's communication
                 timer.reset()
-                dist.barrier()
                 start = time.perf_counter()
             with timer.region("data"):
                 micro = [next(batches) for _ in range(trainer.num_microbatches)]

@@ -63,7 +63,8 @@ def main() -> None:
         for name, grouped in (("megatron_sequential_ms", False), ("megatron_grouped_ms", True)):
             try:
                 mcore = megatron_moe_layer(experts, hidden=args.hidden, expert_hidden=expert_hidden,
-                                           dispatcher="alltoall", dtype=torch.bfloat16, grouped_gemm=grouped)
+                                           dispatcher="alltoall", dtype=torch.bfloat16, grouped_gemm=grouped,
+                                           device="cuda")
             except (ImportError, AssertionError, RuntimeError) as err:  # grouped GEMM kernels absent
                 print(f"Megatron-Core MoELayer grouped_gemm={grouped}: not available ({err})")
                 continue
