@@ -85,21 +85,23 @@ def test_grad_norms_equal_an_fp64_sum_of_squares():
 
 
 def test_fused_adamw_updates_equal_the_per_tensor_loop():
-    """Optimizer (fused AdamW, weight decay on matrices only, clipped) against torch's
+    """Optimizer (fused AdamW, weight decay on weight matrices only, clipped) against torch's
     single-tensor AdamW on the same clipped gradients."""
+    biases = (1, 4)  # the roles of params_with_grads' tensors: the 1-D ones are biases
 
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
             for i, param in enumerate(params_with_grads(2)):
+                param.no_weight_decay = i in biases
                 self.register_parameter(f"p{i}", param)
 
     model = Model()
     reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
     grads = [p.main_grad.clone() for p in model.parameters()]
     optimizer = Optimizer([model], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0)
-    loop = torch.optim.AdamW([{"params": [r for r in reference if r.dim() >= 2], "weight_decay": 0.1},
-                              {"params": [r for r in reference if r.dim() < 2], "weight_decay": 0.0}],
+    loop = torch.optim.AdamW([{"params": [r for i, r in enumerate(reference) if i not in biases], "weight_decay": 0.1},
+                              {"params": [reference[i] for i in biases], "weight_decay": 0.0}],
                              lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
     for _ in range(3):
         for param, grad in zip(model.parameters(), grads):

@@ -128,6 +128,56 @@ def test_function_preserved_across_a_layout_change(tmp_path):
         assert rank_errors["copy"] <= 1e-5 and rank_errors["virtual_group"] <= 1e-5
 
 
+def _decisions_of_an_upcycled_model():
+    """A dense model with distinct random values in every tensor (biases too), copy-upcycled into
+    MoE layers 1 and 3 (4 experts): each parameter's weight-decay decision by name, dense and
+    MoE, and the dense FFN tensor every expert tensor was copied from, found by value."""
+    from moe_morpheus.model import build_model
+    from moe_morpheus.parallel import initialize
+    from moe_morpheus.parallel.gather import gather_full
+    from moe_morpheus.train.optim import decay_decisions
+    from moe_morpheus.upcycle import load_whole, upcycle_tensors
+
+    model_cfg = ModelConfig(**{**MODEL, "num_layers": 4})
+    moe_cfg = MoEConfig(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=None)
+    initialize(ParallelConfig(), model_cfg)
+    dense, moe = build_model(model_cfg, None, ParallelConfig(), seed=3), build_model(model_cfg, moe_cfg, ParallelConfig())
+    with torch.no_grad():
+        for param in dense[0].parameters():
+            param.normal_()
+    tensors = gather_full(dense, lambda p: p)
+    load_whole(moe, upcycle_tensors(tensors, model_cfg, moe_cfg, UpcycleConfig(mode="copy", seed=0)))
+
+    def by_name(chunks):
+        decided = decay_decisions(chunks)
+        return {name: decided[id(p)] for name, p in chunks[0].named_parameters()}
+
+    sources = {}
+    for name, param in moe[0].named_parameters():
+        if ".experts." in name:
+            prefix = name.split(".moe.")[0] + "."
+            sources[name] = [n for n, t in tensors.items() if n.startswith(prefix) and torch.equal(param[0], t)]
+    return by_name(dense), by_name(moe), sources
+
+
+def test_upcycled_experts_get_the_weight_decay_of_the_dense_tensors_they_copy():
+    """Expert weights decay like the dense FFN weights, expert biases ([E, F], [E, D]) like the
+    dense FFN biases (not at all), every other tensor as in the dense model; the router's
+    matrix is decayed, its bias not."""
+    dense, moe, sources = run_distributed(_decisions_of_an_upcycled_model, 1)[0]
+    assert len(sources) == 2 * 6 and all(len(found) == 1 for found in sources.values()), sources
+    assert {found[0] for found in sources.values()} == {n for n in dense if ".ffn." in n and n.startswith(
+        ("layers.1.", "layers.3."))}  # every dense FFN tensor of the two layers has copies
+    for name, (source,) in sources.items():
+        assert moe[name] == dense[source], (name, source)
+    assert [n for n, decayed in moe.items() if ".experts.b_" in n and decayed] == []
+    for name, decayed in moe.items():
+        if name in dense:
+            assert decayed == dense[name], name
+    assert moe["layers.1.ffn.moe.gate.gate.weight"] and not moe["layers.1.ffn.moe.gate.gate.bias"]
+    assert dense["embedding.word_embeddings.weight"] and not dense["layers.0.ffn.value.bias"]
+
+
 def _dense_ffn(ffn: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {"value.weight": torch.randn(ffn, hidden, generator=gen), "value.bias": torch.randn(ffn, generator=gen),

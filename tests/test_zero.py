@@ -1,7 +1,9 @@
 """ZeRO-1 (``trainer.zero1``): sharded AdamW updates equal the unsharded optimizer's at dp=2
 (dense; MoE with experts sharded over their expert-data-parallel group; MoE at EP=2), the
 optimizer state per rank is halved (measured), and the whole moments for checkpoints equal the
-unsharded optimizer's and load back into the chunks."""
+unsharded optimizer's and load back into the chunks. Weight decay: both optimizers decay the
+same tensors, and a zero-gradient step shrinks exactly the weight matrices (batched expert
+biases are biases)."""
 
 from __future__ import annotations
 
@@ -16,17 +18,14 @@ from tests.test_backbone_parallel import relative_error
 MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
 MOE = dict(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=96)
 CASES = {"dense": (None, 1), "moe-ep1": (MOE, 1), "moe-ep2": (MOE, 2)}
+LR, WD = 1e-2, 0.1
 
 
-def _train(moe: dict | None, ep: int, zero: bool, steps: int = 2):
-    from megatron.core import parallel_state
-
+def _build(moe: dict | None, ep: int, zero: bool):
     from moe_morpheus.model import build_model
-    from moe_morpheus.moe import set_aux_loss_scale
     from moe_morpheus.parallel import initialize
-    from moe_morpheus.parallel.gather import gather_full
     from moe_morpheus.train.optim import Optimizer
-    from moe_morpheus.train.step import forward_backward, wrap_ddp
+    from moe_morpheus.train.step import wrap_ddp
     from moe_morpheus.train.zero import ZeroOptimizer
 
     model_cfg = ModelConfig(**MODEL)
@@ -35,7 +34,18 @@ def _train(moe: dict | None, ep: int, zero: bool, steps: int = 2):
     chunks = wrap_ddp(build_model(model_cfg, MoEConfig(**moe) if moe else None, parallel, seed=5))
     # Clip below the gradient norm and eps 1e-3: see tests/test_train_parallel.py::clipped_update.
     kind = ZeroOptimizer if zero else Optimizer
-    optimizer = kind(chunks, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-3, grad_clip=0.05)
+    optimizer = kind(chunks, lr=LR, weight_decay=WD, betas=(0.9, 0.95), eps=1e-3, grad_clip=0.05)
+    return model_cfg, dp, chunks, optimizer
+
+
+def _train(moe: dict | None, ep: int, zero: bool, steps: int = 2):
+    from megatron.core import parallel_state
+
+    from moe_morpheus.moe import set_aux_loss_scale
+    from moe_morpheus.parallel.gather import gather_full
+    from moe_morpheus.train.step import forward_backward
+
+    model_cfg, dp, chunks, optimizer = _build(moe, ep, zero)
     batches = micro_batches(4, 2, model_cfg.seq_length, model_cfg.vocab_size, seed=9)
     rank = parallel_state.get_data_parallel_rank()
     mine = batches[rank * len(batches) // dp: (rank + 1) * len(batches) // dp]
@@ -59,7 +69,31 @@ def _compare_all():
         out[name] = (plain, sharded, plain_bytes, zero_bytes)
         if name == "moe-ep1":
             out["round_trip"] = _moments_round_trip(plain_optimizer, optimizer, chunks)
+        if moe is not None:
+            out[f"decay-{name}"] = {kind: _decay_step(moe, ep, kind == "zero") for kind in ("plain", "zero")}
     return out
+
+
+def _decayed_by_name(chunks, optimizer) -> dict[str, bool]:
+    """Whether AdamW got each parameter (ZeRO-1: this rank's chunk of it) in its decayed group."""
+    module = chunks[0].module
+    names = {id(p): n for n, p in module.named_parameters()}
+    param_of_view = {id(c.view): c.param for c in getattr(optimizer, "chunks", [])}
+    return {names[id(param_of_view.get(id(t), t))]: group["weight_decay"] > 0
+            for group in optimizer.adam.param_groups for t in group["params"]}
+
+
+def _decay_step(moe: dict, ep: int, zero: bool):
+    """One AdamW step with zero gradients (Adam's update is 0, only the decay acts): whole
+    tensors before and after, and what AdamW was told to decay."""
+    from moe_morpheus.parallel.gather import gather_full
+
+    _, _, chunks, optimizer = _build(moe, ep, zero)
+    before = gather_full(chunks, lambda p: p)
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    assert optimizer.step().total == 0.0
+    return before, gather_full(chunks, lambda p: p), _decayed_by_name(chunks, optimizer)
 
 
 def _moments_round_trip(plain, zero, chunks):
@@ -68,7 +102,7 @@ def _moments_round_trip(plain, zero, chunks):
     whole = zero.moments_like_params()
     equal = all(relative_error(whole[z][m], plain.adam.state[p][m]) <= 1e-6
                 for p, z in zip(plain.params, zero.params) for m in ("exp_avg", "exp_avg_sq"))
-    fresh = type(zero)(chunks, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-3, grad_clip=0.05)
+    fresh = type(zero)(chunks, lr=LR, weight_decay=WD, betas=(0.9, 0.95), eps=1e-3, grad_clip=0.05)
     fresh.load_moments(whole, step=2)
     same = all(torch.equal(fresh.adam.state[a][m], zero.adam.state[b][m]) and int(fresh.adam.state[a]["step"]) == 2
                for a, b in zip(fresh.adam.state, zero.adam.state) for m in ("exp_avg", "exp_avg_sq"))
@@ -96,6 +130,27 @@ def test_zero1_halves_optimizer_state_at_dp2(results, case):
     for by_case in results:
         _, _, plain_bytes, zero_bytes = by_case[case]
         assert 0.5 <= zero_bytes / plain_bytes <= 0.505, (zero_bytes, plain_bytes)
+
+
+@pytest.mark.parametrize("case", ["moe-ep1", "moe-ep2"])
+def test_weight_decay_per_logical_parameter(results, case):
+    """Both optimizers decay the same tensors; a step with zero gradient and wd 0.1 shrinks
+    every weight matrix (attention, dense FFN, router, embedding, each expert's) by exactly
+    1 - lr * wd and leaves every bias and LayerNorm as it was, the batched [E, F] / [E, D]
+    expert biases included."""
+    for by_case in results:
+        steps = by_case[f"decay-{case}"]
+        assert steps["plain"][2] == steps["zero"][2]
+        for before, after, _ in steps.values():
+            assert any(".experts.b_" in name for name in before)
+            for name, value in before.items():
+                leaf = name.rsplit(".", 1)[-1]
+                bias_or_norm = leaf.startswith("b_") or leaf == "bias" or "norm." in name
+                if bias_or_norm:
+                    assert torch.equal(after[name], value), name
+                else:
+                    # One fp32 rounding of p * (1 - lr * wd); no decay would be off by 1e-3.
+                    assert relative_error(after[name], value * (1 - LR * WD)) <= 1e-7, name
 
 
 def test_zero1_whole_moments_for_checkpoints(results):

@@ -158,6 +158,13 @@ class GeGLUExperts(nn.Module):
         self.b_gelu_EF = nn.Parameter(torch.zeros(E, F_))
         self.w_out_EDF = nn.Parameter(torch.empty(E, D, F_))
         self.b_out_ED = nn.Parameter(torch.zeros(E, D))
+        # Weight decay is decided per logical parameter (train/optim.py ``decays``), and batched
+        # storage hides the role (an [E, F] bias is 2-D): E weight matrices are decayed like the
+        # dense FFN's, E biases are not.
+        for w in (self.w_value_EFD, self.w_gelu_EFD, self.w_out_EDF):
+            w.no_weight_decay = False
+        for b in (self.b_value_EF, self.b_gelu_EF, self.b_out_ED):
+            b.no_weight_decay = True
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
         # Xavier normal (Glorot & Bengio 2010): std = gain * sqrt(2 / (fan_in + fan_out)) per

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
 
 
 @dataclass
@@ -90,6 +91,58 @@ def grad_norms(params: list[torch.nn.Parameter], embedding_params: set[int]) -> 
                      rest=math.sqrt(rest))
 
 
+# Normalisation layers: their gains and shifts are never decayed.
+NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase,
+         FusedLayerNorm)
+
+
+def decays(owner: torch.nn.Module, name: str, param: torch.nn.Parameter) -> bool:
+    """Whether AdamW's decoupled weight decay (Loshchilov & Hutter 2019: ``p -= lr * wd * p``)
+    applies to ``param``, registered as ``name`` on the module ``owner``. Decided per logical
+    parameter, whatever the storage shape (a batched ``[E, F]`` expert bias is E biases, an
+    ``[E, F, D]`` expert weight E matrices), as Megatron-Core's default parameter groups do for
+    the dense model: weight matrices are decayed; biases and norm gains / shifts are not (decay
+    regularises the matrices' norm; a gain pulled towards 0 scales its layer's output down and
+    a bias towards 0 shifts it, which is no regularisation). So a dense model and its upcycled
+    MoE get the same decision tensor for tensor.
+
+    1. An explicit mark wins: ``param.no_weight_decay`` (bool). Parameters whose name does not
+       tell their role carry it (moe/experts.py marks its batched weights and biases).
+    2. A parameter of a normalisation layer (:data:`NORMS`): no.
+    3. ``bias`` (attention, dense FFN, router): no.
+    4. ``weight`` of anything else: yes. That is the attention and FFN matrices, the router's
+       matrix and the word embedding. The embedding stays decayed, as the project always
+       trained it and as Megatron-Core's default groups do (they exempt only biases and 1-D
+       tensors): tied, it is also the output projection ``logits = h E^T``, a weight matrix like
+       any other. Its tied copy on the last pipeline stage (``output_layer.weight``) is decided
+       the same way, so the two copies get the same update.
+
+    Anything else raises: a parameter of unknown role must be marked, not guessed.
+    """
+    mark = getattr(param, "no_weight_decay", None)
+    if mark is not None:
+        return not mark
+    if isinstance(owner, NORMS):
+        return False
+    if name == "bias":
+        return False
+    if name == "weight":
+        return True
+    raise ValueError(f"parameter {name!r} of {type(owner).__name__} has no known role for weight decay: set "
+                     f"param.no_weight_decay = True (a bias or gain) or False (a weight matrix) where it is created")
+
+
+def decay_decisions(model: list[torch.nn.Module]) -> dict[int, bool]:
+    """``id(param) -> decays(...)`` for every parameter of the model chunks, each judged with the
+    module that registers it (the one place :class:`Optimizer` and ZeRO-1 take it from)."""
+    out: dict[int, bool] = {}
+    for chunk in model:
+        for module in chunk.modules():
+            for name, param in module.named_parameters(recurse=False):
+                out[id(param)] = decays(module, name, param)
+    return out
+
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -103,7 +156,7 @@ def adam_step_count(adam: torch.optim.AdamW) -> int:
 
 
 class Optimizer:
-    """AdamW with decoupled weight decay on matrices (not on biases, LayerNorms or gains).
+    """AdamW with decoupled weight decay on weight matrices, not on biases or norms (:func:`decays`).
 
     Subclasses change what AdamW updates (``_updated_tensors``) and how the clipped gradients
     reach it (``_apply``): :class:`~moe_morpheus.train.zero.ZeroOptimizer` updates shards."""
@@ -115,19 +168,20 @@ class Optimizer:
             id(p) for chunk in model for name, p in chunk.named_parameters() if "word_embeddings" in name
         }
         self.grad_clip = grad_clip
+        self.decayed = decay_decisions(model)
         updated = self._updated_tensors()
         # The fused kernel (CUDA and, since PyTorch 2.4, CPU): one pass over param, grad and both
         # moments; on the CPU 19.7 ms against 80.7 ms for the per-tensor loop over glm_small
         # with 64 experts (39M parameters).
         self.adam = torch.optim.AdamW(
-            [{"params": [t for t, matrix in updated if matrix], "weight_decay": weight_decay},
-             {"params": [t for t, matrix in updated if not matrix], "weight_decay": 0.0}],
+            [{"params": [t for t, decayed in updated if decayed], "weight_decay": weight_decay},
+             {"params": [t for t, decayed in updated if not decayed], "weight_decay": 0.0}],
             lr=lr, betas=betas, eps=eps, fused=bool(self.params) or None,
         )
 
     def _updated_tensors(self) -> list[tuple[torch.Tensor, bool]]:
-        """(tensor AdamW updates, whether it is a matrix: weight decay)."""
-        return [(p, p.dim() >= 2) for p in self.params]
+        """(tensor AdamW updates, whether it is weight-decayed: ``self.decayed``)."""
+        return [(p, self.decayed[id(p)]) for p in self.params]
 
     def set_lr(self, lr: float) -> None:
         for group in self.adam.param_groups:

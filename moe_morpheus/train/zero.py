@@ -71,7 +71,8 @@ class ZeroOptimizer(Optimizer):
         self.chunks = [_chunk(p) for p in self.params]
         # A parameter smaller than its group leaves some ranks an empty chunk: nothing to update.
         self._owned = [c for c in self.chunks if c.end > c.start]
-        return [(c.view, c.param.dim() >= 2) for c in self._owned]
+        # A chunk is decayed as its whole parameter is (one decision per logical parameter).
+        return [(c.view, self.decayed[id(c.param)]) for c in self._owned]
 
     def _apply(self, scale: float) -> None:
         for c in self._owned:
