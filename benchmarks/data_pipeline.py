@@ -60,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = replace(DataConfig(), cache_dir=str(Path(tmp) / "cache"))
+        cfg = replace(DataConfig(), cache_dir=str(Path(tmp) / "cache"), seed=1234)
         start = time.perf_counter()
         train_tokenizer(blend_texts(cfg, 3_000_000), Path(tmp) / "tok.model", vocab_size=8192)
         t_tok = time.perf_counter() - start

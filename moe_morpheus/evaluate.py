@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlflow", action="store_true")
     args = parser.parse_args(argv)
     model, tokenizer, exp, info = load_for_inference(args.checkpoint, with_info=True)
-    data = build_data(exp.data, exp.model.seq_length, progress=False)
+    data = build_data(exp.data_config(), exp.model.seq_length, progress=False)
     losses = validation_losses([model], data.valid, micro_batch_size=exp.trainer.micro_batch_size)
     results = {f"valid/{k}/loss": v for k, v in losses.items() if k != "mean"}
     results.update({f"valid/{k}/perplexity": math.exp(v) for k, v in losses.items() if k != "mean"})

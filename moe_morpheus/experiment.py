@@ -7,7 +7,7 @@ composition with the key's name), and :func:`to_experiment` builds the validated
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -28,6 +28,20 @@ from moe_morpheus.config import (
 )
 from moe_morpheus.data.config import DataConfig
 from moe_morpheus.upcycle import InitConfig, UpcycleConfig, granularity
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """A run's effective seeds (:attr:`ExperimentConfig.seeds`)."""
+
+    trainer: int  # model initialisation (and Megatron's RNG streams)
+    data: int  # training stream: blend, data order, [MASK]/[gMASK] objectives and spans
+    upcycle: int  # upcycling draws: router rows, Drop-Upcycling's re-initialised units
+
+    def params(self) -> dict[str, str]:
+        """The resolved seeds as MLflow params, under the config's own keys (a ``data.seed`` of
+        None is logged as the seed it followed)."""
+        return {"trainer.seed": str(self.trainer), "data.seed": str(self.data), "upcycle.seed": str(self.upcycle)}
 
 
 @dataclass
@@ -80,6 +94,25 @@ class ExperimentConfig:
                 f"micro_batch_size x data-parallel size = {self.trainer.micro_batch_size} x {dp}"
             )
         return dp
+
+    @property
+    def seeds(self) -> Seeds:
+        """The one place the seeds are resolved: ``trainer.seed`` drives initialisation, the
+        training data and the upcycling draws, unless ``data.seed`` / ``upcycle.seed`` pin one
+        (None: follow). So the seeds of one configuration differ in all of a run's randomness
+        and their spread measures run-to-run variance; the validation sets do not depend on any
+        of them (``data.valid_seed``, content-hash split)."""
+        t = self.trainer.seed
+        return Seeds(trainer=t, data=t if self.data.seed is None else self.data.seed,
+                     upcycle=t if self.upcycle.seed is None else self.upcycle.seed)
+
+    def data_config(self) -> DataConfig:
+        """``data`` with its effective seed: what the data is built from."""
+        return replace(self.data, seed=self.seeds.data)
+
+    def upcycle_config(self) -> UpcycleConfig:
+        """``upcycle`` with its effective seed: what a dense checkpoint is converted with."""
+        return replace(self.upcycle, seed=self.seeds.upcycle)
 
     @property
     def layout(self) -> str:

@@ -84,7 +84,9 @@ class UpcycleConfig:
     router_init: str = "tied"
     # None: model.init_std.
     router_std: float | None = None
-    seed: int = 0
+    # Seed of the router rows and Drop-Upcycling's draws. None: the run's trainer.seed (resolved
+    # by ExperimentConfig.seeds); set it to pin the conversion across seeds.
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -155,6 +157,9 @@ def _generator(seed: int, layer: int) -> torch.Generator:
 def upcycle_ffn(dense: dict[str, torch.Tensor], model: ModelConfig, moe: MoEConfig, cfg: UpcycleConfig,
                 layer: int) -> dict[str, torch.Tensor]:
     """One MoE layer's tensors (names under ``moe.``) from one dense FFN's (names ``value.weight``...)."""
+    if cfg.seed is None:
+        raise UpcycleError("upcycle.seed is None (it follows trainer.seed): pass ExperimentConfig.upcycle_config(), "
+                           "which resolves it, or set upcycle.seed")
     g = granularity(model, moe, cfg)
     E, ffn = moe.num_experts, model.ffn_hidden_size
     fe = ffn // g
@@ -304,7 +309,7 @@ def upcycle_into(chunks, exp, source: str | Path):
     if moe is not None:
         granularity(exp.model, moe, exp.upcycle)  # fail before loading anything
     dense, trainer = load_dense(path, exp.model, exp.parallel)
-    load_whole(chunks, upcycle_tensors(dense, exp.model, moe, exp.upcycle))
+    load_whole(chunks, upcycle_tensors(dense, exp.model, moe, exp.upcycle_config()))
     lineage = {"kind": "upcycled" if moe is not None else "continued", "from_run": trainer.get("run_id"),
                "from_checkpoint": str(path.resolve()), "tokens": int(trainer.get("tokens", 0)),
                "flops": float(trainer.get("flops", 0.0)), "steps": int(trainer.get("step", 0)),

@@ -23,7 +23,8 @@ def demo_tokenizer():
 def demo_data_cfg(tmp_path_factory):
     from moe_morpheus.data.config import DataConfig
 
-    return DataConfig(cache_dir=str(tmp_path_factory.mktemp("data_cache")))
+    # A pinned data seed: build_data is called without a run to resolve it from.
+    return DataConfig(cache_dir=str(tmp_path_factory.mktemp("data_cache")), seed=1234)
 
 
 @pytest.fixture(scope="session")

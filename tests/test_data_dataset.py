@@ -150,7 +150,8 @@ def test_same_rows_in_a_new_process(demo_data, demo_data_cfg):
         "from moe_morpheus.data.config import DataConfig\n"
         "from moe_morpheus.data.dataset import build_data\n"
         "from tests.test_data_dataset import _digest\n"
-        f"data = build_data(DataConfig(cache_dir={demo_data_cfg.cache_dir!r}), {SEQ}, progress=False)\n"
+        f"data = build_data(DataConfig(cache_dir={demo_data_cfg.cache_dir!r}, seed={demo_data_cfg.seed}), {SEQ}, "
+        f"progress=False)\n"
         # reversed: row i must not depend on which rows were made before it in the process
         f"print(_digest(data, {ROWS[::-1]}))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=resolve_path("."),

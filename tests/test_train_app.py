@@ -43,7 +43,8 @@ def runs(tmp_path: Path):
 
 
 def test_moe_64e_three_steps_logs_an_mlflow_run(tmp_path):
-    train(tmp_path, "+experiment=moe_64e", "trainer.steps=3", "trainer.eval_interval=2", *SMALL)
+    train(tmp_path, "+experiment=moe_64e", "trainer.steps=3", "trainer.eval_interval=2", "trainer.seed=5",
+          "upcycle.seed=7", *SMALL)
     frame = runs(tmp_path)
     assert len(frame) == 1
     run = MlflowClient().get_run(frame.run_id[0])
@@ -52,6 +53,8 @@ def test_moe_64e_three_steps_logs_an_mlflow_run(tmp_path):
     assert run.data.tags["parallel_layout"] == "tp1-pp1-ep1-dp1"
     assert run.data.params["moe.num_experts"] == "64" and run.data.params["model.hidden_size"] == "64"
     assert int(run.data.params["count.total_params"]) > int(run.data.params["count.active_params"])
+    # The effective seeds: data follows trainer.seed (data.seed null), upcycle.seed is pinned.
+    assert [run.data.params[f"{k}.seed"] for k in ("trainer", "data", "upcycle")] == ["5", "5", "7"]
     history = MlflowClient().get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3]
     for key in ("tokens_seen", "flops", "flops_6nd", "budget_fraction", "valid/loss", "valid/en_gmask/loss",

@@ -190,8 +190,8 @@ def test_drop_reinitialises_exactly_the_configured_fraction(fraction):
     model = ModelConfig(**MODEL)
     moe = MoEConfig(layer_freq=1, num_experts=8, top_k=2, expert_hidden_size=96)
     dense = _dense_ffn(192, 64)
-    base = upcycle_ffn(dense, model, moe, UpcycleConfig(mode="virtual_group"), layer=1)
-    dropped = upcycle_ffn(dense, model, moe, UpcycleConfig(mode="drop", drop_fraction=fraction), layer=1)
+    base = upcycle_ffn(dense, model, moe, UpcycleConfig(mode="virtual_group", seed=0), layer=1)
+    dropped = upcycle_ffn(dense, model, moe, UpcycleConfig(mode="drop", drop_fraction=fraction, seed=0), layer=1)
     expected = round(fraction * 96)
     unit_sets = []
     for e in range(8):
@@ -211,7 +211,7 @@ def test_virtual_group_layout_of_shards_and_router():
     model = ModelConfig(**MODEL)
     moe = MoEConfig(layer_freq=1, num_experts=8, top_k=2, expert_hidden_size=96)
     dense = _dense_ffn(192, 64)
-    out = upcycle_ffn(dense, model, moe, UpcycleConfig(), layer=0)
+    out = upcycle_ffn(dense, model, moe, UpcycleConfig(seed=0), layer=0)
     router = out["moe.gate.gate.weight"]
     for e in range(8):
         shard = slice((e % 2) * 96, (e % 2 + 1) * 96)

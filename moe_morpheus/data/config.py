@@ -84,7 +84,10 @@ class DataConfig:
     tokenizer: str = "data/tokenizer/demo_8k.model"
     # Tokenised corpora (.bin/.idx) keyed by input bytes and tokenizer; /cache/ is git-ignored.
     cache_dir: str = "cache/data"
-    seed: int = 1234
+    # Seed of the training stream (blend, data order, objectives and spans). None: the run's
+    # trainer.seed, resolved by ExperimentConfig.seeds, so seeds of one configuration also
+    # differ in their data; set it to pin the data across seeds. build_data needs it resolved.
+    seed: int | None = None
     # GLM-130B: 30% of sequences [MASK] (short spans), the rest [gMASK] (one long suffix).
     mask_prob: float = 0.3
     mask_ratio: float = 0.15

@@ -370,6 +370,9 @@ def build_data(data_cfg: DataConfig, seq_length: int, *, progress: bool = True) 
     ``mip_heldout`` (when mip_ratio > 0)."""
     if seq_length < 16:
         raise DataError(f"seq_length={seq_length}: the data pipeline needs at least 16 tokens per row")
+    if data_cfg.seed is None:
+        raise DataError("data.seed is None (it follows trainer.seed): pass ExperimentConfig.data_config(), which "
+                        "resolves it, or set data.seed")
     window = data_cfg.window_for(seq_length)
     tokenizer = Tokenizer(resolve_path(data_cfg.tokenizer))
     cache_dir = resolve_path(data_cfg.cache_dir)

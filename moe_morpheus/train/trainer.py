@@ -118,12 +118,13 @@ class Trainer:
         use_bf16 = trainer.precision == "bf16" or (trainer.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-        # Rank 0 tokenises (with a progress bar); the others then read its cache.
+        # Rank 0 tokenises (with a progress bar); the others then read its cache. The data's
+        # seed is the run's effective one (ExperimentConfig.seeds: trainer.seed unless pinned).
         if is_rank0():
-            self.data = build_data(exp.data, exp.model.seq_length, progress=trainer.progress)
+            self.data = build_data(exp.data_config(), exp.model.seq_length, progress=trainer.progress)
         dist.barrier()
         if not is_rank0():
-            self.data = build_data(exp.data, exp.model.seq_length, progress=False)
+            self.data = build_data(exp.data_config(), exp.model.seq_length, progress=False)
         vocab = self.data.tokenizer.vocab_size
         if vocab > exp.model.vocab_size:
             raise ConfigError(f"the tokenizer has {vocab} tokens but model.vocab_size={exp.model.vocab_size}: "
@@ -355,6 +356,8 @@ class RunLogger:
             "budget.chinchilla_tokens": plan.budget_tokens, "budget.planned_tokens": plan.tokens,
             "budget.planned_steps": plan.steps, "flops_per_token": plan.flops_per_token,
             "world_size": dist.get_world_size(), "dp": trainer.dp, **lineage_params,
+            # The effective seeds, not the config's None for "follows trainer.seed".
+            **exp.seeds.params(),
         })
         self.tracker.start({k: str(v) for k, v in params.items()}, OmegaConf.to_yaml(trainer.resolved_config))
         self.output_dir = trainer.output_dir
