@@ -16,34 +16,49 @@ graph, one ``train.py`` process per stage, in order. Per seed:
    dense_fraction: equal *total* compute, the dense cost counted; continued and upcycled runs
    log ``flops_with_sunk``).
 
+The driver tags every stage's run with its role (``sweep_role``: dense, dense_continued,
+upcycled, scratch_extra, scratch_total) and extra budget (``sweep_extra``), which the report
+labels them by (``ROLES``).
+
 Resumable: a stage whose MLflow run (found by its run name under the sweep's tag) is FINISHED
 is not run again; an unfinished one restarts in its own folder and resumes from its own
 checkpoints. One MLflow parent run per sweep folder (found again by its tags), every stage a
 nested child (``MOE_MORPHEUS_PARENT_RUN_ID``, as tracking.MLflowSweepCallback does). At the end
-``summary.json`` and a printed table give the seed-mean final validation loss per variant and
-extra budget.
+``summary.json`` and a printed table give the seed-mean final validation loss per role and
+extra budget, and the paired-seed verdicts at equal extra and at equal total compute
+(moe_morpheus/report/stats.py: a verdict needs >= 3 seeds and a 95% interval excluding 0).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_morpheus.config import ConfigError
+from moe_morpheus.report.stats import interval_text, rank_and_compare, verdict_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = REPO_ROOT / "conf" / "upcycle" / "upcycle_vs_scratch.yaml"
 VARIANTS = ("dense_continued", "upcycled", "scratch_extra", "scratch_total")
+# Role of each stage (MLflow tag ROLE_TAG) -> how tables and legends name it.
+ROLES = {"dense": "dense stage", "dense_continued": "dense continued", "upcycled": "upcycled",
+         "scratch_extra": "scratch (equal extra)", "scratch_total": "scratch (equal total)"}
+ROLE_TAG, EXTRA_TAG = "sweep_role", "sweep_extra"
+# The arms compared at each extra budget: the dense stage's compute sunk (equal extra), or
+# charged (equal total: continued and upcycled runs count it, scratch_total trains it).
+EQUAL_EXTRA = ("dense_continued", "upcycled", "scratch_extra")
+EQUAL_TOTAL = ("dense_continued", "upcycled", "scratch_total")
 
 
 @dataclass
 class SweepConfig:
     name: str = "upcycle_vs_scratch"
-    seeds: list[int] = field(default_factory=lambda: [1, 2])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     dense_experiment: str = "dense"
     moe_experiment: str = "upcycle_64e"
     scratch_experiment: str = "moe_64e"
@@ -70,6 +85,15 @@ class Stage:
     key: str  # s1/x0.006/upcycled
     args: list[str]
     depends_on_dense: bool
+
+
+def stage_tags(key: str) -> dict[str, str]:
+    """The role tags of a stage key: ``s1/x0.006/upcycled`` -> {sweep_role: upcycled,
+    sweep_extra: 0.006}, ``s1/dense`` -> {sweep_role: dense}; {} for anything else."""
+    match = re.fullmatch(r"s[^/]+/(?:x([^/]+)/)?([a-z_]+)", key)
+    if match is None or match.group(2) not in ROLES or (match.group(1) is None) != (match.group(2) == "dense"):
+        return {}
+    return {ROLE_TAG: match.group(2), **({EXTRA_TAG: match.group(1)} if match.group(1) else {})}
 
 
 def load_config(argv: list[str]) -> SweepConfig:
@@ -158,6 +182,13 @@ class Driver:
         if result.returncode != 0:
             raise RuntimeError(f"stage {stage.key} failed (exit {result.returncode}): {' '.join(command)}")
 
+    def tag(self, stage: Stage) -> None:
+        """Tag the stage's finished run with its role (runs from before these tags get them now)."""
+        run = self.finished(stage)
+        for key, value in stage_tags(stage.key).items():
+            if run is not None and run.data.tags.get(key) != value:
+                self.client.set_tag(run.info.run_id, key, value)
+
     def run(self) -> dict:
         parent = self.parent()
         status = "FAILED"
@@ -166,9 +197,10 @@ class Driver:
             for stage in plan(self.cfg):
                 if self.finished(stage) is not None:
                     print(f"[{self.cfg.name}] {stage.key}: finished in MLflow, skipped", flush=True)
-                    continue
-                self.run_stage(stage, parent)
-                ran.append(stage.key)
+                else:
+                    self.run_stage(stage, parent)
+                    ran.append(stage.key)
+                self.tag(stage)
             summary = self.summary()
             summary["ran"] = ran
             status = "FINISHED"
@@ -180,35 +212,59 @@ class Driver:
         return summary
 
     def summary(self) -> dict:
-        """Seed-mean final validation loss and FLOPs (own, and with sunk) per extra budget and variant."""
-        table: dict[str, dict[str, dict]] = {}
-        for x in self.cfg.extra_fractions:
-            row = table.setdefault(f"{x:g}", {})
-            for variant in VARIANTS:
-                losses, flops, total = [], [], []
-                for seed in self.cfg.seeds:
-                    run = self.finished(Stage(f"s{seed}/x{x:g}/{variant}", [], False))
-                    metrics = run.data.metrics
-                    losses.append(metrics["final/valid_loss"])
-                    flops.append(metrics["final/flops"])
-                    total.append(metrics.get("final/flops_with_sunk", metrics["final/flops"]))
-                row[variant] = {"valid_loss": sum(losses) / len(losses), "losses": losses,
-                                "flops": sum(flops) / len(flops), "flops_with_sunk": sum(total) / len(total)}
-            extra = {v: row[v]["valid_loss"] for v in ("dense_continued", "upcycled", "scratch_extra")}
-            total_eq = {v: row[v]["valid_loss"] for v in ("dense_continued", "upcycled", "scratch_total")}
-            row["winner_equal_extra"] = min(extra, key=extra.get)
-            row["winner_equal_total"] = min(total_eq, key=total_eq.get)
-        return {"sweep": self.cfg.name, "seeds": list(self.cfg.seeds), "dense_fraction": self.cfg.dense_fraction,
-                "extra": table}
+        """:func:`summarize` over the finished stages' MLflow metrics."""
+        metrics = {}
+        for stage in plan(self.cfg):
+            run = self.finished(stage)
+            if run is not None:
+                metrics[stage.key] = run.data.metrics
+        return summarize(self.cfg, metrics)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(cfg: SweepConfig, metrics: dict[str, dict[str, float]]) -> dict:
+    """Per extra budget: each role's final validation loss per seed and its mean, own FLOPs and
+    FLOPs with the sunk dense stage; then, at equal extra and at equal total compute, the roles
+    ranked by mean loss and the best one against each other with the paired-seed rule
+    (``verdicts``; ``comparisons`` holds the numbers: a - b = diff [lo, hi] over n seeds).
+
+    metrics: stage key (``s1/x0.006/upcycled``) -> that run's MLflow metrics; a missing stage
+    or metric leaves its seed out (and the verdict says which seed went unpaired)."""
+    table: dict[str, dict] = {}
+    for x in cfg.extra_fractions:
+        row = table.setdefault(f"{x:g}", {})
+        losses = {}
+        for role in VARIANTS:
+            runs = {seed: m for seed in cfg.seeds if (m := metrics.get(f"s{seed}/x{x:g}/{role}")) is not None}
+            losses[role] = {seed: m["final/valid_loss"] for seed, m in runs.items() if "final/valid_loss" in m}
+            flops = [m["final/flops"] for m in runs.values() if "final/flops" in m]
+            total = [m.get("final/flops_with_sunk", m["final/flops"]) for m in runs.values() if "final/flops" in m]
+            row[role] = {"valid_loss": _mean(list(losses[role].values())),
+                         "losses": {str(seed): loss for seed, loss in losses[role].items()},
+                         "flops": _mean(flops), "flops_with_sunk": _mean(total)}
+        for name, roles in (("equal_extra", EQUAL_EXTRA), ("equal_total", EQUAL_TOTAL)):
+            ranking, comparisons = rank_and_compare({ROLES[r]: losses[r] for r in roles})
+            row[name] = {"ranking": ranking,
+                         "verdicts": [verdict_text(res, a, b) for a, b, res in comparisons],
+                         "comparisons": [{"a": a, "b": b, "diff": res.diff, "lo": res.lo, "hi": res.hi, "n": res.n,
+                                          "decided": res.decided, "interval": interval_text(res)}
+                                         for a, b, res in comparisons]}
+    return {"sweep": cfg.name, "seeds": list(cfg.seeds), "dense_fraction": cfg.dense_fraction, "extra": table}
 
 
 def format_summary(summary: dict) -> str:
     lines = [f"{summary['sweep']}: seed-mean final validation loss (seeds {summary['seeds']}, dense stage "
              f"{summary['dense_fraction']:g} of its Chinchilla budget)",
-             f"{'extra':>8} " + " ".join(f"{v:>16}" for v in VARIANTS) + "  winner (equal extra / equal total)"]
+             f"{'extra':>8} " + " ".join(f"{ROLES[v]:>22}" for v in VARIANTS)]
     for x, row in summary["extra"].items():
-        lines.append(f"{x:>8} " + " ".join(f"{row[v]['valid_loss']:16.4f}" for v in VARIANTS)
-                     + f"  {row['winner_equal_extra']} / {row['winner_equal_total']}")
+        cells = ["-" if row[v]["valid_loss"] is None else f"{row[v]['valid_loss']:.4f}" for v in VARIANTS]
+        lines.append(f"{x:>8} " + " ".join(f"{c:>22}" for c in cells))
+    for x, row in summary["extra"].items():
+        for name in ("equal_extra", "equal_total"):
+            lines += [f"extra {x}, {name.replace('_', ' ')} compute: {v}" for v in row[name]["verdicts"]]
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ One SQLite store (creating one costs ~8 s of MLflow migrations) holds an experim
 written with MlflowClient exactly as the run contract says the trainer logs: tags, dotted params,
 metrics against the step, final/ summaries, moe_load.json. Synthetic validation loss is a power
 law in the detailed FLOPs, L(C) = 2 + 5 (C / 1e10)^-0.3, plus per-variant and per-seed offsets,
-so the matched-compute margin and the seed spread are known in advance.
+so the paired differences of final losses, and their t-intervals, are known in advance.
 """
 
 from __future__ import annotations
@@ -12,28 +12,27 @@ from __future__ import annotations
 import math
 import re
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from scipy import stats as scipy_stats
 
-from moe_morpheus.report import analysis, build, figures, render
+from moe_morpheus.report import analysis, build, figures, render, stats
 from moe_morpheus.report.__main__ import main
-from moe_morpheus.report.collect import (
-    Collection,
-    SelectionError,
-    collect,
-    config_signature,
-    curve_frame,
-    group_labels,
-)
+from moe_morpheus.report.collect import Collection, SelectionError, collect, curve_frame
+from moe_morpheus.report.configs import config_signature, group_labels, sweep_role
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 30
 TOKENS_PER_STEP = 1e5
+TARGETS_PER_STEP = 0.3e5  # supervised positions (Part B) of the 1e5 positions of a step
 N_ACTIVE = 1e6
-FPT = {"dense": 1.2e7, "moe": 1.3e7, "upcycled": 1.3e7}  # detailed FLOPs/token: 2x 6N, MoE a bit more
+# Detailed FLOPs/token, 12x 6N; the MoE a little more (within the 2% of one compute level).
+FPT = {"dense": 1.2e7, "moe": 1.21e7, "upcycled": 1.21e7}
+SEEDS = (1, 2, 3)
 
 
 def base_loss(c):
@@ -42,18 +41,20 @@ def base_loss(c):
 
 def log_run(client, exp_id, *, variant, seed=0, offset=0.0, sweep=None, parent=None, status="FINISHED",
             steps=STEPS, loss=base_loss, fpt=None, n_active=N_ACTIVE, sunk_flops=0.0, upcycled_from=None,
-            finals=True, load=None, params=None, name=None, epochs_corpus=2e6):
+            finals=True, load=None, params=None, name=None, epochs_corpus=2e6, tags=None, targets=False):
     """One training run following the contract; returns its id. ``loss`` maps total FLOPs (own +
-    sunk) to the validation loss before ``offset``."""
+    sunk) to the validation loss before ``offset``; ``targets``: also log ``target_tokens_seen``
+    and ``valid/loss_se`` (newer runs)."""
     fpt = fpt or FPT[variant]
-    tags = {"variant": variant, "experiment": f"{variant}_tiny", "parallel_layout": "tp1-pp1-ep1-dp1"}
+    run_tags = {"variant": variant, "experiment": f"{variant}_tiny", "parallel_layout": "tp1-pp1-ep1-dp1"}
     if sweep:
-        tags["sweep"] = sweep
+        run_tags["sweep"] = sweep
     if parent:
-        tags["mlflow.parentRunId"] = parent
+        run_tags["mlflow.parentRunId"] = parent
     if upcycled_from:
-        tags["upcycled_from_run"] = upcycled_from
-    run = client.create_run(exp_id, tags=tags, run_name=name or f"{variant}-s{seed}")
+        run_tags["upcycled_from_run"] = upcycled_from
+    run_tags.update(tags or {})
+    run = client.create_run(exp_id, tags=run_tags, run_name=name or f"{variant}-s{seed}")
     rid = run.info.run_id
     p = {"model.num_layers": "2", "model.hidden_size": "64", "model.num_attention_heads": "4",
          "model.vocab_size": "8000", "model.seq_length": "128", "moe.layer_freq": "0" if variant == "dense" else "2",
@@ -63,9 +64,10 @@ def log_run(client, exp_id, *, variant, seed=0, offset=0.0, sweep=None, parent=N
          "count.active_params": str(n_active), "count.embedding_params": str(0.5 * n_active),
          "count.non_embedding_params": str(0.5 * n_active * (1 if variant == "dense" else 5)),
          "budget.chinchilla_tokens": str(20 * n_active), "budget.planned_tokens": str(steps * TOKENS_PER_STEP),
-         "flops_per_token": str(fpt)}
+         "flops_per_token": str(fpt), "tracking.run_name": name or rid, "checkpoint.dir": f"/ckpt/{rid}"}
     if sunk_flops:
-        p.update({"sunk.tokens": str(sunk_flops / FPT["dense"]), "sunk.flops": str(sunk_flops)})
+        p.update({"sunk.tokens": str(sunk_flops / FPT["dense"]), "sunk.flops": str(sunk_flops),
+                  "init.from_dense": f"/runs/s{seed}/dense/checkpoints"})
     p.update(params or {})
     metrics = []
     for step in range(1, steps + 1):
@@ -74,12 +76,16 @@ def log_run(client, exp_id, *, variant, seed=0, offset=0.0, sweep=None, parent=N
         m = {"tokens_seen": tokens, "flops": flops, "flops_6nd": 6 * n_active * tokens,
              "budget_fraction": tokens / (20 * n_active), "train/loss": float(loss(flops + sunk_flops)) + offset,
              "epochs/en_books": tokens / epochs_corpus, "epochs/zh_books": tokens / (4 * epochs_corpus)}
-        if step % 2 == 0 or step == 1:
+        if targets:
+            m["target_tokens_seen"] = step * TARGETS_PER_STEP
+        if step % 2 == 0 or step == 1 or step == steps:
             v = float(loss(flops + sunk_flops)) + offset
             m.update({"valid/loss": v, "valid/en_mask/loss": v + 0.1, "valid/zh_gmask/loss": v - 0.1})
+            if targets:
+                m["valid/loss_se"] = 0.0123
         if variant != "dense":
             m.update({"moe/layer1/balance_loss": 1 + 0.2 * math.exp(-step / 10), "moe/layer1/drop_rate": 0.0,
-                      "moe/aux_loss": 0.01 * (1 + 0.2 * math.exp(-step / 10))})
+                      "moe/layer1/z_loss": 3.0 - step / 100})
         metrics += [Metric(k, v, 0, step) for k, v in m.items()]
     if finals:
         v = float(loss(steps * TOKENS_PER_STEP * fpt + sunk_flops)) + offset
@@ -102,12 +108,35 @@ def sweep_parent(client, exp_id, sweep):
 
 LOAD = {"layer1": [0.25, 0.05, 0.1, 0.1, 0.15, 0.1, 0.1, 0.15], "layer3": [0.125] * 8}
 SCALING_LAW = {"E": 1.8, "A": 400.0, "B": 1000.0, "alpha": 0.34, "beta": 0.28}
+# Per-seed offsets: "clear" has MoE 0.05 below dense with small per-run noise (a verdict), "tied"
+# MoE 0.004 below with noise of 0.01 (no verdict).
+CLEAR = {"dense": (-0.004, 0.0, 0.004), "moe": (-0.052, -0.047, -0.049)}
+TIED = {"dense": (-0.01, 0.0, 0.01), "moe": (-0.004 + 0.01, -0.004 - 0.01, -0.004)}
+# Staged upcycling sweep: dense stage of DENSE_STEPS, extra budgets (tag value -> steps).
+DENSE_STEPS = 10
+EXTRA = {"0.006": 10, "0.012": 20}
+SEED_NOISE = {1: 0.02, 2: -0.015, 3: 0.0}  # shared by every arm of a seed: cancels in paired differences
+
+
+def upcycle_losses(f0, c_max):
+    """Loss of each role against total compute C: dense continued and upcycled gain over the
+    power law quickly after the handoff (upcycled a little more), scratch gains as 0.3 t^2 with
+    t = (C - f0) / (c_max - f0), so scratch at equal total compute overtakes upcycled between
+    the two extra budgets."""
+    def gain(c, amount):
+        return amount * (1 - np.exp(-(np.asarray(c) - f0) / (0.3 * f0)))
+
+    def scratch(c):
+        return base_loss(c) - 0.3 * (np.clip(np.asarray(c) - f0, 0, None) / (c_max - f0)) ** 2
+
+    return {"dense_continued": lambda c: base_loss(c) - gain(c, 0.12), "upcycled": lambda c: base_loss(c) - gain(c, 0.15),
+            "scratch_extra": scratch, "scratch_total": scratch}
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """uri, {case: run ids} for the cases: clear (MoE wins by 0.05, seed spread 0.008), tied
-    (MoE ahead by 0.004, spread 0.02), crash, empty, upcycle, scaling."""
+    """uri, {case: run ids} for the cases: clear (MoE wins, 3 seeds), tied (within the noise),
+    crash, empty, steps (one model at two lengths), upcycle (the staged sweep), scaling."""
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -118,18 +147,17 @@ def store(tmp_path_factory):
     ids = {}
     exp = experiment("clear")
     parent = sweep_parent(client, exp, "dvm")
-    ids["clear"] = [log_run(client, exp, variant=v, seed=s, offset=(-0.05 if v == "moe" else 0) + o, sweep="dvm",
-                            parent=parent, load=LOAD if v == "moe" else None)
-                    for v in ("dense", "moe") for s, o in ((0, -0.004), (1, 0.004))]
+    ids["clear"] = [log_run(client, exp, variant=v, seed=s, offset=o, sweep="dvm", parent=parent, targets=True,
+                            load=LOAD if v == "moe" else None)
+                    for v in ("dense", "moe") for s, o in zip(SEEDS, CLEAR[v])]
     ids["clear_parent"] = parent
     # A run from another sweep in the same experiment: left out by --sweep, a "mixed sweeps" problem otherwise.
     ids["clear_stray"] = log_run(client, exp, variant="dense", seed=7, sweep="older", name="stray")
 
     exp = experiment("tied")
     ids["tied_parents"] = [sweep_parent(client, exp, "t") for _ in range(2)]  # the sweep launched twice
-    ids["tied"] = [log_run(client, exp, variant=v, seed=s, offset=(-0.004 if v == "moe" else 0) + o, sweep="t",
-                           load=LOAD if v == "moe" else None)
-                   for v in ("dense", "moe") for s, o in ((0, -0.01), (1, 0.01))]
+    ids["tied"] = [log_run(client, exp, variant=v, seed=s, offset=o, sweep="t", load=LOAD if v == "moe" else None)
+                   for v in ("dense", "moe") for s, o in zip(SEEDS, TIED[v])]
 
     exp = experiment("crash")
     ids["crash"] = [log_run(client, exp, variant="dense", sweep="c"),
@@ -140,32 +168,38 @@ def store(tmp_path_factory):
 
     experiment("empty")
 
-    # Upcycling: dense parent trained to F0; dense continued and upcycled charged F0 as sunk compute;
-    # MoE from scratch behind upcycled early, ahead late: its advantage over dense grows as
-    # 0.3 t^2 with t = (C - F0) / (c_max - F0), the upcycled one saturates at 0.15 within ~F0, so
-    # scratch catches up at t = sqrt(1/2).
+    # One dense model at two lengths (trainer.steps), three seeds each; seeds, run names, checkpoint
+    # folders and the progress bar differ per run and do not make configurations.
+    exp = experiment("steps")
+    ids["steps"] = {n: [log_run(client, exp, variant="dense", seed=s, steps=n, sweep="len",
+                                params={"trainer.steps": str(n), "data.seed": str(100 + s), "upcycle.seed": str(s),
+                                        "trainer.progress": str(s == 1)})
+                        for s in SEEDS] for n in (20, 30)}
+
+    # The staged upcycling sweep (moe_morpheus/upcycle_sweep.py): per seed a dense stage, then per
+    # extra budget dense continued, upcycled, scratch (equal extra) and scratch (equal total). The
+    # driver's role tags are on every run but the dense stages (older runs: read from the run name).
     exp = experiment("upcycle")
-    f0 = 10 * TOKENS_PER_STEP * FPT["dense"]
-    c_max = STEPS * TOKENS_PER_STEP * FPT["moe"] + f0
-    dense_parent = log_run(client, exp, variant="dense", sweep="up", steps=10, name="dense-parent",
-                           params={"budget.chinchilla_fraction": "0.25"})
-
-    def upcycled_loss(c):
-        return base_loss(c) - 0.15 * (1 - np.exp(-(np.asarray(c) - f0) / (0.3 * f0)))
-
-    def scratch_loss(c):
-        return base_loss(c) - 0.3 * (np.clip(np.asarray(c) - f0, 0, None) / (c_max - f0)) ** 2
-
-    ids["upcycle"] = {
-        "parent": dense_parent,
-        "dense": [log_run(client, exp, variant="dense", sweep="up", sunk_flops=f0, seed=s, name=f"dense-cont-s{s}")
-                  for s in (0, 1)],
-        "upcycled": [log_run(client, exp, variant="upcycled", sweep="up", sunk_flops=f0, upcycled_from=dense_parent,
-                             loss=upcycled_loss, seed=s, load=LOAD) for s in (0, 1)],
-        "moe": [log_run(client, exp, variant="moe", sweep="up", loss=scratch_loss, seed=s, steps=40, load=LOAD)
-                for s in (0, 1)],
-        "f0": f0, "c_max": c_max,
-    }
+    f0 = DENSE_STEPS * TOKENS_PER_STEP * FPT["dense"]
+    c_max = (DENSE_STEPS + EXTRA["0.012"]) * TOKENS_PER_STEP * FPT["moe"]
+    losses = upcycle_losses(f0, c_max)
+    up = {"f0": f0, "c_max": c_max, "dense": {}, "runs": {}}
+    for s in SEEDS:
+        up["dense"][s] = log_run(client, exp, variant="dense", sweep="up", steps=DENSE_STEPS, seed=s,
+                                 offset=SEED_NOISE[s], name=f"up/s{s}/dense",
+                                 params={"budget.chinchilla_fraction": "0.012"})
+        for x, steps in EXTRA.items():
+            for role, variant, n, sunk in (("dense_continued", "dense", steps, f0),
+                                           ("upcycled", "upcycled", steps, f0),
+                                           ("scratch_extra", "moe", steps, 0.0),
+                                           ("scratch_total", "moe", DENSE_STEPS + steps, 0.0)):
+                up["runs"][(s, x, role)] = log_run(
+                    client, exp, variant=variant, sweep="up", steps=n, seed=s, sunk_flops=sunk, loss=losses[role],
+                    offset=SEED_NOISE[s] + 0.001 * ((s * 7 + n) % 3), name=f"up/s{s}/x{x}/{role}",
+                    upcycled_from=up["dense"][s] if role == "upcycled" else None,
+                    load=LOAD if variant != "dense" else None, tags={"sweep_role": role, "sweep_extra": x},
+                    params={"budget.chinchilla_fraction": str(float(x) + (0.012 if role == "scratch_total" else 0))})
+    ids["upcycle"] = up
 
     # Scaling: final losses exactly from a known law at 4 sizes x 3 token counts.
     exp = experiment("scaling")
@@ -203,22 +237,42 @@ def assert_png(path):
     assert data[:8] == PNG_MAGIC and len(data) > 5000, path
 
 
+def t_interval(a: dict, b: dict) -> tuple[float, float, float]:
+    """Independent reference: mean of a - b over common seeds and its 95% Student-t interval."""
+    d = np.array([a[k] - b[k] for k in sorted(set(a) & set(b))])
+    half = scipy_stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half
+
+
+def finals(uri, run_ids) -> dict[int, float]:
+    """seed -> final/valid_loss, read back from MLflow."""
+    client = MlflowClient(tracking_uri=uri)
+    runs = [client.get_run(r) for r in run_ids]
+    return {int(r.data.params["trainer.seed"]): r.data.metrics["final/valid_loss"] for r in runs}
+
+
 # --- whole reports -----------------------------------------------------------------------------------
 
 def test_clear_winner_report(tmp_path, store):
     uri, ids = store
     out, md, page = report(tmp_path, uri, "--experiment", "clear", "--sweep", "dvm")
     rows = run_table_rows(md)
-    assert len(rows) == 4 and all(any(rid in r for r in rows) for rid in ids["clear"])
+    assert len(rows) == 6 and all(any(rid in r for r in rows) for rid in ids["clear"])
     assert ids["clear_stray"] not in md and ids["clear_parent"] not in rows[0]
-    assert "**moe** has the lower validation loss" in md and "larger than the seed-to-seed spread" in md
+    # Paired over seeds 1-3: MoE below dense, the 95% interval of moe - dense entirely below 0.
+    d, lo, hi = t_interval(finals(uri, ids["clear"][3:]), finals(uri, ids["clear"][:3]))
+    assert hi < 0
+    assert f"**moe beats dense by {-d:.4f} [{-hi:.4f}, {-lo:.4f}] (n=3)**" in md
+    # Both token counts and the validation SE: 30 steps of 1e5 positions, 3e4 of them targets.
+    assert all("| 3M | 900k | 3 |" in r and "| 0.0123 |" in r for r in rows)
+    assert "| 15% |" in rows[0]  # 3M tokens of a 20M-token Chinchilla budget
     for name in ("loss_curves.png", "valid_sets.png", "matched_compute.png", "moe_training.png"):
         assert_png(out / name)
     heatmaps = sorted(out.glob("moe_load_*.png"))
-    assert len(heatmaps) == 2
+    assert len(heatmaps) == 3
     assert_png(heatmaps[0])
     # Self-contained: every figure is embedded, none linked.
-    assert page.count('src="data:image/png;base64,') == 6 and ".png\"" not in page
+    assert page.count('src="data:image/png;base64,') == 7 and ".png\"" not in page
     assert "zh_gmask final / best" in md and "repeated data" in md and "detailed / 6N" in md
     # Runs read 3e6 tokens of a 2e6-token corpus: 1.5 epochs of en_books, marked.
     assert "| 1.50 | 0.38 | **yes** |" in md
@@ -234,24 +288,29 @@ def md_text(blocks) -> str:
 def test_mixed_sweeps_are_reported(store):
     uri, ids = store
     c = collect(uri, "clear")
-    assert len(c.runs) == 5 and any("mixed sweeps" in p for p in c.problems)
+    assert len(c.runs) == 7 and any("mixed sweeps" in p for p in c.problems)
 
 
 def test_parent_selection(store):
     uri, ids = store
     c = collect(uri, "clear", parent=ids["clear_parent"])
     assert sorted(c.runs.index) == sorted(ids["clear"]) and not c.problems
-    assert c.runs["group"].tolist() == ["dense", "dense", "moe", "moe"]
+    assert c.runs["group"].tolist() == ["dense"] * 3 + ["moe"] * 3
 
 
-def test_no_verdict_within_seed_spread(tmp_path, store):
+def test_no_verdict_within_the_noise(tmp_path, store):
     uri, ids = store
     c = collect(uri, "tied", sweep="t")
-    assert len(c.runs) == 4 and c.problems == [
+    assert len(c.runs) == 6 and c.problems == [
         f"sweep 't' was launched 2 times (parent runs {', '.join(sorted(ids['tied_parents']))}); the runs of all launches "
         "are included together."]
     md = md_text(build.matched_section(c, tmp_path))
-    assert "**No verdict**" in md and "moe is ahead of dense by 0.004" in md
+    d, lo, hi = t_interval(finals(uri, ids["tied"][3:]), finals(uri, ids["tied"][:3]))
+    assert lo < d < 0 < hi  # MoE ahead on the mean, the interval straddles 0
+    assert f"no verdict: moe - dense = {d:+.4f} [{lo:+.4f}, {hi:+.4f}] (n=3)" in md
+    # Runs from before target_tokens_seen and valid/loss_se: "-" in those columns.
+    row = build.run_table(c.runs).rows[0]
+    assert row[9] == "-" and row[16] == "-" and row[8] == "3M"
 
 
 def test_crashed_and_stray_runs_are_problems(tmp_path, store):
@@ -259,12 +318,27 @@ def test_crashed_and_stray_runs_are_problems(tmp_path, store):
     out, md, _ = report(tmp_path, uri, "--experiment", "crash")
     problems = md.split("## Problems", 1)[1].split("\n## ", 1)[0]
     assert f"run `{ids['crash'][2]}`" in problems and "ended FAILED" in problems
-    assert "2 runs of dense share seed 0" in problems
+    assert "2 runs of dense share seed 0" in problems and "averaged into one value" in problems
     assert "still RUNNING" in problems and "logged no valid/loss" in problems
     assert "no variant tag" in problems and "no moe_load.json" in problems
     assert len(run_table_rows(md)) == 4
-    assert "at least two configurations" in md  # only the dense run can be compared
+    assert "No two configurations end at the same total compute" in md  # only the dense runs finished
     assert_png(out / "loss_curves.png")
+
+
+def test_runs_differing_in_steps_are_two_configurations(tmp_path, store):
+    """trainer.steps changes the schedule: not seeds of one configuration; seeds (trainer, data,
+    upcycle), run names, checkpoint folders and the progress bar do not make configurations."""
+    uri, ids = store
+    c = collect(uri, "steps")
+    for n, run_ids in ids["steps"].items():
+        assert set(c.runs.loc[run_ids, "group"]) == {f"dense steps={n}"}
+    assert c.config_keys == ["trainer.steps"]
+    assert "configurations differ in: `trainer.steps`" in md_text(build.runs_section(c))
+    md = md_text(build.matched_section(c, tmp_path))
+    # Two budgets of one model are never rivals: each is alone at its compute.
+    assert "No two configurations end at the same total compute" in md and "### " not in md
+    assert "dense steps=20 (2.4e+13 FLOPs); dense steps=30 (3.6e+13 FLOPs)" in md
 
 
 def test_empty_experiment(tmp_path, store):
@@ -289,21 +363,53 @@ def test_unknown_names_exit_nonzero(tmp_path, store, capsys):
 def test_experiment_config_tag_selects_runs(store):
     uri, ids = store
     c = collect(uri, "upcycled_tiny")  # not an MLflow experiment: the runs' `experiment` tag
-    assert sorted(c.runs.index) == sorted(ids["upcycle"]["upcycled"])
+    up = ids["upcycle"]["runs"]
+    assert sorted(c.runs.index) == sorted(rid for (_, _, role), rid in up.items() if role == "upcycled")
     with pytest.raises(SelectionError, match="Experiments that exist"):
         collect(uri, "o'brien")
 
 
-def test_upcycling_crossover(tmp_path, store):
+def _line_crossing(p1, p2, q1, q2) -> float:
+    """Where the segments p1-p2 and q1-q2 (points (compute, loss), linear in log compute) cross."""
+    (a1, b1), (a2, b2), (c1, d1), (c2, d2) = [(np.log(x), y) for x, y in (p1, p2, q1, q2)]
+    sp, sq = (b2 - b1) / (a2 - a1), (d2 - d1) / (c2 - c1)
+    return float(np.exp((d1 - sq * c1 - b1 + sp * a1) / (sp - sq)))
+
+
+def test_upcycling_sweep_report(tmp_path, store):
     uri, ids = store
     c = collect(uri, "upcycle")
-    md = md_text(build.matched_section(c, tmp_path) + build.upcycling_section(c, tmp_path))
     up = ids["upcycle"]
-    at = float(md.split("**moe** catches up with **upcycled** at ", 1)[1].split(" ")[0])
-    assert at == pytest.approx(up["f0"] + 0.5 ** 0.5 * (up["c_max"] - up["f0"]), rel=0.03)
-    assert "does not catch up with upcycled" in md  # dense continued
-    assert f"`{up['parent']}`" in md.split("## Upcycling", 1)[1]  # handoff table names the parent
-    assert "Dense parents of upcycled runs (1) are left out" in md
+    runs = up["runs"]
+    # Arms labelled by role (the dense stages by their run name: they have no role tag).
+    assert set(c.runs.loc[list(up["dense"].values()), "group"]) == {"dense stage"}
+    assert c.runs.loc[runs[(1, "0.006", "scratch_total")], "group"] == "scratch (equal total) +0.006"
+    assert c.runs["group"].nunique() == 9
+    md = md_text(build.matched_section(c, tmp_path) + build.upcycling_section(c, tmp_path))
+
+    def losses(x, role):
+        return finals(uri, [runs[(s, x, role)] for s in SEEDS])
+
+    # Equal total compute at +0.006: upcycled against scratch trained for the dense stage + extra.
+    d, lo, hi = t_interval(losses("0.006", "upcycled"), losses("0.006", "scratch_total"))
+    assert hi < 0 and (f"**upcycled +0.006 beats scratch (equal total) +0.006 by {-d:.4f} [{-hi:.4f}, {-lo:.4f}] "
+                       "(n=3)**") in md
+    # Equal extra compute (the dense stage sunk), per budget.
+    d, lo, hi = t_interval(losses("0.006", "upcycled"), losses("0.006", "scratch_extra"))
+    assert (f"+0.006: **upcycled +0.006 beats scratch (equal extra) +0.006 by {-d:.4f} [{-hi:.4f}, {-lo:.4f}] "
+            "(n=3)**") in md
+    # Crossover from final points only: the lines through each role's seed means at its budgets.
+    f0, fpt, step = up["f0"], FPT["moe"], TOKENS_PER_STEP
+
+    def point(x, role, compute):
+        return compute, np.mean(list(losses(x, role).values()))
+
+    u = [point(x, "upcycled", f0 + EXTRA[x] * step * fpt) for x in EXTRA]
+    sc = [point(x, "scratch_total", (DENSE_STEPS + EXTRA[x]) * step * fpt) for x in EXTRA]
+    at = float(md.split("**scratch (equal total)** catches up with **upcycled** at ", 1)[1].split(" ")[0])
+    assert at == pytest.approx(_line_crossing(*u, *sc), rel=2e-3)
+    assert "dense continued does not catch up with upcycled" in md
+    assert f"`{up['dense'][1]}`" in md.split("## Upcycling", 1)[1]  # handoff table names the parent
     assert_png(tmp_path / "upcycling_crossover.png")
 
 
@@ -321,6 +427,89 @@ def test_scaling_section_recovers_law(tmp_path, store):
     assert_png(tmp_path / "scaling_dense.png")
 
 
+# --- verdict rule (report/stats.py) and the upcycle sweep summary -----------------------------------
+
+def test_paired_interval_is_the_student_t_interval():
+    a = {1: 3.00, 2: 3.10, 3: 2.95, 4: 3.05}
+    b = {1: 2.90, 2: 3.02, 3: 2.90, 4: 2.93}
+    r = stats.paired_interval(a, b)
+    d = np.array([0.10, 0.08, 0.05, 0.12])
+    half = scipy_stats.t.ppf(0.975, 3) * np.sqrt(((d - d.mean()) ** 2).sum() / 3) / 2
+    assert (r.n, r.seeds) == (4, (1, 2, 3, 4))
+    assert r.diff == pytest.approx(0.0875) and r.lo == pytest.approx(0.0875 - half) and r.hi == pytest.approx(0.0875 + half)
+    assert r.decided and not r.a_wins  # the interval of a - b lies above 0: B has the lower loss
+    assert stats.verdict_text(r, "A", "B") == f"B beats A by 0.0875 [{0.0875 - half:.4f}, {0.0875 + half:.4f}] (n=4)"
+
+
+def test_interval_containing_zero_is_no_verdict():
+    r = stats.paired_interval({1: 3.1, 2: 2.92, 3: 3.02}, {1: 3.0, 2: 3.0, 3: 3.0})
+    d, lo, hi = t_interval({1: 3.1, 2: 2.92, 3: 3.02}, {1: 3.0, 2: 3.0, 3: 3.0})
+    assert lo < 0 < hi and not r.decided
+    assert stats.verdict_text(r, "A", "B") == f"no verdict: A - B = {d:+.4f} [{lo:+.4f}, {hi:+.4f}] (n=3)"
+
+
+def test_unpaired_seeds_are_dropped_and_said():
+    a = {1: 2.0, 2: 2.1, 3: 2.05, 5: 1.0}  # seed 5 has no partner: it would otherwise decide
+    b = {1: 2.1, 2: 2.2, 3: 2.1, 6: 9.0}
+    r = stats.paired_interval(a, b)
+    assert (r.n, r.seeds, r.only_a, r.only_b) == (3, (1, 2, 3), (5,), (6,))
+    assert r.diff == pytest.approx(t_interval(a, b)[0])
+    assert stats.verdict_text(r, "A", "B").endswith("; unpaired, dropped: seed(s) 5 only in A; seed(s) 6 only in B")
+
+
+def test_fewer_than_three_seeds_is_no_verdict():
+    r = stats.paired_interval({1: 2.0, 2: 2.01}, {1: 3.0, 2: 3.02})
+    assert r.n == 2 and r.hi < 0 and not r.decided  # excludes 0, but two seeds are not enough
+    assert stats.verdict_text(r, "A", "B").startswith("no verdict (n<3): A - B = -1.0050 [")
+    one = stats.paired_interval({1: 2.0}, {1: 3.0, 2: 3.1})
+    assert stats.verdict_text(one, "A", "B") == ("no verdict (n<3): A - B = -1.0000 (n=1, no interval); unpaired, "
+                                                 "dropped: seed(s) 2 only in B")
+    assert stats.paired_interval({}, {1: 1.0}).n == 0
+    assert stats.paired_interval({1: float("nan"), 2: 1.0}, {1: 1.0, 2: 1.0}).only_b == (1,)
+
+
+def test_rank_and_compare_pairs_the_best_with_each_rival():
+    ranking, comparisons = stats.rank_and_compare({"a": {1: 3.0, 2: 3.1}, "b": {1: 2.0, 2: 2.2}, "c": {},
+                                                   "d": {1: 2.5, 2: 2.4}})
+    assert ranking == ["b", "d", "a"]
+    assert [(x, y, r.n) for x, y, r in comparisons] == [("b", "d", 2), ("b", "a", 2)]
+    assert comparisons[0][2].diff == pytest.approx(-0.35)
+
+
+def test_upcycle_sweep_summary_uses_the_paired_rule():
+    from moe_morpheus.upcycle_sweep import format_summary, load_config, summarize
+
+    cfg = load_config(["seeds=[1,2,3,4]", "extra_fractions=[0.006]"])
+    loss = {"dense_continued": 6.0, "upcycled": 5.9, "scratch_extra": 7.0, "scratch_total": 5.95}
+    metrics = {f"s{s}/x0.006/{role}": {"final/valid_loss": v + 0.1 * s + 0.001 * (s * s % 3), "final/flops": 1e12,
+                                       "final/flops_with_sunk": 2e12 if role in ("dense_continued", "upcycled") else 1e12}
+               for s in (1, 2, 3, 4) for role, v in loss.items() if (s, role) != (4, "scratch_total")}
+    summary = summarize(cfg, metrics)
+    row = summary["extra"]["0.006"]
+    assert row["upcycled"]["flops_with_sunk"] == 2e12 and row["scratch_total"]["losses"].keys() == {"1", "2", "3"}
+    assert row["equal_extra"]["ranking"] == ["upcycled", "dense continued", "scratch (equal extra)"]
+    up = {s: metrics[f"s{s}/x0.006/upcycled"]["final/valid_loss"] for s in (1, 2, 3, 4)}
+    total = {s: metrics[f"s{s}/x0.006/scratch_total"]["final/valid_loss"] for s in (1, 2, 3)}
+    d, lo, hi = t_interval(up, total)
+    verdict = [v for v in row["equal_total"]["verdicts"] if "scratch (equal total)" in v][0]
+    assert verdict == (f"upcycled beats scratch (equal total) by {-d:.4f} [{-hi:.4f}, {-lo:.4f}] (n=3); unpaired, "
+                       "dropped: seed(s) 4 only in upcycled")
+    comparison = row["equal_total"]["comparisons"][-1]
+    assert comparison["n"] == 3 and comparison["decided"] and comparison["hi"] == pytest.approx(hi)
+    assert verdict in format_summary(summary)
+
+
+def test_stage_tags_name_the_roles():
+    from moe_morpheus.upcycle_sweep import stage_tags
+
+    assert stage_tags("s1/x0.006/upcycled") == {"sweep_role": "upcycled", "sweep_extra": "0.006"}
+    assert stage_tags("s12/dense") == {"sweep_role": "dense"}
+    assert stage_tags("s1/x0.006/dense") == {} and stage_tags("s1/upcycled") == {} and stage_tags("other") == {}
+    assert sweep_role({"sweep": "u", "mlflow.runName": "u/s2/x0.012/scratch_total"}) == ("scratch_total", "0.012")
+    assert sweep_role({"sweep_role": "upcycled", "sweep_extra": "1", "mlflow.runName": "x"}) == ("upcycled", "1")
+    assert sweep_role({"sweep": "u", "mlflow.runName": "dense-s1"}) == (None, None)
+
+
 # --- analysis ----------------------------------------------------------------------------------------
 
 def test_loss_at_is_log_linear_and_never_extrapolates():
@@ -331,44 +520,48 @@ def test_loss_at_is_log_linear_and_never_extrapolates():
     assert np.isnan(analysis.loss_at(np.array([]), np.array([]), 1e9)).all()
 
 
-def test_compute_points_span_the_shared_range():
-    series = {"a": (np.array([1e9, 1e12]), np.ones(2)), "b": (np.array([1e10, 1e11]), np.ones(2))}
-    np.testing.assert_allclose(analysis.compute_points(series, 3), [1e10, 10 ** 10.5, 1e11])
-    assert analysis.compute_points({"a": (np.array([1.0, 2.0]), np.ones(2)),
-                                    "b": (np.array([3.0, 4.0]), np.ones(2))}).size == 0
-    np.testing.assert_allclose(analysis.compute_points(series, 1), [1e11])
+def test_compute_levels_group_within_tolerance():
+    levels = analysis.compute_levels({"a": 1e12, "b": 1.015e12, "c": 1.03e12, "d": 2e12, "e": float("nan")})
+    assert levels == [["a", "b"], ["c"], ["d"]]  # c is 3% above a, the level's first
+    assert analysis.compute_levels({}) == []
 
 
-def test_verdict_kinds():
-    def stats(rows):
-        return pd.DataFrame(rows, columns=["group", "mean", "spread", "n"]).set_index("group")
-
-    v = analysis.verdict(stats([("dense", 3.0, 0.01, 2), ("moe", 2.9, 0.02, 2)]))
-    assert (v.winner, v.runner_up, v.kind) == ("moe", "dense", "winner") and v.margin == pytest.approx(0.1)
-    assert "**moe**" in v.sentence(1e12)
-    v = analysis.verdict(stats([("dense", 3.0, 0.2, 3), ("moe", 2.9, 0.02, 2)]))
-    assert v.kind == "no verdict" and v.spread == pytest.approx(0.2) and "No verdict" in v.sentence(1e12)
-    v = analysis.verdict(stats([("dense", 3.0, 0.0, 1), ("moe", 2.9, 0.0, 1)]))
-    assert v.kind == "unmeasured" and "not a verdict" in v.sentence(1e12)
-    assert analysis.verdict(stats([("dense", 3.0, 0.0, 1), ("moe", np.nan, 0.0, 1)])) is None
+def points_frame(rows):
+    return pd.DataFrame(rows, columns=["group", "arm", "seed", "loss", "se", "compute", "own"])
 
 
-def test_matched_compute_averages_seeds():
-    x = np.geomspace(1e9, 1e11, 5)
-    series = {"d0": (x, np.full(5, 3.0)), "d1": (x, np.full(5, 3.2)), "m0": (x * 2, np.full(5, 2.5))}
-    mc = analysis.matched_compute(series, {"d0": "dense", "d1": "dense", "m0": "moe"}, 2)
-    np.testing.assert_allclose(mc.points, [2e9, 1e11])
-    last = mc.table[mc.table["point"] == 1].set_index("group")
-    assert last.loc["dense", "mean"] == pytest.approx(3.1) and last.loc["dense", "spread"] == pytest.approx(0.2)
-    assert mc.headline.winner == "moe" and mc.headline.kind == "winner"
+def test_matched_final_compares_configurations_never_budgets():
+    rows = [("dense", "dense", s, 3.0 + 0.01 * s, 0.01, 1e12, 1e12) for s in (1, 2, 3)]
+    rows += [("moe", "moe", s, 2.9 + 0.012 * s, np.nan, 1.01e12, 1.01e12) for s in (1, 2, 3)]
+    rows += [("dense long", "dense", s, 2.5, 0.01, 2e12, 2e12) for s in (1, 2, 3)]
+    rows += [("moe", "moe", 3, 2.95, np.nan, 1.01e12, 1.01e12)]  # a rerun of seed 3: averaged
+    levels = analysis.matched_final(points_frame(rows))
+    assert [lv.ranking for lv in levels] == [["moe", "dense"], ["dense long"]]
+    first = levels[0]
+    assert first.compute == pytest.approx(1.005e12) and first.table.loc["moe", "n"] == 4
+    assert first.table.loc["moe", "losses"][3] == pytest.approx((2.936 + 2.95) / 2)
+    (best, other, r), = first.comparisons
+    assert (best, other, r.n) == ("moe", "dense", 3)
+    assert r.diff == pytest.approx(t_interval(first.table.loc["moe", "losses"], first.table.loc["dense", "losses"])[0])
+    assert levels[1].comparisons == []
 
 
-def test_mean_curve_needs_every_run():
-    grid = np.array([1.0, 10.0, 100.0])
-    m = analysis.mean_curve([(np.array([1.0, 100.0]), np.array([2.0, 4.0])),
-                             (np.array([1.0, 10.0]), np.array([4.0, 4.0]))], grid)
-    np.testing.assert_allclose(m, [3.0, 3.5, np.nan])
-    assert np.isnan(analysis.mean_curve([], grid)).all()
+def test_final_points_take_finished_runs_with_totals():
+    runs = pd.DataFrame({"group": ["a", "b", "c"], "arm": ["a", "b", "c"], "seed": [1.0, 1.0, 1.0],
+                         "status": ["FINISHED", "FAILED", "FINISHED"], "final_valid_loss": [3.0, 2.0, np.nan],
+                         "valid_loss_se": [0.01, np.nan, np.nan], "total_flops": [2e12, 1e12, 1e12],
+                         "flops_reached": [1e12, 1e12, 1e12]}, index=["r1", "r2", "r3"])
+    p = analysis.final_points(runs)
+    assert list(p.index) == ["r1"] and p.loc["r1", "compute"] == 2e12 and p.loc["r1", "own"] == 1e12
+    assert analysis.final_points(pd.DataFrame()).empty
+
+
+def test_arm_lines_join_budgets_in_compute_order():
+    rows = [("up +2", "up", 1, 2.0, np.nan, 4e12, 2e12), ("up +1", "up", 1, 2.5, np.nan, 3e12, 1e12),
+            ("up +1", "up", 2, 2.7, np.nan, 3e12, 1e12)]
+    lines = analysis.arm_lines(points_frame(rows))
+    np.testing.assert_allclose(lines["up"][0], [3e12, 4e12])
+    np.testing.assert_allclose(lines["up"][1], [2.6, 2.0])
 
 
 def test_crossover_is_the_last_catch_up():
@@ -405,15 +598,13 @@ def test_scaling_fits_need_sizes_and_finished_runs():
     assert analysis.scaling_fits(pd.DataFrame()) == ([], [])
 
 
-def test_handoff_table_and_parents():
+def test_handoff_table():
     runs = pd.DataFrame({"variant": ["dense", "upcycled"], "name": ["d", "u"], "upcycled_from": [None, "d1"],
                          "final_valid_loss": [3.0, 2.5], "sunk_tokens": [0.0, 1e6], "sunk_flops": [0.0, 1e12]},
                         index=["d1", "u1"])
     curves = {"u1": pd.DataFrame({"valid/loss": [np.nan, 3.01, 2.9]})}
     t = analysis.handoff_table(runs, curves)
     assert t.loc[0, "parent_final_loss"] == 3.0 and t.loc[0, "first_valid_loss"] == 3.01
-    assert analysis.upcycling_parents(runs) == ["d1"]
-    assert analysis.upcycling_parents(pd.DataFrame()) == []
 
 
 def test_loss_series_adds_sunk_and_filters():
@@ -426,7 +617,7 @@ def test_loss_series_adds_sunk_and_filters():
     assert analysis.loss_series(runs, {"a": curve}, "tokens_seen") == {}
 
 
-# --- collect -----------------------------------------------------------------------------------------
+# --- collect and configurations ----------------------------------------------------------------------
 
 def test_curve_frame_dedupes_and_fills_axes():
     frame = curve_frame({"tokens_seen": [(1, 0, 100.0), (3, 0, 300.0)],
@@ -436,12 +627,27 @@ def test_curve_frame_dedupes_and_fills_axes():
     assert "flops" not in frame
 
 
+def test_config_signature_leaves_out_seeds_infra_and_derived_params():
+    params = {"model.hidden_size": "64", "trainer.steps": "100", "trainer.lr": "0.003", "data.valid_seed": "0",
+              "trainer.seed": "1", "data.seed": "1234", "upcycle.seed": "0", "tracking.run_name": "a",
+              "checkpoint.dir": "/x", "parallel.tp": "2", "trainer.progress": "True", "trainer.eval_interval": "50",
+              "count.total_params": "1e6", "budget.planned_tokens": "5", "flops_per_token": "1e7",
+              "sunk.tokens": "10", "sunk.flops": "1e9", "init.from_dense": "/runs/s1/dense/checkpoints"}
+    assert dict(config_signature(params)) == {
+        "model.hidden_size": "64", "trainer.steps": "100", "trainer.lr": "0.003", "data.valid_seed": "0",
+        "sunk.tokens": "10", "init.from_dense": "checkpoint"}
+
+
 def test_group_labels_name_differing_params():
     sig_a = config_signature({"model.hidden_size": "64", "trainer.seed": "0", "moe.top_k": "2"})
     sig_b = config_signature({"model.hidden_size": "128", "trainer.seed": "1", "moe.top_k": "2"})
     assert sig_a == (("model.hidden_size", "64"), ("moe.top_k", "2"))
     assert group_labels(["moe", "moe", "dense"], [sig_a, sig_b, sig_a]) == \
         ["moe hidden_size=64", "moe hidden_size=128", "dense"]
+    # Two differing keys with one last component: named in full.
+    en = config_signature({"data.sources.en.weight": "0.5", "data.sources.zh.weight": "0.5"})
+    zh = config_signature({"data.sources.en.weight": "0.7", "data.sources.zh.weight": "0.3"})
+    assert group_labels(["dense", "dense"], [en, zh])[0] == "dense data.sources.en.weight=0.5 data.sources.zh.weight=0.5"
 
 
 # --- build helpers -----------------------------------------------------------------------------------
@@ -453,13 +659,11 @@ def test_runs_from_a_dense_checkpoint_are_their_own_configuration():
     continued = [dict(stage, **{"init.from_dense": f"outputs/s{seed}/dense/checkpoints"}) for seed in (1, 2)]
     sigs = [config_signature(p) for p in (stage, *continued)]
     assert sigs[1] == sigs[2] != sigs[0]
-    assert group_labels(["dense"] * 3, sigs) == ["dense from_dense=-"] + ["dense from_dense=checkpoint"] * 2
+    assert group_labels(["dense"] * 3, sigs) == ["dense from_dense=None"] + ["dense from_dense=checkpoint"] * 2
 
 
 def test_catch_up_sentences():
     grid = np.array([1.0, 10.0, 100.0])
-    nan = np.full(3, np.nan)
-    assert "no common total compute" in build._catch_up_sentence("moe", "up", grid, nan, np.ones(3), None)
     assert "catches up with **up** at 50" in build._catch_up_sentence("moe", "up", grid, np.ones(3), np.ones(3), 50.0)
     assert "at or below up over all" in build._catch_up_sentence("moe", "up", grid, np.zeros(3), np.ones(3), None)
     assert "does not catch up with up up to 100" in \
@@ -480,6 +684,7 @@ def test_sections_without_data_say_so(tmp_path):
     assert "No run logged `epochs/<source>`" in md_text(build.epochs_section(c))
     assert "| dense | 1M | 1.2e+07 | 6e+06 | 2.00 |" in md_text(build.flops_section(c))
     assert build.moe_section(c, tmp_path) == [] and build.upcycling_section(c, tmp_path) == []
+    assert "No finished run" in md_text(build.matched_section(Collection("e", "all", pd.DataFrame()), tmp_path))
 
 
 # --- render and figures ------------------------------------------------------------------------------
@@ -487,6 +692,9 @@ def test_sections_without_data_say_so(tmp_path):
 def test_render_formats_and_embeds(tmp_path):
     assert (render.count(1.234e6), render.count(950), render.count(float("nan"))) == ("1.23M", "950", "-")
     assert (render.sci(3.4e15), render.num(2.0), render.num(float("inf"))) == ("3.4e+15", "2.0000", "-")
+    # Short runs: 0.0012 tokens per parameter and 0.012% of a budget, not 0.0 and 0.0%.
+    assert (render.sig(0.0012), render.sig(20.0), render.pct(0.00012), render.pct(0.15)) == \
+        ("0.0012", "20", "0.012%", "15%")
     png = tmp_path / "f.png"
     png.write_bytes(PNG_MAGIC + b"x")
     blocks = [render.Heading("H"), render.Para("**b** `c` <x>"), render.Bullets(["i"]),
@@ -504,6 +712,67 @@ def test_group_colors_share_variant_hue():
     assert colors["moe a"][0] > colors["moe a"][2]  # an orange: more red than blue
 
 
+@pytest.fixture
+def captured(monkeypatch):
+    """Figures handed to figures._save, kept open for inspection."""
+    figs = []
+
+    def keep(fig, path):
+        figs.append(fig)
+        return path
+
+    monkeypatch.setattr(figures, "_save", keep)
+    yield figs
+    for fig in figs:
+        plt.close(fig)
+
+
+def test_single_point_curves_have_markers(captured, tmp_path):
+    runs = pd.DataFrame({"variant": ["dense"], "group": ["dense"], "status": ["FINISHED"], "sunk_flops": [0.0],
+                         "unigram_entropy": [np.nan]}, index=["r"])
+    curves = {"r": pd.DataFrame({"tokens_seen": [1e5], "flops": [1e12], "flops_6nd": [6e11], "valid/loss": [5.0]})}
+    figures.loss_curves(runs, curves, tmp_path / "a.png")
+    lines = [ln for ax in captured[0].axes for ln in ax.get_lines() if len(ln.get_xdata()) == 1]
+    assert len(lines) == 3 and all(ln.get_marker() == "o" for ln in lines)
+
+
+def test_moe_panels_plot_what_training_logs(captured, tmp_path):
+    """The three MoE panels read the per-layer metrics that collect_moe_stats (what the trainer
+    logs) returns after a forward pass: balance loss, drop rate and z-loss."""
+    import torch
+    from torch import nn
+
+    from moe_morpheus.moe import MoEFeedForward, collect_moe_stats
+    from tests.test_moe_ffn import MODEL, H, moe_cfg
+
+    torch.manual_seed(0)
+    model = nn.Sequential(MoEFeedForward(MODEL, moe_cfg()), MoEFeedForward(MODEL, moe_cfg()))
+    model(torch.randn(4, 3, H))
+    logged = {k: v for k, v in collect_moe_stats(model).items() if isinstance(v, float)}
+    runs = pd.DataFrame({"variant": ["moe"], "group": ["moe"], "status": ["FINISHED"]}, index=["r"])
+    curves = {"r": pd.DataFrame([{"tokens_seen": 1e5, **logged}, {"tokens_seen": 2e5, **logged}])}
+    assert figures.moe_training(runs, curves, tmp_path / "m.png") is not None
+    panels = captured[0].axes[:3]
+    assert all(len(ax.get_lines()) == 1 for ax in panels)
+    z = panels[2].get_lines()[0].get_ydata()
+    layers = [v for k, v in logged.items() if k.startswith("moe/layer") and k.endswith("/z_loss")]
+    assert len(layers) == 2 and z[0] == pytest.approx(np.mean(layers))
+
+
+def test_matched_chart_has_one_label_per_level(captured, tmp_path):
+    """Two levels of two configurations each: one x position and one tick label per level."""
+    rows = [(f"{g} {c:.2g}", g, s, 3.0 + 0.01 * s, np.nan, c * f, c * f) for c in (2.25e11, 4.5e11)
+            for g, f in (("dense", 1.0), ("moe", 1.01)) for s in (1, 2, 3)]
+    levels = analysis.matched_final(points_frame(rows))
+    runs = pd.DataFrame({"variant": ["dense", "moe"] * 2, "group": [r[0] for r in rows[::3]]})
+    figures.matched(levels, runs, tmp_path / "m.png")
+    ax = captured[0].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2.26e+11", "4.52e+11"]
+    for collection in ax.collections:  # every configuration's markers within its level's slot
+        x = collection.get_offsets()[:, 0]
+        assert np.ptp(x) == 0 and abs(x[0] - round(x[0])) < 0.25
+
+
 def test_figures_skip_empty_input(tmp_path):
     runs = pd.DataFrame({"variant": ["dense"], "group": ["dense"], "status": ["FINISHED"], "sunk_flops": [0.0],
                          "unigram_entropy": [np.nan]}, index=["r"])
@@ -511,5 +780,5 @@ def test_figures_skip_empty_input(tmp_path):
     assert figures.valid_sets(runs, {}, [], tmp_path / "b.png") is None
     assert figures.moe_training(runs, {}, tmp_path / "c.png") is None
     assert figures.moe_load({}, "t", tmp_path / "d.png") is None
-    assert figures.crossover(runs, {}, np.array([1.0]), {}, tmp_path / "e.png") is None
+    assert figures.matched([], runs, tmp_path / "e.png") is None
     assert not list(tmp_path.iterdir())

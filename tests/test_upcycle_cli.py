@@ -78,6 +78,12 @@ def test_driver_runs_stages_once(tmp_path):
     by_name = dict(zip(children["tags.mlflow.runName"], children["tags.variant"]))
     assert by_name["upcycle_vs_scratch/s1/x0.006/upcycled"] == "upcycled"
     assert by_name["upcycle_vs_scratch/s1/x0.006/dense_continued"] == "dense"
+    # The driver tags each stage's role and extra budget (the report labels arms by them).
+    roles = dict(zip(children["tags.mlflow.runName"], zip(children["tags.sweep_role"], children["tags.sweep_extra"])))
+    assert roles["upcycle_vs_scratch/s1/x0.006/scratch_total"] == ("scratch_total", "0.006")
+    assert roles["upcycle_vs_scratch/s1/dense"][0] == "dense"
+    # One seed: the summary shows the difference but gives no verdict.
+    assert all(v.startswith("no verdict (n<3)") for v in row["equal_total"]["verdicts"])
     second = subprocess.run(env_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert json.loads((tmp_path / "sweep" / "summary.json").read_text())["ran"] == []

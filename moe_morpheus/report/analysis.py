@@ -1,15 +1,16 @@
-"""Pure analysis of collected runs: matched-compute comparison with a seed-spread verdict,
-upcycling crossover, epochs, expert-load health and the Chinchilla scaling fit.
+"""Pure analysis of collected runs: configurations compared at the end of their schedules at
+matched compute, upcycling crossover, epochs, expert-load health and the Chinchilla scaling fit.
 
 Numbers only, no MLflow and no plotting, so every function is unit-tested on small arrays.
 Conventions:
-* The compute axis of comparisons is a run's **total** detailed FLOPs: its own cumulative
-  ``flops`` plus, for an upcycled run, the dense parent's sunk FLOPs (``sunk.flops``), so
-  upcycling is charged for the dense training it started from.
-* Loss at a compute C is interpolated linearly in log C between a run's validation points
-  (loss curves are close to straight on a log-FLOPs axis, not on a linear one) and never
-  extrapolated: a run that did not reach C has no value there.
-* Seeds: runs with the same configuration (``group``) are averaged; their spread is max - min.
+* Runs are compared only where each is at the end of its own schedule (its final validation
+  loss): a run mid-cosine is not comparable to one that has annealed.
+* The compute of a run is its **total** detailed FLOPs: its own plus, for a run started from a
+  dense checkpoint (upcycled or dense continued), the sunk FLOPs of that checkpoint
+  (``sunk.flops``), so a continuation is charged for the training it started from.
+* Configurations whose compute agrees within ``COMPUTE_TOLERANCE`` are at one compute level
+  and are rivals there; two budgets of one configuration never are.
+* Seeds: the verdict rule of report/stats.py (paired seeds, 95% t-interval, n >= 3).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from moe_morpheus.report.stats import PairedResult, rank_and_compare
 from moe_morpheus.scaling import ChinchillaFit, fit_chinchilla
 
 # Scaling-fit requirements (issue 9): five parameters need >= 5 runs, and alpha is only
@@ -48,111 +50,95 @@ def loss_at(x: np.ndarray, loss: np.ndarray, targets) -> np.ndarray:
     return out
 
 
-def compute_points(series: dict[str, tuple[np.ndarray, np.ndarray]], n_points: int = 4) -> np.ndarray:
-    """``n_points`` compute values, log-spaced, ending at the largest compute every run reaches
-    (min over runs of their last x) and starting at the smallest compute every run has a point
-    at (max over runs of their first x). Empty when the runs' ranges do not overlap."""
-    firsts = [np.nanmin(x[x > 0]) for x, _ in series.values() if np.any(x > 0)]
-    lasts = [np.nanmax(x) for x, _ in series.values() if np.any(x > 0)]
-    if not lasts or len(lasts) < len(series):
-        return np.array([])
-    lo, hi = max(firsts), min(lasts)
-    if hi < lo:
-        return np.array([])
-    if hi == lo or n_points == 1:
-        return np.array([hi])
-    return np.geomspace(lo, hi, n_points)
+# Configurations whose final total compute agrees within 2% are compared as equal-compute
+# rivals (budgets in Chinchilla fractions give equal tokens, and the detailed FLOPs per token
+# of a dense model and its equal-active-parameter MoE differ by ~1%).
+COMPUTE_TOLERANCE = 0.02
+
+
+def final_points(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run at the end of its own schedule (FINISHED, finite final validation loss,
+    positive total compute): ``group``, ``arm``, ``seed``, ``loss``, ``se`` (validation SE, NaN
+    when not logged), ``compute`` (total FLOPs incl. sunk) and ``own`` (own FLOPs)."""
+    cols = ["group", "arm", "seed", "loss", "se", "compute", "own"]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    ok = ((runs["status"] == "FINISHED") & np.isfinite(runs["final_valid_loss"])
+          & np.isfinite(runs["total_flops"]) & (runs["total_flops"] > 0))
+    r = runs[ok]
+    return pd.DataFrame({"group": r["group"], "arm": r["arm"], "seed": r["seed"], "loss": r["final_valid_loss"],
+                         "se": r["valid_loss_se"], "compute": r["total_flops"], "own": r["flops_reached"]},
+                        index=r.index, columns=cols)
+
+
+def seed_losses(points: pd.DataFrame) -> dict[str, dict[float, float]]:
+    """group -> {seed: final loss}; runs of one group sharing a seed (reruns) are averaged into
+    one value, runs without a seed are left out (they cannot be paired)."""
+    known = points[np.isfinite(points["seed"].astype(float))]
+    return {g: sub.groupby("seed")["loss"].mean().to_dict() for g, sub in known.groupby("group", sort=False)}
+
+
+def compute_levels(compute: dict[str, float], tol: float = COMPUTE_TOLERANCE) -> list[list[str]]:
+    """Names grouped by equal compute: in increasing compute, a level takes every name whose
+    compute is within (1 + tol) of the level's first (smallest); the next name starts a new
+    level. Non-positive or non-finite computes are left out."""
+    levels: list[list[str]] = []
+    start = 0.0
+    for name in sorted((n for n, c in compute.items() if np.isfinite(c) and c > 0), key=compute.__getitem__):
+        if levels and compute[name] <= start * (1 + tol):
+            levels[-1].append(name)
+        else:
+            levels.append([name])
+            start = compute[name]
+    return levels
 
 
 @dataclass
-class Verdict:
-    """Which group has the lower mean loss at one compute, and whether seeds can tell.
+class Level:
+    """Configurations at one compute, at the end of their schedules.
 
-    kind: "winner" (margin > the larger seed spread of the two best groups), "no verdict"
-    (margin <= that spread), or "unmeasured" (neither of the two has more than one seed, so
-    the spread is unknown and the winner is stated with that caveat).
+    table: per configuration (index): ``compute`` (median over its runs), ``mean`` final loss,
+    ``n`` runs, ``se`` (mean validation SE of its runs) and ``losses`` (seed -> loss);
+    ranking: configurations by mean loss, best first; comparisons: the best against each other
+    (report/stats.py).
     """
 
-    winner: str
-    runner_up: str
-    margin: float
-    spread: float
-    kind: str
-
-    def sentence(self, compute: float) -> str:
-        at = f"at {compute:.3g} FLOPs"
-        if self.kind == "winner":
-            return (f"**{self.winner}** has the lower validation loss {at}, by {self.margin:.4f} nats over "
-                    f"{self.runner_up}, larger than the seed-to-seed spread ({self.spread:.4f}).")
-        if self.kind == "no verdict":
-            return (f"**No verdict** {at}: {self.winner} is ahead of {self.runner_up} by {self.margin:.4f} nats, "
-                    f"within the seed-to-seed spread ({self.spread:.4f}).")
-        return (f"**{self.winner}** has the lower validation loss {at}, by {self.margin:.4f} nats over "
-                f"{self.runner_up}; with one seed per variant the seed-to-seed spread is not measured, "
-                "so this is not a verdict until more seeds run.")
-
-
-def verdict(stats: pd.DataFrame) -> Verdict | None:
-    """Verdict from per-group ``mean``, ``spread`` and ``n`` (seeds) at one compute; None with
-    fewer than two groups having a value."""
-    stats = stats[np.isfinite(stats["mean"])].sort_values("mean")
-    if len(stats) < 2:
-        return None
-    best, second = stats.iloc[0], stats.iloc[1]
-    margin = float(second["mean"] - best["mean"])
-    measured = [s for s in (best, second) if s["n"] > 1]
-    spread = max((float(s["spread"]) for s in measured), default=float("nan"))
-    if not measured:
-        kind = "unmeasured"
-    else:
-        kind = "winner" if margin > spread else "no verdict"
-    return Verdict(str(best.name), str(second.name), margin, spread, kind)
-
-
-@dataclass
-class MatchedCompute:
-    """Loss at matched compute. ``table``: one row per (compute point, group) with ``mean``,
-    ``spread`` (max - min over seeds), ``n`` (seeds) and ``runs``; ``verdicts``: per compute
-    point, the verdict there (the last point is the headline: the largest compute all reach)."""
-
-    points: np.ndarray
+    compute: float
     table: pd.DataFrame
-    verdicts: list[Verdict | None]
-
-    @property
-    def headline(self) -> Verdict | None:
-        return self.verdicts[-1] if self.verdicts else None
+    ranking: list[str]
+    comparisons: list[tuple[str, str, PairedResult]]
 
 
-def matched_compute(series: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str, str],
-                    n_points: int = 4) -> MatchedCompute:
-    """Compare groups of runs at equal compute.
+def matched_final(points: pd.DataFrame, axis: str = "compute", tol: float = COMPUTE_TOLERANCE) -> list[Level]:
+    """Compute levels of the configurations in ``points`` (:func:`final_points`) on ``axis``
+    (``compute``: total FLOPs, ``own``: without the sunk compute), in increasing compute; a
+    level may hold a single configuration (nothing to compare it with)."""
+    if points.empty:
+        return []
+    per_group = points.groupby("group", sort=False)
+    compute = per_group[axis].median().to_dict()
+    losses = seed_losses(points)
+    out = []
+    for names in compute_levels(compute, tol):
+        table = pd.DataFrame({"compute": [compute[g] for g in names],
+                              "mean": [per_group.get_group(g)["loss"].mean() for g in names],
+                              "n": [len(per_group.get_group(g)) for g in names],
+                              "se": [per_group.get_group(g)["se"].mean() for g in names],
+                              "losses": [losses.get(g, {}) for g in names]}, index=names)
+        ranking, comparisons = rank_and_compare({g: table.loc[g, "losses"] for g in names})
+        ranking += [g for g in table.sort_values("mean").index if g not in ranking]  # groups without seeds
+        out.append(Level(float(np.median(table["compute"])), table, ranking, comparisons))
+    return out
 
-    series: run id -> (compute, valid loss) points; groups: run id -> configuration label.
-    Each run's loss is interpolated at the shared compute points (:func:`compute_points`), then
-    averaged over the runs of a group.
-    """
-    points = compute_points(series, n_points)
-    rows = []
-    for i, c in enumerate(points):
-        values: dict[str, list[float]] = {}
-        for rid, (x, y) in series.items():
-            values.setdefault(groups[rid], []).append(float(loss_at(x, y, c)[0]))
-        for group, vals in values.items():
-            v = np.array(vals)
-            rows.append({"point": i, "compute": c, "group": group, "mean": v.mean(),
-                         "spread": v.max() - v.min(), "n": len(v)})
-    table = pd.DataFrame(rows, columns=["point", "compute", "group", "mean", "spread", "n"])
-    verdicts = [verdict(table[table["point"] == i].set_index("group")) for i in range(len(points))]
-    return MatchedCompute(points, table, verdicts)
 
-
-def mean_curve(series: list[tuple[np.ndarray, np.ndarray]], grid: np.ndarray) -> np.ndarray:
-    """Mean over runs of their loss interpolated (log x) on ``grid``; NaN where any run lacks a
-    value, so a mean is never made of a subset of seeds."""
-    if not series:
-        return np.full(len(grid), np.nan)
-    return np.mean([loss_at(x, y, grid) for x, y in series], axis=0)
+def arm_lines(points: pd.DataFrame, axis: str = "compute") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """arm -> (compute, seed-mean final loss) of its configurations, in increasing compute: the
+    end-of-schedule points of one arm at its budgets (each point a schedule of its own)."""
+    out = {}
+    for arm, sub in points.groupby("arm", sort=False):
+        per = sub.groupby("group").agg(x=(axis, "median"), y=("loss", "mean")).sort_values("x")
+        out[str(arm)] = (per["x"].to_numpy(float), per["y"].to_numpy(float))
+    return out
 
 
 def crossover(grid: np.ndarray, late: np.ndarray, early: np.ndarray) -> float | None:
@@ -279,13 +265,3 @@ def loss_series(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], axis: str =
         x = pts[axis].to_numpy(float) + (run["sunk_flops"] if add_sunk else 0.0)
         out[rid] = (x, pts[loss_key].to_numpy(float))
     return out
-
-
-def upcycling_parents(runs: pd.DataFrame) -> list[str]:
-    """Run ids of the collected runs that are the dense parent of an upcycled run. Their compute
-    is the upcycled runs' sunk compute and they stop at the handoff, so comparisons leave them
-    out (they would cap the matched compute at the handoff)."""
-    if runs.empty:
-        return []
-    parents = set(runs.loc[runs["variant"] == "upcycled", "upcycled_from"].dropna())
-    return [rid for rid in runs.index if rid in parents]

@@ -15,9 +15,23 @@ import pandas as pd
 
 from moe_morpheus.report import analysis, figures
 from moe_morpheus.report.collect import Collection
-from moe_morpheus.report.render import Block, Bullets, Figure, Heading, Para, Table, count, num, sci, write
+from moe_morpheus.report.render import (
+    Block,
+    Bullets,
+    Figure,
+    Heading,
+    Para,
+    Table,
+    count,
+    num,
+    pct,
+    sci,
+    sig,
+    write,
+)
+from moe_morpheus.report.stats import MIN_SEEDS, rank_and_compare, verdict_text
+from moe_morpheus.upcycle_sweep import EQUAL_EXTRA
 
-MATCHED_POINTS = 4
 CROSSOVER_GRID = 200
 
 
@@ -33,22 +47,36 @@ def _experts(run: pd.Series) -> str:
 
 
 def run_table(runs: pd.DataFrame) -> Table:
-    """One row per run: sizes, tokens, compute, budget, losses, speed, status, id."""
+    """One row per run: sizes, tokens (positions and target tokens), compute, budget, losses
+    with the validation standard error, speed, status, id."""
     header = ["run", "config", "seed", "status", "total params", "active params", "non-emb params",
-              "experts / top-k", "tokens", "tokens / active param", "FLOPs (detailed)", "FLOPs (6ND)",
-              "FLOPs incl. sunk", "Chinchilla budget used", "final valid loss", "best valid loss",
-              "tokens/s", "run id"]
+              "experts / top-k", "positions", "target tokens", "positions / active param", "FLOPs (detailed)",
+              "FLOPs (6ND)", "FLOPs incl. sunk", "Chinchilla budget used", "final valid loss", "valid loss SE",
+              "best valid loss", "tokens/s", "run id"]
     rows = []
     for rid, r in runs.iterrows():
         sunk = sci(r["total_flops"]) if r["sunk_flops"] > 0 else "-"
         rows.append([r["name"], r["group"], "-" if not np.isfinite(r["seed"]) else f"{r['seed']:g}", r["status"],
                      count(r["total_params"]), count(r["active_params"]), count(r["non_embedding_params"]),
-                     _experts(r), count(r["tokens_reached"]), num(r["tokens_per_active_param"], 1),
-                     sci(r["flops_reached"]), sci(r["final_flops_6nd"]), sunk,
-                     "-" if not np.isfinite(r["chinchilla_fraction_used"]) else f"{r['chinchilla_fraction_used']:.1%}",
-                     num(r["final_valid_loss"]), num(r["best_valid_loss"]), count(r["final_tokens_per_s"]),
-                     f"`{rid}`"])
+                     _experts(r), count(r["tokens_reached"]), count(r["target_tokens"]),
+                     sig(r["tokens_per_active_param"]), sci(r["flops_reached"]), sci(r["final_flops_6nd"]), sunk,
+                     pct(r["chinchilla_fraction_used"]), num(r["final_valid_loss"]), num(r["valid_loss_se"]),
+                     num(r["best_valid_loss"]), count(r["final_tokens_per_s"]), f"`{rid}`"])
     return Table(header, rows)
+
+
+def runs_section(c: Collection) -> list[Block]:
+    """The run table, after a sentence on what makes a configuration and where they differ."""
+    n = c.runs["group"].nunique()
+    differ = ", ".join(f"`{k}`" for k in c.config_keys) or "nothing"
+    return [Heading("Runs"),
+            Para(f"{n} configuration(s); configurations differ in: {differ}. A configuration is every param "
+                 "that changes the model, the data or the schedule; runs that differ only in seeds (every "
+                 "`*.seed` param) are seeds of one configuration, and how a run is executed or logged "
+                 "(tracking, parallel layout, checkpoints, log and eval intervals) does not count. Positions are "
+                 "the tokens processed (Part A, Part B and padding: what budgets and FLOPs count); target tokens "
+                 "are the positions with a loss. `-`: not logged by that run."),
+            run_table(c.runs)]
 
 
 def set_table(runs: pd.DataFrame, sets: list[str]) -> Table:
@@ -92,40 +120,53 @@ def curves_section(c: Collection, out: Path) -> list[Block]:
     return blocks
 
 
+def _verdicts(comparisons) -> list[str]:
+    """Verdict sentences, a decided one in bold."""
+    return [f"**{t}**" if r.decided else t for a, b, r in comparisons for t in [verdict_text(r, a, b)]]
+
+
+def _seed_cells(losses: dict) -> str:
+    return ", ".join(f"{s:g}: {v:.4f}" for s, v in sorted(losses.items())) or "-"
+
+
+def level_table(level: analysis.Level) -> Table:
+    rows = [[g, sci(t["compute"]), num(t["mean"]), _seed_cells(t["losses"]), num(t["se"]), str(int(t["n"]))]
+            for g in level.ranking for t in [level.table.loc[g]]]
+    return Table(["config (best first)", "total FLOPs", "final valid loss (mean)", "per seed", "valid loss SE",
+                  "runs"], rows)
+
+
 def matched_section(c: Collection, out: Path) -> list[Block]:
     blocks: list[Block] = [Heading("Loss at matched compute")]
-    parents = analysis.upcycling_parents(c.runs)
-    series = analysis.loss_series(c.runs.drop(parents), c.curves, "flops", add_sunk=True, finished_only=True)
-    groups = {rid: c.runs.loc[rid, "group"] for rid in series}
-    if len(set(groups.values())) < 2:
-        present = ", ".join(sorted(set(groups.values()))) or "none"
-        return blocks + [Para(f"Needs finished runs of at least two configurations with validation curves on the "
-                              f"FLOPs axis; present: {present}. No comparison.")]
-    mc = analysis.matched_compute(series, groups, MATCHED_POINTS)
-    if len(mc.points) == 0:
-        return blocks + [Para("The runs' FLOPs ranges do not overlap: no compute is reached by all of them.")]
+    levels = analysis.matched_final(analysis.final_points(c.runs))
+    if not levels:
+        return blocks + [Para("No finished run has a final validation loss and FLOPs: no comparison.")]
     blocks.append(Para(
-        "Each finished run's validation loss is interpolated linearly in log FLOPs (total detailed FLOPs, "
-        "including an upcycled run's sunk dense FLOPs) at the largest compute every compared run reaches, "
-        f"{mc.points[-1]:.3g} FLOPs, and at {len(mc.points) - 1} smaller log-spaced points; seeds are averaged. "
-        "The spread is max - min over a configuration's seeds; a margin within the larger spread of the two "
-        "best configurations is no verdict."
-        + (f" Dense parents of upcycled runs ({len(parents)}) are left out: they stop at the handoff." if parents else "")))
-    head = mc.headline
-    blocks.append(Para(head.sentence(mc.points[-1]) if head else "No configuration has a value there."))
-    group_names = list(dict.fromkeys(mc.table["group"]))
-    rows = []
-    for i, point in enumerate(mc.points):
-        t = mc.table[mc.table["point"] == i].set_index("group")
-        v = mc.verdicts[i]
-        cells = [f"{num(t.loc[g, 'mean'])} (spread {num(t.loc[g, 'spread'])}, n={int(t.loc[g, 'n'])})"
-                 for g in group_names]
-        call = "-" if v is None else (f"{v.winner} by {v.margin:.4f}" if v.kind == "winner" else
-                                      "no verdict" if v.kind == "no verdict" else f"{v.winner}? (1 seed)")
-        rows.append([sci(point)] + cells + [call])
-    blocks.append(Table(["FLOPs"] + group_names + ["verdict"], rows))
-    fig = figures.matched(mc, c.runs, out / "matched_compute.png")
-    blocks.append(Figure(fig, "Seed-mean validation loss at the matched compute points; bars span the seeds."))
+        "Runs are compared only at the end of their own schedules (final validation loss), at equal total "
+        "compute: detailed FLOPs including the sunk FLOPs of a dense checkpoint a run started from. "
+        f"Configurations whose total compute agrees within {analysis.COMPUTE_TOLERANCE:.0%} are one compute "
+        "level and rivals there; two budgets of one configuration never are. At each level the best "
+        "configuration (lowest seed-mean loss) is paired with each other one on their common seeds: the mean "
+        "paired difference of final losses with its 95% Student-t interval. A verdict (\"A beats B by d "
+        f"[lo, hi]\") needs >= {MIN_SEEDS} paired seeds and an interval that excludes 0; otherwise no verdict. "
+        "Mid-schedule losses (the curves above) are not compared."))
+    compared = [lv for lv in levels if len(lv.table) > 1]
+    alone = [lv for lv in levels if len(lv.table) == 1]
+    if not compared:
+        blocks.append(Para(f"No two configurations end at the same total compute (within "
+                           f"{analysis.COMPUTE_TOLERANCE:.0%}): no comparison."))
+    for lv in compared:
+        blocks += [Heading(f"{sci(lv.compute)} FLOPs", 3), Bullets(_verdicts(lv.comparisons) or
+                                                                   ["No seeds to pair: no verdict."]),
+                   level_table(lv)]
+    if alone:
+        blocks.append(Para("Alone at their total compute (no other configuration within "
+                           f"{analysis.COMPUTE_TOLERANCE:.0%}): "
+                           + "; ".join(f"{lv.ranking[0]} ({sci(lv.compute)} FLOPs)" for lv in alone) + "."))
+    fig = figures.matched(compared, c.runs, out / "matched_compute.png")
+    if fig is not None:
+        blocks.append(Figure(fig, "Final validation loss per configuration at each compute level (one label per "
+                                  "level): small markers are seeds, large ones the seed mean."))
     return blocks
 
 
@@ -212,20 +253,33 @@ def moe_section(c: Collection, out: Path) -> list[Block]:
                          "load max / uniform (worst layer)", "load entropy ratio (worst layer)"], rows))
     fig = figures.moe_training(c.runs, c.curves, out / "moe_training.png")
     if fig is not None:
-        blocks.append(Figure(fig, "Balance loss and drop rate (mean over MoE layers) and aux loss during training."))
+        blocks.append(Figure(fig, "Balance loss, drop rate and router z-loss (means over MoE layers) during training."))
     return blocks + heatmaps
 
 
 def _catch_up_sentence(late: str, early: str, grid, m_late, m_early, at: float | None) -> str:
+    """Where ``late`` catches up with ``early`` over their shared compute (at least one grid
+    point where both have a value)."""
     both = np.isfinite(m_late) & np.isfinite(m_early)
-    if not both.any():
-        return f"{late} and {early} reach no common total compute: no crossover can be read."
     if at is not None:
         return f"**{late}** catches up with **{early}** at {at:.3g} total FLOPs and stays at or below it."
     g = grid[both]
     if (m_late[both] <= m_early[both]).all():
         return f"{late} is at or below {early} over all their shared compute ({g[0]:.3g} to {g[-1]:.3g} FLOPs)."
     return f"{late} does not catch up with {early} up to {g[-1]:.3g} total FLOPs (the end of their shared range)."
+
+
+def _equal_extra(runs: pd.DataFrame, points: pd.DataFrame) -> list[str]:
+    """Verdicts at equal *extra* compute per extra budget of the staged sweep: dense continued,
+    upcycled and scratch (equal extra), the dense stage's compute sunk."""
+    losses = analysis.seed_losses(points)
+    out = []
+    tagged = runs[runs["role"].isin(EQUAL_EXTRA) & runs["extra"].notna()]
+    for extra in sorted(set(tagged["extra"]), key=float):
+        groups = list(dict.fromkeys(tagged.loc[tagged["extra"] == extra, "group"]))
+        _, comparisons = rank_and_compare({g: losses.get(g, {}) for g in groups})
+        out += [f"+{extra}: {v}" for v in _verdicts(comparisons)] or [f"+{extra}: no finished runs to compare."]
+    return out
 
 
 def upcycling_section(c: Collection, out: Path) -> list[Block]:
@@ -240,30 +294,38 @@ def upcycling_section(c: Collection, out: Path) -> list[Block]:
                         [[r["name"], f"`{r['dense_parent']}`", num(r["parent_final_loss"]),
                           num(r["first_valid_loss"]), count(r["sunk_tokens"]), sci(r["sunk_flops"])]
                          for _, r in h.iterrows()]))
-    finished = runs[runs["status"] == "FINISHED"]
-    series = analysis.loss_series(finished, c.curves, "flops", add_sunk=True)
-    if not series:
-        return blocks + [Para("No finished run has a validation curve on the FLOPs axis: no crossover plot.")]
-    xs = np.concatenate([x for x, _ in series.values()])
-    grid = np.geomspace(xs[xs > 0].min(), xs.max(), CROSSOVER_GRID)
-    # Dense parents stop at the handoff, where they equal the upcycled runs: not a comparison.
-    compared = finished.drop(analysis.upcycling_parents(finished))
-    means = {g: analysis.mean_curve([series[r] for r in compared.index[compared["group"] == g] if r in series], grid)
-             for g in dict.fromkeys(compared["group"])}
-    variant_of = dict(zip(compared["group"], compared["variant"]))
+    points = analysis.final_points(runs)
+    extra = _equal_extra(runs, points)
+    if extra:
+        blocks += [Para("At equal **extra** compute (+x: the extra budget, a fraction of the dense model's "
+                        "Chinchilla budget; the dense stage's compute sunk, as for someone who already has the "
+                        "dense checkpoint), same verdict rule; at equal total compute see the section above."),
+                   Bullets(extra)]
+    lines = analysis.arm_lines(points)
+    if not lines:
+        return blocks + [Para("No finished run has a final validation loss: no crossover.")]
+    variant_of = dict(zip(runs["arm"], runs["variant"]))
+    xs = np.concatenate([x for x, _ in lines.values()])
+    grid = np.geomspace(xs.min(), xs.max(), CROSSOVER_GRID)
+    at_grid = {arm: analysis.loss_at(x, y, grid) for arm, (x, y) in lines.items()}
     marks, sentences = {}, []
-    for up in [g for g in means if variant_of[g] == "upcycled"]:
-        for late in [g for g in means if variant_of[g] in ("moe", "dense")]:
-            at = analysis.crossover(grid, means[late], means[up])
-            sentences.append(_catch_up_sentence(late, up, grid, means[late], means[up], at))
+    for up in [a for a in lines if variant_of[a] == "upcycled"]:
+        for late in [a for a in lines if variant_of[a] in ("moe", "dense")]:
+            if not (np.isfinite(at_grid[late]) & np.isfinite(at_grid[up])).any():
+                continue  # no shared total compute
+            at = analysis.crossover(grid, at_grid[late], at_grid[up])
+            sentences.append(_catch_up_sentence(late, up, grid, at_grid[late], at_grid[up], at))
             if at is not None:
                 marks[f"{late} catches up with {up}"] = at
+    blocks.append(Para("Crossover, read from final losses only: each arm's seed-mean final loss at its budgets, "
+                       "interpolated linearly in log total compute between budgets (every point is a run at the "
+                       "end of its own schedule). A description of seed means, not a verdict."))
     blocks.append(Bullets(sentences) if sentences else
-                  Para("No finished upcycled run with a dense or MoE-from-scratch run to compare against."))
-    fig = figures.crossover(finished, c.curves, grid, marks, out / "upcycling_crossover.png")
-    if fig is not None:
-        blocks.append(Figure(fig, "Validation loss vs total FLOPs including the sunk dense compute; thick lines "
-                                  "are seed means, dashed verticals mark catch-ups."))
+                  Para("No dense or MoE-from-scratch arm shares a total-compute range with an upcycled arm."))
+    fig = figures.final_points(lines, points, runs, marks, out / "upcycling_crossover.png")
+    blocks.append(Figure(fig, "Final validation loss vs total FLOPs (incl. the sunk dense compute): one line per arm "
+                              "through its budgets' seed means, small markers are seeds; dashed verticals mark "
+                              "catch-ups, the dotted one the dense handoff."))
     return blocks
 
 
@@ -303,7 +365,7 @@ def make_report(c: Collection, out: Path) -> tuple[Path, Path]:
     title = f"{c.experiment}: {c.scope.replace('`', '')}"
     if c.runs.empty:
         return write(title, problems(c), out)
-    blocks = overview(c) + problems(c) + [Heading("Runs"), run_table(c.runs)]
+    blocks = overview(c) + problems(c) + runs_section(c)
     blocks += curves_section(c, out) + matched_section(c, out) + flops_section(c) + epochs_section(c)
     blocks += evaluation_section(c) + moe_section(c, out) + upcycling_section(c, out) + scaling_section(c, out)
     return write(title, blocks, out)

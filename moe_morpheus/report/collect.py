@@ -23,6 +23,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from moe_morpheus.report.configs import config_signature, differing_keys, group_labels, sweep_role
+from moe_morpheus.upcycle_sweep import ROLES
+
 PARENT_TAG = "mlflow.parentRunId"
 VARIANTS = ("dense", "moe", "upcycled")
 MOE_LOAD_ARTIFACT = "moe_load.json"
@@ -56,14 +59,13 @@ FINAL_METRICS = {
     "unigram_entropy": "final/unigram_entropy",
 }
 # Curves fetched with get_metric_history; train/lr, grad norms and throughput are not plotted.
-CURVE_KEYS = ("tokens_seen", "flops", "flops_6nd", "budget_fraction", "train/loss")
+# ``target_tokens_seen`` (positions with a loss) and ``valid/loss_se`` (standard error of
+# valid/loss) are absent from older runs: their cells read "-".
+CURVE_KEYS = ("tokens_seen", "target_tokens_seen", "flops", "flops_6nd", "budget_fraction", "train/loss")
 CURVE_PREFIXES = ("valid/", "epochs/", "moe/")
 # x axes a validation point is placed on; logged every step, interpolated over the step where a
 # validation step has none of its own.
 X_AXES = ("tokens_seen", "flops", "flops_6nd")
-# Params that identify a configuration; runs equal on all of them are seeds of one another.
-CONFIG_PREFIXES = ("model.", "moe.", "budget.chinchilla_fraction", "budget.tokens_per_param",
-                   "trainer.global_batch_size", "trainer.lr", "trainer.train_iters")
 VALID_SET = re.compile(r"^valid/(.+)/loss$")
 
 
@@ -80,6 +82,7 @@ class Collection:
     moe_load: run id -> {"layer{i}": per-expert assignment fractions} from ``moe_load.json``.
     valid_sets: names ``<set>`` of the ``valid/<set>/loss`` metrics, sorted.
     problems: what was skipped or is doubtful, and why, one sentence each.
+    config_keys: the params in which the runs' configurations differ (report/configs.py).
     """
 
     experiment: str
@@ -89,6 +92,7 @@ class Collection:
     moe_load: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     valid_sets: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    config_keys: list[str] = field(default_factory=list)
 
 
 def _float(value: str | None) -> float:
@@ -179,35 +183,6 @@ def select_runs(runs: list[Run], sweep: str | None, parent: str | None) -> tuple
     return training, scope, problems
 
 
-def config_signature(params: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    """The params that make a configuration (model, MoE, budget, batch): equal signatures with
-    different ``trainer.seed`` are seeds of one configuration. A run started from a dense
-    checkpoint (``init.from_dense``: dense continued, or upcycled) is another configuration than
-    the same model from random init (the staged upcycling sweep has both); the checkpoint's path
-    differs per seed, so only whether there is one counts."""
-    signature = {k: v for k, v in params.items() if k.startswith(CONFIG_PREFIXES)}
-    if params.get("init.from_dense", "None") != "None":
-        signature["init.from_dense"] = "checkpoint"
-    return tuple(sorted(signature.items()))
-
-
-def group_labels(variants: list[str], signatures: list[tuple]) -> list[str]:
-    """A label per run naming its configuration: the variant alone when the variant has one
-    configuration here, else the variant plus the params in which its configurations differ
-    (last key component, e.g. ``moe num_experts=8``)."""
-    labels = []
-    for variant, sig in zip(variants, signatures):
-        sigs = {s for v, s in zip(variants, signatures) if v == variant}
-        if len(sigs) == 1:
-            labels.append(variant)
-            continue
-        values = [dict(s) for s in sigs]
-        keys = sorted({k for d in values for k in d if len({d2.get(k) for d2 in values}) > 1})
-        own = dict(sig)
-        labels.append(variant + " " + " ".join(f"{k.split('.')[-1]}={own.get(k, '-')}" for k in keys))
-    return labels
-
-
 def curve_frame(histories: dict[str, list[tuple[int, int, float]]]) -> pd.DataFrame:
     """Metric histories -> one frame indexed by step, a column per metric.
 
@@ -238,11 +213,15 @@ def curve_frame(histories: dict[str, list[tuple[int, int, float]]]) -> pd.DataFr
 def run_row(run: Run, curves: pd.DataFrame, valid_sets: list[str]) -> dict:
     """The table row of one run: tags, typed params, summary metrics, per-set final/best loss.
 
-    ``final_flops_6nd`` is the last ``flops_6nd``; ``total_flops`` adds the dense parent's sunk
-    FLOPs to an upcycled run's own (0 for others); ``tokens_per_active_param`` = final tokens /
-    active params; ``chinchilla_fraction_used`` = final tokens / the Chinchilla budget.
+    ``final_flops_6nd`` is the last ``flops_6nd``; ``total_flops`` = own FLOPs + the sunk FLOPs
+    of the dense checkpoint a run started from (what the trainer logs as ``flops_with_sunk``);
+    ``tokens_per_active_param`` = final tokens (positions) / active params;
+    ``chinchilla_fraction_used`` = final tokens / the Chinchilla budget; ``target_tokens`` is the
+    last ``target_tokens_seen`` and ``valid_loss_se`` the last ``valid/loss_se`` (NaN for runs
+    that predate them); ``role`` / ``extra`` the staged upcycling sweep's role and extra budget.
     """
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    role, extra = sweep_role(tags)
     row = {
         "run_id": run.info.run_id,
         "name": tags.get("mlflow.runName", run.info.run_id[:8]),
@@ -254,6 +233,8 @@ def run_row(run: Run, curves: pd.DataFrame, valid_sets: list[str]) -> dict:
         "experiment_tag": tags.get("experiment"),
         "parallel_layout": tags.get("parallel_layout"),
         "gate": params.get("moe.gate"),
+        "role": role,
+        "extra": extra,
     }
     row.update({col: _float(params.get(key)) for col, key in NUMERIC_PARAMS.items()})
     row.update({col: metrics.get(key, np.nan) for col, key in FINAL_METRICS.items()})
@@ -265,6 +246,8 @@ def run_row(run: Run, curves: pd.DataFrame, valid_sets: list[str]) -> dict:
     row["sunk_flops"] = 0.0 if not np.isfinite(row["sunk_flops"]) else row["sunk_flops"]
     row["sunk_tokens"] = 0.0 if not np.isfinite(row["sunk_tokens"]) else row["sunk_tokens"]
     row["total_flops"] = row["flops_reached"] + row["sunk_flops"]
+    row["target_tokens"] = last.get("target_tokens_seen", np.nan)
+    row["valid_loss_se"] = last.get("valid/loss_se", np.nan)
     row["tokens_per_active_param"] = row["tokens_reached"] / row["active_params"]
     row["chinchilla_fraction_used"] = row["tokens_reached"] / row["chinchilla_tokens"]
     for name in valid_sets:
@@ -345,9 +328,14 @@ def collect(uri: str, experiment: str, sweep: str | None = None, parent: str | N
         problems.extend(_run_problems(row, curves[r.info.run_id], is_moe, bool(load)))
         rows.append(row)
     frame = pd.DataFrame(rows).set_index("run_id", drop=False)
-    frame["group"] = group_labels(list(frame["variant"]), [config_signature(r.data.params) for r in runs])
+    # Roles of the staged upcycling sweep name its arms; other runs go by their variant.
+    frame["arm"] = [ROLES.get(role, role) if pd.notna(role) else variant
+                    for role, variant in zip(frame["role"], frame["variant"])]
+    bases = [arm + (f" +{extra}" if pd.notna(extra) else "") for arm, extra in zip(frame["arm"], frame["extra"])]
+    signatures = [config_signature(r.data.params) for r in runs]
+    frame["group"] = group_labels(bases, signatures)
     dup = frame[frame["seed"].notna()].groupby(["group", "seed"])["run_id"].apply(list)
     for (group, seed), ids in dup[dup.map(len) > 1].items():
-        problems.append(f"{len(ids)} runs of {group} share seed {seed:g} ({', '.join(ids)}): a rerun? All are "
-                        "averaged as if they were different seeds.")
-    return Collection(experiment, scope, frame, curves, loads, valid_sets, problems)
+        problems.append(f"{len(ids)} runs of {group} share seed {seed:g} ({', '.join(ids)}): a rerun? Their final "
+                        "losses are averaged into one value for that seed.")
+    return Collection(experiment, scope, frame, curves, loads, valid_sets, problems, differing_keys(signatures))

@@ -20,15 +20,13 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from moe_morpheus.report.analysis import (  # noqa: E402
-    MatchedCompute,
-    ScalingResult,
-    loss_series,
-    mean_curve,
-)
+from moe_morpheus.report.analysis import Level, ScalingResult, loss_series  # noqa: E402
 
 HUES = {"dense": "Blues", "moe": "Oranges", "upcycled": "Greens"}
 DPI = 110
+# Curves with at most this many points get a marker on each (a single point is otherwise an
+# invisible zero-length line).
+MARKER_POINTS = 25
 
 
 def group_colors(runs: pd.DataFrame) -> dict[str, tuple]:
@@ -73,11 +71,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _marker(n_points: int) -> dict:
+    return {"marker": "o", "ms": 3.5} if n_points <= MARKER_POINTS else {}
+
+
 def _draw_runs(ax, runs, series, colors) -> None:
     for rid, (x, y) in series.items():
         run = runs.loc[rid]
         ax.plot(x, y, color=colors[run["group"]], lw=1.4, alpha=0.85,
-                ls="-" if run["status"] == "FINISHED" else "--")
+                ls="-" if run["status"] == "FINISHED" else "--", **_marker(len(x)))
 
 
 def loss_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path) -> Path | None:
@@ -136,24 +138,31 @@ def valid_sets(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], sets: list[s
     return _save(fig, path)
 
 
-def matched(mc: MatchedCompute, runs: pd.DataFrame, path: Path) -> Path | None:
-    """Seed-mean loss per group at the matched compute points; bars span min..max over seeds."""
-    if mc.table.empty:
+def matched(levels: list[Level], runs: pd.DataFrame, path: Path) -> Path | None:
+    """Dot plot of the final validation loss per configuration at each compute level: one
+    x position and one label per level, the level's configurations side by side around it;
+    small markers are seeds, a large one the seed mean."""
+    if not levels:
         return None
     colors = group_colors(runs)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = list(dict.fromkeys(mc.table["group"]))
-    # Groups side by side around each point (+-0.008 decades, ~2%) so their bars do not overlap.
-    offsets = np.linspace(-0.008, 0.008, len(groups)) if len(groups) > 1 else [0.0]
-    for off, group in zip(offsets, groups):
-        t = mc.table[mc.table["group"] == group]
-        half = t["spread"].to_numpy() / 2
-        x = t["compute"].to_numpy() * 10 ** off
-        ax.errorbar(x, t["mean"], yerr=half, color=colors[group], marker="o", capsize=4,
-                    label=f"{group} (n={int(t['n'].max())})")
-    _log_x(ax, "total training FLOPs (detailed, incl. sunk)")
-    ax.set_ylabel("validation loss, seed mean")
-    ax.set_title("Loss at matched compute (bars: seed spread, max - min)")
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + 1.4 * len(levels)), 4.5))
+    labelled = set()
+    for i, level in enumerate(levels):
+        k = len(level.ranking)
+        for j, group in enumerate(level.ranking):
+            t = level.table.loc[group]
+            x = i + (j - (k - 1) / 2) * min(0.6 / k, 0.15)
+            seeds = list(t["losses"].values())
+            ax.scatter([x] * len(seeds), seeds, color=colors[group], s=14, alpha=0.6)
+            ax.scatter([x], [t["mean"]], color=colors[group], s=60, edgecolor="k", zorder=3,
+                       label=None if group in labelled else group)
+            labelled.add(group)
+    ax.set_xticks(range(len(levels)), [f"{lv.compute:.3g}" for lv in levels])
+    ax.set_xlim(-0.5, len(levels) - 0.5)
+    ax.set_xlabel("total training FLOPs (detailed, incl. sunk), one level per label")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("Configurations at equal total compute, end of schedule")
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -180,11 +189,12 @@ def moe_load(load: dict[str, list[float]], title: str, path: Path) -> Path | Non
 
 
 def moe_training(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path) -> Path | None:
-    """Balance loss and drop rate (mean over MoE layers) and the total aux loss against tokens."""
+    """Balance loss, drop rate and router z-loss, each the mean over the MoE layers
+    (``moe/layer<i>/<name>``, what training logs), against tokens."""
     colors = group_colors(runs)
     specs = [("balance_loss", "balance loss, mean over layers (1 = uniform routing)"),
              ("drop_rate", "dropped assignments, mean over layers"),
-             ("aux_loss", "moe/aux_loss (sum over layers)")]
+             ("z_loss", "router z-loss, mean over layers")]
     drawn = False
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for ax, (what, label) in zip(axes, specs):
@@ -192,15 +202,13 @@ def moe_training(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path
             c = curves.get(rid)
             if c is None or "tokens_seen" not in c:
                 continue
-            keys = ["moe/aux_loss"] if what == "aux_loss" else \
-                [k for k in c if k.startswith("moe/layer") and k.endswith("/" + what)]
-            keys = [k for k in keys if k in c]
+            keys = [k for k in c if k.startswith("moe/layer") and k.endswith("/" + what)]
             if not keys:
                 continue
             y = c[keys].mean(axis=1)
             ok = y.notna() & c["tokens_seen"].notna()
             ax.plot(c["tokens_seen"][ok], y[ok], color=colors[run["group"]], lw=1.2,
-                    ls="-" if run["status"] == "FINISHED" else "--")
+                    ls="-" if run["status"] == "FINISHED" else "--", **_marker(int(ok.sum())))
             drawn = True
         _log_x(ax, "tokens seen")
         ax.set_ylabel(label, fontsize=9)
@@ -212,32 +220,27 @@ def moe_training(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path
     return _save(fig, path)
 
 
-def crossover(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], grid: np.ndarray,
-              marks: dict[str, float | None], path: Path) -> Path | None:
-    """Seed-mean validation loss against total FLOPs (incl. the sunk dense FLOPs) for dense
-    (continued), upcycled and MoE from scratch; individual runs faint; vertical lines where
-    the later curve catches up (``marks``: label -> FLOPs) and at the dense handoff."""
-    series = loss_series(runs, curves, "flops", add_sunk=True)
-    if not series:
-        return None
-    colors = group_colors(runs)
+def final_points(lines: dict[str, tuple[np.ndarray, np.ndarray]], points: pd.DataFrame, runs: pd.DataFrame,
+                 marks: dict[str, float], path: Path) -> Path:
+    """Final validation loss against total FLOPs (incl. the sunk dense FLOPs): per arm (a role
+    of the upcycling sweep, else a variant) a line through its budgets' seed means, the seeds
+    as small markers; dashed verticals at catch-ups (``marks``: label -> FLOPs), a dotted one
+    at the dense handoff."""
+    group_color = group_colors(runs)
+    arm_color = {arm: group_color[g] for arm, g in zip(runs["arm"], runs["group"])}
     fig, ax = plt.subplots(figsize=(8, 5))
-    for rid, (x, y) in series.items():
-        ax.plot(x, y, color=colors[runs.loc[rid, "group"]], lw=0.8, alpha=0.35)
-    for group in dict.fromkeys(runs["group"]):
-        members = [series[r] for r in runs.index[runs["group"] == group] if r in series]
-        m = mean_curve(members, grid)
-        if np.isfinite(m).any():
-            ax.plot(grid, m, color=colors[group], lw=2.2, label=f"{group} (seed mean)")
+    for arm, (x, y) in lines.items():
+        ax.plot(x, y, color=arm_color[arm], lw=2, marker="o", ms=6, label=f"{arm} (seed mean)")
+        seeds = points[points["arm"] == arm]
+        ax.scatter(seeds["compute"], seeds["loss"], color=arm_color[arm], s=12, alpha=0.5)
     sunk = runs.loc[runs["variant"] == "upcycled", "sunk_flops"]
     if len(sunk) and sunk.max() > 0:
         ax.axvline(sunk.max(), color="grey", ls=":", lw=1, label="dense handoff (sunk FLOPs)")
     for label, c in marks.items():
-        if c is not None:
-            ax.axvline(c, color="k", ls="--", lw=1, label=f"{label} at {c:.3g}")
-    _log_x(ax, "total training FLOPs, detailed (upcycled runs include the dense parent's)")
-    ax.set_ylabel("validation loss")
-    ax.set_title("Upcycling crossover")
+        ax.axvline(c, color="k", ls="--", lw=1, label=f"{label} at {c:.3g}")
+    _log_x(ax, "total training FLOPs, detailed (incl. the dense checkpoint's)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("Upcycling: end-of-schedule losses per arm")
     ax.legend(fontsize=8)
     return _save(fig, path)
 

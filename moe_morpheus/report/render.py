@@ -61,6 +61,17 @@ def sci(x: float) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
 
+def sig(x: float, digits: int = 3) -> str:
+    """Ratios that span decades (tokens per parameter: 0.0012 to 20) with ``digits``
+    significant digits, never rounded to 0: '0.0012', '20'; NaN -> '-'."""
+    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
+
+
+def pct(x: float, digits: int = 3) -> str:
+    """A fraction as a percentage with ``digits`` significant digits: 0.00012 -> '0.012%'."""
+    return "-" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}g}%"
+
+
 def num(x: float, digits: int = 4) -> str:
     """Losses and ratios with fixed decimals; NaN -> '-'."""
     return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
