@@ -123,7 +123,7 @@ def test_collect_moe_stats():
     stats = collect_moe_stats([model])
     for i, name in ((0, "layer5"), (2, "layer1")):  # unnamed layer: its index among MoE layers
         idx = torch.cat(seen[i])
-        assert stats[f"moe/{name}/load"] == (torch.bincount(idx.flatten(), minlength=4) / 2).tolist()
+        assert stats[f"moe/{name}/load"] == torch.bincount(idx.flatten(), minlength=4).double().tolist()  # summed
         assert stats[f"moe/{name}/balance_loss"] == pytest.approx(sum(balances[i]) / 2, rel=1e-6)
         assert stats[f"moe/{name}/drop_rate"] == 0.0
         assert stats[f"moe/{name}/z_loss"] > 0

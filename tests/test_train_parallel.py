@@ -1,5 +1,6 @@
 """Clipped optimizer updates at TP=2, PP=2 and EP=2 equal one process's (relative 1e-5), and a
-MoE model at TP=2 equals TP=1; parameter counts match the built model."""
+MoE model at TP=2 equals TP=1; the expert load summed over ranks equals one process's on the
+whole batch, on every rank; parameter counts match the built model."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=200
 MOE = dict(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=96)
 
 
-def clipped_update(tp: int, pp: int, ep: int, moe: dict | None, steps: int = 2):
-    """Two optimizer steps (clip active) on a global batch of 4 micro-batches of 2 rows."""
+def clipped_update(tp: int, pp: int, ep: int, moe: dict | None, steps: int = 2, sequence_parallel: bool = False):
+    """Two optimizer steps (clip active) on a global batch of 4 micro-batches of 2 rows; with
+    MoE also each step's routing statistics summed over the world (as the trainer logs them)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from moe_morpheus.model import build_model
-    from moe_morpheus.moe import set_aux_loss_scale
+    from moe_morpheus.moe import collect_moe_stats, set_aux_loss_scale
     from moe_morpheus.parallel import initialize
     from moe_morpheus.parallel.gather import gather_full
     from moe_morpheus.train.optim import Optimizer
@@ -28,7 +31,7 @@ def clipped_update(tp: int, pp: int, ep: int, moe: dict | None, steps: int = 2):
 
     model_cfg = ModelConfig(**MODEL)
     moe_cfg = MoEConfig(**moe) if moe else None
-    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep)
+    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=sequence_parallel)
     dp = initialize(parallel, model_cfg)
     chunks = wrap_ddp(build_model(model_cfg, moe_cfg, parallel, seed=5))
     # A clip far below the gradient norm, so the clipped update depends on the global norm.
@@ -41,16 +44,19 @@ def clipped_update(tp: int, pp: int, ep: int, moe: dict | None, steps: int = 2):
     dp_rank = parallel_state.get_data_parallel_rank()
     per_rank = len(batches) // dp
     mine = batches[dp_rank * per_rank: (dp_rank + 1) * per_rank]
-    losses, norms = [], []
+    losses, norms, stats = [], [], []
     for _ in range(steps):
         for chunk in chunks:
             chunk.zero_grad_buffer()
         set_aux_loss_scale(1.0 / (len(mine) * dp))
         losses.append(forward_backward(chunks, mine))
+        if moe_cfg:
+            stats.append(collect_moe_stats(chunks, dist.group.WORLD, num_layers=model_cfg.num_layers,
+                                           num_experts=moe_cfg.num_experts))
         norms.append(optimizer.step().total)
     grads = full_gradients(chunks) if ep == 1 else None
     params = gather_full(chunks, lambda param: param)
-    return losses, norms, params, grads
+    return losses, norms, params, grads, stats
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,7 @@ def _merged(results):
 
 def _assert_same(results, reference, tol=1e-5):
     losses, norms, params = _merged(results)
-    ref_losses, ref_norms, ref_params, _ = reference
+    ref_losses, ref_norms, ref_params = reference[:3]
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) / b <= tol
     for a, b in zip(norms, ref_norms):
@@ -90,8 +96,38 @@ def test_dense_clipped_updates_match_one_process(dense_reference, tp, pp):
 @pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1)], ids=["ep2-dp2", "tp2"])
 def test_moe_clipped_updates_match_one_process(moe_reference, tp, ep):
     """EP=2 over two data-parallel ranks, and a MoE model at TP=2 (each TP rank routes half the
-    tokens, gate gradients summed), both equal one process holding every expert."""
-    _assert_same(run_distributed(clipped_update, 2, tp, 1, ep, MOE), moe_reference)
+    tokens, gate gradients summed), both equal one process holding every expert; so does the
+    load summed over ranks (each rank routed only part of the batch)."""
+    results = run_distributed(clipped_update, 2, tp, 1, ep, MOE)
+    _assert_same(results, moe_reference)
+    _assert_same_load(results, moe_reference)
+
+
+@pytest.mark.parametrize("tp,pp,sp", [(1, 2, False), (2, 1, True)], ids=["pp2", "tp2-sp"])
+def test_moe_load_summed_over_stages_and_sequence_parts(moe_reference, tp, pp, sp):
+    """PP=2: each stage routes one MoE layer, yet every rank reports both; TP=2 with sequence
+    parallelism: each TP rank routes its half of the sequence, and the halves are summed."""
+    _assert_same_load(run_distributed(clipped_update, 2, tp, pp, 1, MOE, 2, sp), moe_reference)
+
+
+def _assert_same_load(results, reference):
+    """The load each rank reports equals one process's on the whole global batch, exactly (counts
+    of (token, slot) assignments); the balance loss is the mean over data-parallel replicas."""
+    ref_stats = reference[4]
+    assert [sorted(k for k in step if k.endswith("/load")) for step in ref_stats] == [["moe/layer2/load",
+                                                                                     "moe/layer4/load"]] * 2
+    for step, ref in enumerate(ref_stats):
+        # 4 micro-batches x 2 rows x 32 tokens, top-2, dropless: 512 assignments per layer.
+        assert all(sum(ref[f"moe/layer{n}/load"]) == 512 for n in (2, 4))
+        for result in results:
+            got = result[4][step]
+            assert got == results[0][4][step]  # every rank holds the same numbers
+            for key, value in ref.items():
+                if key.endswith("/load"):
+                    assert got[key] == value, (step, key)
+                else:
+                    assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), (step, key)
+            assert got.keys() == ref.keys()
 
 
 def _count_built(moe):

@@ -215,37 +215,3 @@ class MoEFeedForward(nn.Module):
         if z is not None and self.z_loss_coeff > 0:
             terms.append(self.z_loss_coeff * z)
         return sum(terms) if terms else None
-
-
-def collect_moe_stats(model) -> dict:
-    """Per-layer routing statistics since the last call (means over micro-batches), then reset.
-
-    ``model``: a module or a list of modules (virtual pipeline chunks). Keys, per MoE layer n
-    (its ``layer_number``, else its index among this rank's MoE layers):
-    ``moe/layer{n}/balance_loss``, ``/z_loss``, ``/drop_rate``, ``/load_max_over_mean`` (floats),
-    ``/load`` (list: assignments per global expert per micro-batch); and over layers
-    ``moe/balance_loss`` and ``moe/z_loss`` (sums, what the aux loss adds) and ``moe/drop_rate``
-    (mean). Native backend only (FastMoE's layer keeps no statistics). No collective: the
-    values are this rank's (its tensor-parallel group's) tokens.
-    """
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    out: dict = {}
-    totals: dict[str, list[float]] = {"balance_loss": [], "z_loss": [], "drop_rate": []}
-    index = 0
-    for chunk in chunks:
-        for module in chunk.modules():
-            if not isinstance(module, MoEFeedForward) or not isinstance(module.moe, FMoE):
-                continue
-            name = module.layer_number if module.layer_number is not None else index
-            index += 1
-            stats = module.moe.pop_stats()
-            if stats is None:
-                continue
-            for key, value in stats.items():
-                out[f"moe/layer{name}/{key}"] = value
-                if key in totals:
-                    totals[key].append(value)
-    for key, values in totals.items():
-        if values:
-            out[f"moe/{key}"] = sum(values) / len(values) if key == "drop_rate" else sum(values)
-    return out

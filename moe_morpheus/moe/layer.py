@@ -232,16 +232,13 @@ class FMoE(nn.Module):
         self._stat_losses = None  # float32 [2]: balance, z
 
     def _record_stats(self, idx_TK, mask_T, kept_G) -> None:
-        """Accumulate detached statistics (no host sync here; :meth:`pop_stats` reads them).
-        Under a slice group the counts are summed over it: the stats describe this
-        data-parallel replica's whole micro-batch, like the balance loss."""
+        """Accumulate detached statistics of this rank's own rows (its slice under a slice
+        group); no host sync and no collective here: :meth:`take_stats` hands them out."""
         live_TK = torch.ones_like(idx_TK, dtype=torch.bool)
         if mask_T is not None:
             live_TK = live_TK & (mask_T == 0)[:, None]
         dropped = ((idx_TK < 0) & live_TK).sum()
         counts = torch.cat([kept_G.double(), torch.stack([dropped, live_TK.sum()]).double()])
-        if self.slice_size > 1:
-            dist.all_reduce(counts, group=self.slice_group)
         self._stat_counts = counts if self._stat_counts is None else self._stat_counts + counts
         balance, z = getattr(self.gate, "loss_value", None), getattr(self.gate, "z_loss_value", None)
         if balance is not None:
@@ -249,15 +246,35 @@ class FMoE(nn.Module):
             self._stat_losses = losses if self._stat_losses is None else self._stat_losses + losses
         self._stat_forwards += 1
 
+    def take_stats(self) -> tuple[int, torch.Tensor, torch.Tensor | None] | None:
+        """This rank's raw statistics since the last call, then reset; None if no forward ran.
+
+        ``(forwards, counts, losses)``: ``counts`` float64 [G + 2], (token, slot) assignments
+        kept per global expert, then dropped and routed ones (masked tokens are not routed),
+        summed over forwards, of this rank's own rows only (a slice rank's share); ``losses``
+        [2] the gate's balance and z-losses summed over forwards (None if the gate has none).
+        Counts are sums, so a sum over ranks that routed disjoint tokens is the count of all
+        of them (:meth:`pop_stats` sums over the slice group, ``collect_moe_stats`` over every
+        rank)."""
+        n = self._stat_forwards
+        counts, losses = self._stat_counts, self._stat_losses
+        self.reset_stats()
+        return None if n == 0 else (n, counts, losses)
+
     def pop_stats(self) -> dict | None:
         """Means over the forwards since the last call (micro-batches), then reset; None if no
-        forward ran. ``load``: assignments per global expert computed, per forward;
-        ``drop_rate``: fraction of (token, slot) assignments the gate dropped (capacity, or
-        GShard's random routing of the second slot); ``load_max_over_mean``: 1 = balanced."""
-        n = self._stat_forwards
-        if n == 0:
+        forward ran. Collective over the slice group: the counts are summed over it, so the
+        stats describe the whole micro-batch, like the balance loss. ``load``: assignments per
+        global expert computed, per forward; ``drop_rate``: fraction of (token, slot)
+        assignments the gate dropped (capacity, or GShard's random routing of the second slot);
+        ``load_max_over_mean``: 1 = balanced."""
+        taken = self.take_stats()
+        if taken is None:
             return None
-        counts = self._stat_counts.tolist()
+        n, counts, losses = taken
+        if self.slice_size > 1:
+            dist.all_reduce(counts, group=self.slice_group)
+        counts = counts.tolist()
         load = [c / n for c in counts[: self.tot_expert]]
         dropped, assigned = counts[self.tot_expert:]
         mean_load = sum(load) / len(load)
@@ -266,10 +283,9 @@ class FMoE(nn.Module):
             "drop_rate": dropped / assigned if assigned else 0.0,
             "load_max_over_mean": max(load) / mean_load if mean_load else 0.0,
         }
-        if self._stat_losses is not None:
-            balance, z = (v / n for v in self._stat_losses.tolist())
+        if losses is not None:
+            balance, z = (v / n for v in losses.tolist())
             stats.update(balance_loss=balance, z_loss=z)
         if self.faster is not None:
             stats.update(self.faster.pop_stats())
-        self.reset_stats()
         return stats

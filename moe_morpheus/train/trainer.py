@@ -71,7 +71,9 @@ class Throughput:
 
 
 class MoELoad:
-    """Expert load per layer summed over training, for the report's heatmap (moe_load.json)."""
+    """Expert load per layer: (token, slot) assignments per global expert summed over training
+    steps and every rank (``collect_moe_stats`` over the world, so every rank holds the same
+    totals); saved in checkpoints, and as fractions in moe_load.json for the report's heatmap."""
 
     def __init__(self):
         self.totals: dict[str, list[float]] = {}
@@ -271,7 +273,11 @@ class Trainer:
                 }
                 metrics.update({f"epochs/{k}": v for k, v in self.data.epochs(consumed).items()})
                 if exp.moe.enabled:
-                    metrics.update(load.add(collect_moe_stats(self.model)))
+                    # Summed over every rank (one all-reduce): rank 0 logs, saves and plots the
+                    # global load, and every rank saves the same checkpoint state (moe/stats.py).
+                    metrics.update(load.add(collect_moe_stats(self.model, dist.group.WORLD,
+                                                              num_layers=exp.model.num_layers,
+                                                              num_experts=exp.moe.num_experts)))
                 last = step == plan.steps - 1
                 if last or (trainer.eval_interval and (step + 1) % trainer.eval_interval == 0):
                     valid, tasks = self.evaluate()
