@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_MOE = ["model=glm_small", "moe.expert_hidden_size=352"]  # 2 x 352 = glm_small's FFN 704
+SMALL_MOE = ["model=glm_small"]  # granularity 2: experts of 352, 2 x 352 = glm_small's FFN 704
 REF = ["+experiment=dense", "model=glm_small", "model.seq_length=256"]
 CASES: dict[str, dict] = {
     "tiny/dense": {"overrides": ["+experiment=dense"]},
@@ -69,10 +69,10 @@ CASES: dict[str, dict] = {
     "2proc/tp2": {"overrides": ["+experiment=dense", "model=glm_small", "parallel.tp=2"], "nproc": 2},
     "2proc/pp2": {"overrides": ["+experiment=dense", "model=glm_small", "parallel.pp=2"], "nproc": 2},
     # One GPU, bf16 autocast (--gpu): glm_1b (24 x 2048, s2048) dense and with 8 experts top-2 in
-    # every second layer (expert hidden 2752 = half the dense FFN's 5504: the same active size).
+    # every second layer (granularity 2: expert hidden 2752 = half the dense FFN's 5504, the same
+    # active size).
     "gpu/dense_1b": {"overrides": ["+experiment=dense", "model=glm_1b"], "gpu": True},
-    "gpu/moe_1b_8e": {"overrides": ["+experiment=moe_8e", "model=glm_1b", "moe.expert_hidden_size=2752"],
-                      "gpu": True},
+    "gpu/moe_1b_8e": {"overrides": ["+experiment=moe_8e", "model=glm_1b"], "gpu": True},
 }
 COMMON = ["trainer.micro_batch_size=8", "trainer.global_batch_size=16", "trainer.progress=false",
           "trainer.eval_task_items=0"]

@@ -5,7 +5,8 @@ counts follow the GLM model's exact parameter inventory (DESIGN.md, "Parameters 
 a test can compare them with ``sum(p.numel())`` of the built module.
 
 Inventory, with h = hidden size, V = padded vocabulary (padded as the model pads it, independent
-of TP), F = dense GeGLU hidden size, Fe = expert GeGLU hidden size, E = experts, k = top-k:
+of TP), F = dense GeGLU hidden size, Fe = expert GeGLU hidden size (``moe.expert_hidden``: F /
+granularity, or the absolute ``moe.expert_hidden_size``), E = experts, k = top-k:
 
 - word embedding V h (the output logits are tied to it; RoPE, so no position embedding);
 - per layer: two LayerNorms 2 x 2h; fused QKV 3h^2 + 3h; output projection h^2 + h;
@@ -23,6 +24,11 @@ from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig
 # Which parameter count sizes the Chinchilla budget. Hoffmann et al. (2022) counted embeddings,
 # so the default is active parameters including the embedding (DESIGN.md).
 BUDGET_PARAMS = ("active", "active_non_embedding", "total")
+# A model of a billion parameters or more trained on fewer tokens per step than this is on the CPU
+# demo trainer by mistake: GPT-3 trained even its 125M model on 0.5M-token batches (Brown et al.
+# 2020, Table 2.1), and conf/trainer/cluster.yaml takes 2.1M.
+CLUSTER_PARAMS = 1e9
+CLUSTER_MIN_TOKENS_PER_STEP = 2**19
 
 
 @dataclass(frozen=True)
@@ -48,10 +54,6 @@ def _moe_enabled(moe_cfg: MoEConfig | None) -> bool:
     return moe_cfg is not None and moe_cfg.enabled
 
 
-def _expert_hidden(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> int:
-    return moe_cfg.expert_hidden_size or model_cfg.ffn_hidden_size
-
-
 def param_counts(model_cfg: ModelConfig, moe_cfg: MoEConfig | None = None) -> ParamCounts:
     """Total, active, embedding and non-embedding parameters (inventory in the module docstring)."""
     h, v, f = model_cfg.hidden_size, model_cfg.padded_vocab_size, model_cfg.ffn_hidden_size
@@ -65,7 +67,7 @@ def param_counts(model_cfg: ModelConfig, moe_cfg: MoEConfig | None = None) -> Pa
         if _moe_enabled(moe_cfg) and moe_cfg.is_moe_layer(i):
             e, k = moe_cfg.num_experts, moe_cfg.top_k
             router = e * h + e  # counted as active: every token goes through it
-            expert = _geglu_params(h, _expert_hidden(model_cfg, moe_cfg))
+            expert = _geglu_params(h, moe_cfg.expert_hidden(model_cfg))
             total += router + e * expert
             active += router + k * expert
         else:
@@ -95,7 +97,7 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int, moe_cfg: MoEConfig | N
     for i in range(model_cfg.num_layers):
         forward += 2 * 3 * h * h + 2 * h * h + 2 * s * h + 2 * s * h
         if _moe_enabled(moe_cfg) and moe_cfg.is_moe_layer(i):
-            forward += moe_cfg.top_k * 2 * 3 * h * _expert_hidden(model_cfg, moe_cfg)
+            forward += moe_cfg.top_k * 2 * 3 * h * moe_cfg.expert_hidden(model_cfg)
         else:
             forward += 2 * 3 * h * f
     return 3 * forward
@@ -213,14 +215,30 @@ def format_budget(plan: RunPlan) -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> None:
+def demo_batch_warning(model_cfg: ModelConfig, moe_cfg: MoEConfig | None, global_batch_size: int) -> str | None:
+    """A one-line warning when a model of over ``CLUSTER_PARAMS`` active parameters runs with a
+    CPU-demo-sized batch (under ``CLUSTER_MIN_TOKENS_PER_STEP`` tokens per step), else None."""
+    active = param_counts(model_cfg, moe_cfg).active
+    tokens = global_batch_size * model_cfg.seq_length
+    if active < CLUSTER_PARAMS or tokens >= CLUSTER_MIN_TOKENS_PER_STEP:
+        return None
+    return (f"warning: {_si(active)} active parameters with a global batch of {global_batch_size} x "
+            f"{model_cfg.seq_length} = {_si(tokens)} tokens per step, the CPU demo's size: a cluster run "
+            f"takes trainer=cluster (conf/trainer/cluster.yaml)")
+
+
+def main(argv: list[str] | None = None) -> int:
     """``python -m moe_morpheus.budget +experiment=NAME [model=PRESET] [overrides]``: the run plan
     (parameters, Chinchilla budget, FLOPs) of a configuration, without building the model."""
     import sys
 
     from moe_morpheus.experiment import compose_experiment
 
-    exp = compose_experiment(sys.argv[1:] if argv is None else argv)
+    try:
+        exp = compose_experiment(sys.argv[1:] if argv is None else argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     moe = exp.moe if exp.moe.enabled else None
     tokens_per_step = exp.trainer.global_batch_size * exp.model.seq_length
     budget = exp.budget
@@ -231,9 +249,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{exp.name}: {exp.model.num_layers} layers, hidden {exp.model.hidden_size}, "
           f"{exp.model.num_attention_heads} heads, FFN {exp.model.ffn_hidden_size}, seq {exp.model.seq_length}, "
           f"vocab {exp.model.vocab_size}" + (f", {moe.num_experts} experts top-{moe.top_k} every "
-                                             f"{moe.layer_freq} layer(s)" if moe else ""))
+                                             f"{moe.layer_freq} layer(s), experts {moe.expert_hidden(exp.model)} wide"
+                                             if moe else ""))
     print(format_budget(plan))
+    warning = demo_batch_warning(exp.model, moe, exp.trainer.global_batch_size)
+    if warning:
+        print(warning, file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -139,7 +139,13 @@ class MoEConfig:
     num_experts: int = 8  # total over the expert-parallel group
     top_k: int = 2
     gate: str = "naive"
-    # None: dense FFN hidden size (so a dense FFN can be copied into every expert).
+    # Expert width relative to the dense FFN, as Megatron-Core and He et al. (2024) define
+    # granularity: expert hidden = model.ffn_hidden_size / g, so top_k = g experts hold exactly the
+    # dense FFN's active parameters and FLOPs on every model preset. None: g = 1 (every expert as
+    # wide as the dense FFN, so a dense FFN can be copied into each).
+    granularity: int | None = None
+    # An absolute expert hidden size, only when asked for explicitly; setting it and granularity
+    # together is an error. Read the width through expert_hidden(model), never these fields.
     expert_hidden_size: int | None = None
     # None: dropless. Otherwise ceil(capacity_factor * T_local * k / E) per sender and expert.
     capacity_factor: float | None = None
@@ -155,6 +161,14 @@ class MoEConfig:
         _check(self.layer_freq >= 0, f"moe.layer_freq={self.layer_freq} must be >= 0 (0 = dense)")
         _check(self.gate in GATES, f"moe.gate={self.gate!r}: choose one of {GATES}")
         _check(self.backend in ("native", "fastmoe"), f"moe.backend={self.backend!r}: native or fastmoe")
+        _check(self.granularity is None or self.expert_hidden_size is None,
+               f"moe.granularity={self.granularity} and moe.expert_hidden_size={self.expert_hidden_size} are "
+               f"both set: the expert width is ffn_hidden_size / granularity or an absolute size, not both; "
+               f"set moe.granularity=null to use the absolute width")
+        _check(self.granularity is None or self.granularity >= 1,
+               f"moe.granularity={self.granularity} must be >= 1 (expert hidden = ffn_hidden_size / granularity)")
+        _check(self.expert_hidden_size is None or self.expert_hidden_size >= 1,
+               f"moe.expert_hidden_size={self.expert_hidden_size} must be >= 1 (or null)")
         if self.layer_freq == 0:
             return
         _check(self.num_experts >= 1, f"moe.num_experts={self.num_experts} must be >= 1")
@@ -170,6 +184,18 @@ class MoEConfig:
 
     def is_moe_layer(self, layer_index: int) -> bool:
         return self.layer_freq > 0 and (layer_index + 1) % self.layer_freq == 0
+
+    def expert_hidden(self, model: ModelConfig) -> int:
+        """Each expert's GeGLU hidden size on ``model``: ``expert_hidden_size`` when set, else
+        ``model.ffn_hidden_size / granularity`` (which must divide it)."""
+        if self.expert_hidden_size is not None:
+            return self.expert_hidden_size
+        g, ffn = self.granularity or 1, model.ffn_hidden_size
+        if ffn % g:
+            divisors = ", ".join(str(d) for d in range(1, 17) if ffn % d == 0)
+            raise ConfigError(f"moe.granularity={g} does not divide model.ffn_hidden_size={ffn}: pick a divisor "
+                              f"of it ({divisors}, ...) or set model.ffn_hidden_size to a multiple of {g}")
+        return ffn // g
 
 
 @dataclass

@@ -74,6 +74,8 @@ class ExperimentConfig:
         if self.variant not in ("dense", "moe", "upcycled"):
             raise ConfigError(f"variant={self.variant!r}: choose dense, moe or upcycled (or null)")
         self.parallel.validate_model(self.model)
+        if self.moe.enabled:
+            self.moe.expert_hidden(self.model)  # a granularity that does not divide the FFN fails here
         if self.init.from_dense is not None and self.moe.enabled:
             granularity(self.model, self.moe, self.upcycle)  # bad upcycling targets fail at composition
         if self.moe.enabled and self.moe.num_experts % self.parallel.ep:

@@ -63,7 +63,7 @@ def export_config(model: ModelConfig, moe: MoEConfig | None, tokenizer_file: str
     }
     if moe is not None and moe.enabled:
         config["moe"] = {"layer_freq": moe.layer_freq, "num_experts": moe.num_experts, "top_k": moe.top_k,
-                         "expert_hidden_size": moe.expert_hidden_size or model.ffn_hidden_size,
+                         "expert_hidden_size": moe.expert_hidden(model),
                          "gate": moe.gate, "softmax_before_topk": moe.softmax_before_topk}
     return config
 

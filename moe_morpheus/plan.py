@@ -176,7 +176,7 @@ def stage_params(model: ModelConfig, moe: MoEConfig | None, layout: Layout, stag
     for i in stage_layers(model, layout.pp, stage):
         dense += attention
         if _moe_layer(moe, i):
-            fe = moe.expert_hidden_size or f
+            fe = moe.expert_hidden(model)
             dense += moe.num_experts * h + moe.num_experts  # router, replicated
             expert += moe.num_experts // layout.ep * (3 * h * fe + 2 * fe + h)
         else:
@@ -203,7 +203,7 @@ def layer_activation_bytes(model: ModelConfig, moe: MoEConfig | None, layout: La
     if model.hidden_dropout > 0:
         total += 2 * seq_tokens * h * mask
     if _moe_layer(moe, index):
-        fe = moe.expert_hidden_size or model.ffn_hidden_size
+        fe = moe.expert_hidden(model)
         rows = tokens * moe.top_k * (moe.capacity_factor or 1.0) / t
         total += rows * (2 * fe * c + 2 * h * c + 16) + 12 * tokens * moe.num_experts / t
     else:
@@ -344,6 +344,7 @@ def activation_table(model: ModelConfig, moe: MoEConfig | None, layout: Layout, 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m moe_morpheus.plan`` (module docstring)."""
+    from moe_morpheus.budget import demo_batch_warning
     from moe_morpheus.experiment import compose_experiment
 
     args = sys.argv[1:] if argv is None else argv
@@ -375,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{exp.name}: {model.num_layers} layers, hidden {model.hidden_size}, {gpus} GPUs, micro-batch "
           f"{work.micro_batch} x {model.seq_length} tokens, global batch {work.global_batch}, "
           f"{'bf16 autocast' if work.bf16 else 'fp32'}")
+    warning = demo_batch_warning(model, moe, work.global_batch)
+    if warning:
+        print(warning, file=sys.stderr)
     problems = layout_problems(model, moe, layout, work)
     if problems:
         print("this layout cannot run: " + "; ".join(problems), file=sys.stderr)

@@ -21,7 +21,8 @@ Modes (``upcycle.mode``); experts ``e = j * g + s`` form E / g groups ``j`` of g
 
 - ``copy`` (Komatsuzaki et al. 2022): g = 1, every expert the dense FFN. With top-k-then-softmax
   routing the k scores sum to 1, so the layer output is the dense output for any router.
-- ``virtual_group`` (He et al. 2024): granularity g = dense FFN / ``moe.expert_hidden_size``;
+- ``virtual_group`` (He et al. 2024): granularity g = dense FFN / expert width (``moe.granularity``,
+  or derived from an absolute ``moe.expert_hidden_size``);
   shard s of the FFN's hidden units (``value`` and ``gelu`` rows split separately, so each
   expert keeps matching halves: Megatron-Core's ``upcycling_utils.py`` splits a fused GLU weight
   contiguously, which pairs value units with other units' gates for non-SiLU activations) goes
@@ -78,8 +79,6 @@ class UpcycleConfig:
     """How a dense FFN becomes a MoE layer (module docstring)."""
 
     mode: str = "virtual_group"
-    # None: dense FFN / moe.expert_hidden_size (Megatron's definition); set, it must agree.
-    granularity: int | None = None
     drop_fraction: float = 0.5  # Nakamura et al.'s best r
     router_init: str = "tied"
     # None: model.init_std.
@@ -93,8 +92,6 @@ class UpcycleConfig:
             raise UpcycleError(f"upcycle.mode={self.mode!r}: choose one of {MODES}")
         if self.router_init not in ROUTER_INITS:
             raise UpcycleError(f"upcycle.router_init={self.router_init!r}: choose one of {ROUTER_INITS}")
-        if self.granularity is not None and self.granularity < 1:
-            raise UpcycleError(f"upcycle.granularity={self.granularity} must be >= 1 (or null: derived)")
         if not 0.0 <= self.drop_fraction <= 1.0:
             raise UpcycleError(f"upcycle.drop_fraction={self.drop_fraction} must be in [0, 1]")
         if self.router_std is not None and self.router_std <= 0:
@@ -110,24 +107,22 @@ class InitConfig:
 
 
 def granularity(model: ModelConfig, moe: MoEConfig, cfg: UpcycleConfig) -> int:
-    """g, checked against the FFN size, the experts and the routing; raises UpcycleError."""
+    """g = dense FFN / expert width (the target's ``moe.expert_hidden``), checked against the FFN
+    size, the experts and the routing; raises UpcycleError."""
     ffn = model.ffn_hidden_size
-    expert = moe.expert_hidden_size or ffn
-    g = cfg.granularity if cfg.granularity is not None else max(ffn // expert, 1)
-    if ffn % g:
-        raise UpcycleError(f"upcycle.granularity={g} does not divide the dense FFN size "
-                           f"model.ffn_hidden_size={ffn}: each expert takes ffn / g hidden units")
-    if expert * g != ffn:
-        raise UpcycleError(f"moe.expert_hidden_size={expert} is not model.ffn_hidden_size / granularity = "
-                           f"{ffn} / {g}: set moe.expert_hidden_size={ffn // g} (or upcycle.granularity="
-                           f"{ffn // expert if ffn % expert == 0 else 'a divisor'})")
+    expert = moe.expert_hidden(model)
+    if ffn % expert:
+        raise UpcycleError(f"moe.expert_hidden_size={expert} does not divide model.ffn_hidden_size={ffn}: each "
+                           f"expert takes ffn / g of the dense FFN's hidden units; set moe.expert_hidden_size=null "
+                           f"and moe.granularity=g instead")
+    g = ffn // expert
     if moe.num_experts % g:
         raise UpcycleError(f"moe.num_experts={moe.num_experts} is not divisible by the granularity {g}: "
                            f"every group holds one copy of each of the g shards")
     if cfg.mode == "copy" and g != 1:
         raise UpcycleError(f"upcycle.mode=copy makes every expert the whole dense FFN (granularity 1) but "
-                           f"moe.expert_hidden_size={expert} gives {g}: use mode=virtual_group or "
-                           f"moe.expert_hidden_size={ffn}")
+                           f"the experts are {expert} wide (granularity {g}): use mode=virtual_group or "
+                           f"moe.granularity=1")
     if cfg.mode in ("copy", "virtual_group"):
         if moe.softmax_before_topk:
             raise UpcycleError(f"upcycle.mode={cfg.mode} is function-preserving only with renormalised top-k "
@@ -366,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 2 or args[0].startswith("-"):
         print("usage: python -m moe_morpheus.upcycle SOURCE_CHECKPOINT OUTPUT_DIR [overrides, e.g. "
-              "+experiment=upcycle_64e upcycle.mode=copy moe.expert_hidden_size=null]", file=sys.stderr)
+              "+experiment=upcycle_64e upcycle.mode=copy moe.granularity=1]", file=sys.stderr)
         return 2
     from moe_morpheus import parallel as mm_parallel
     from moe_morpheus.train.checkpoint import CheckpointError

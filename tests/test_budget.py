@@ -183,3 +183,88 @@ def test_budget_command_prints_the_30b_preset_without_building_it(capsys):
     out = capsys.readouterr().out
     assert "55 layers, hidden 7200, 72 heads, FFN 19200" in out
     assert "total 34.94B" in out and "embedding 720.69M" in out
+
+
+# ---------------------------------------------------------------- expert width on every preset
+def _compose(*overrides):
+    from moe_morpheus.experiment import compose_experiment
+
+    return compose_experiment(list(overrides))
+
+
+def _presets() -> list[str]:
+    from moe_morpheus.experiment import CONF_DIR
+
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", ["moe_64e", "moe_8e"])
+@pytest.mark.parametrize("preset", _presets())
+def test_moe_experiments_keep_the_dense_active_parameters_on_every_preset(experiment, preset):
+    dense = _compose("+experiment=dense", f"model={preset}")
+    moe = _compose(f"+experiment={experiment}", f"model={preset}")
+    model, f, h = moe.model, moe.model.ffn_hidden_size, moe.model.hidden_size
+    assert moe.moe.expert_hidden(model) * 2 == f  # granularity 2 of this preset's own FFN
+    dense_active = param_counts(dense.model).active
+    counts = param_counts(model, moe.moe)
+    # Two experts of F/2 hold the dense FFN's 3hF + 2F weights and biases; what a MoE layer adds to
+    # the active count is its router (E h + E) and the second expert's fc2 bias (h).
+    moe_layers = sum(moe.moe.is_moe_layer(i) for i in range(model.num_layers))
+    assert moe_layers == model.num_layers // 2
+    e = moe.moe.num_experts
+    assert counts.active == dense_active + moe_layers * (e * h + e + h)
+    assert abs(counts.active - dense_active) / dense_active <= 0.01
+    # The detailed FLOPs differ only by what they leave out (router, biases): none.
+    assert flops_per_token(model, model.seq_length, moe.moe) == flops_per_token(dense.model, model.seq_length)
+
+
+@pytest.mark.parametrize("experiment", ["moe_64e", "moe_8e", "upcycle_64e"])
+def test_glm_tiny_experts_stay_192_wide(experiment):
+    # The demo runs' results were produced with moe.expert_hidden_size=192 on glm_tiny (FFN 384):
+    # granularity 2 must build exactly that model.
+    exp = _compose(f"+experiment={experiment}")
+    assert exp.model.ffn_hidden_size == 384 and exp.moe.expert_hidden(exp.model) == 192
+    absolute = MoEConfig(layer_freq=2, num_experts=exp.moe.num_experts, top_k=2, expert_hidden_size=192)
+    assert param_counts(exp.model, exp.moe) == param_counts(exp.model, absolute)
+
+
+def test_absolute_expert_width_and_its_conflicts():
+    exp = _compose("+experiment=moe_64e", "model=morpheus_30b", "moe.granularity=null", "moe.expert_hidden_size=4800")
+    assert exp.moe.expert_hidden(exp.model) == 4800
+    absolute = param_counts(exp.model, exp.moe)
+    # 19200 / 4 = 4800: the absolute width is the one counted (and built).
+    assert absolute == param_counts(exp.model, MoEConfig(layer_freq=2, num_experts=64, top_k=2, granularity=4))
+    assert absolute.active < param_counts(exp.model, MoEConfig(layer_freq=2, num_experts=64, top_k=2,
+                                                               granularity=2)).active
+    assert MoEConfig(layer_freq=2, expert_hidden_size=7).expert_hidden(exp.model) == 7
+    assert MoEConfig(layer_freq=2).expert_hidden(exp.model) == 19200  # neither set: g = 1
+    with pytest.raises(ConfigError, match="moe.granularity=2 and moe.expert_hidden_size=96 are both set"):
+        MoEConfig(layer_freq=2, granularity=2, expert_hidden_size=96)
+    with pytest.raises(ConfigError, match="are both set"):
+        _compose("+experiment=moe_8e", "moe.expert_hidden_size=96")
+    with pytest.raises(ConfigError, match=r"moe.granularity=7 does not divide model.ffn_hidden_size=384: pick a "
+                                          r"divisor of it \(1, 2, 3, 4, 6, 8, 12, 16, ...\)"):
+        _compose("+experiment=moe_8e", "moe.granularity=7")
+    with pytest.raises(ConfigError, match="moe.granularity=0 must be >= 1"):
+        MoEConfig(layer_freq=2, granularity=0)
+
+
+def test_cluster_trainer_comes_with_the_30b_preset_and_the_demo_batch_warns(capsys):
+    from moe_morpheus.budget import main
+
+    assert _compose("+experiment=dense").trainer.global_batch_size == 16  # cpu_demo
+    cluster = _compose("+experiment=moe_64e", "model=morpheus_30b").trainer
+    assert (cluster.global_batch_size, cluster.micro_batch_size, cluster.precision) == (1024, 1, "bf16")
+    assert _compose("+experiment=dense", "model=morpheus_30b", "trainer=cpu_demo").trainer.global_batch_size == 16
+
+    assert main(["+experiment=moe_64e", "model=morpheus_30b"]) == 0
+    out, err = capsys.readouterr()
+    # 20 tokens x 34.95B active = 699.07B; the experiment's 1.2% of it at 1024 x 2048 tokens per step.
+    assert "experts 9600 wide" in out and "total 382.12B, active 34.95B" in out
+    assert "4,000 steps x 2,097,152 tokens/step" in out and "warning" not in err
+    assert main(["+experiment=moe_64e", "model=morpheus_30b", "trainer=cpu_demo"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 34.95B active parameters with a global batch of 16 x 2048" in err and "trainer=cluster" in err
+    assert main(["+experiment=moe_64e"]) == 0 and "warning" not in capsys.readouterr().err  # glm_tiny: a demo
+    assert main(["+experiment=moe_8e", "moe.granularity=5"]) == 2
+    assert "error: moe.granularity=5 does not divide" in capsys.readouterr().err

@@ -104,6 +104,14 @@ def test_expert_hidden_size_and_init():
     assert layer.moe.experts.w_value_EFD.allreduce is False
     assert layer.moe.gate.gate.weight.sequence_parallel is True
     assert MoEFeedForward(MODEL, moe_cfg()).moe.experts.d_hidden == F_HIDDEN
+    # Granularity g: experts F / g wide (24 / 3 = 8), and the same layer, weight for weight, as the
+    # absolute width it resolves to (what keeps the glm_tiny demo runs reproducible).
+    assert MoEFeedForward(MODEL, moe_cfg(granularity=3)).moe.experts.w_value_EFD.shape == (4, F_HIDDEN // 3, H)
+    torch.manual_seed(5)
+    relative = MoEFeedForward(MODEL, moe_cfg(granularity=2)).state_dict()
+    torch.manual_seed(5)
+    absolute = MoEFeedForward(MODEL, moe_cfg(expert_hidden_size=F_HIDDEN // 2)).state_dict()
+    assert relative.keys() == absolute.keys() and all(torch.equal(relative[k], absolute[k]) for k in relative)
 
 
 def test_collect_moe_stats():

@@ -146,3 +146,31 @@ def test_saved_activations_excludes_parameters():
     with SavedActivations(exclude=[weight]) as saved:
         (weight * 2.0).sum()
     assert saved.bytes == 0
+
+
+@pytest.mark.parametrize("experiment", ["dense", "moe_64e", "moe_8e"])
+def test_plan_counts_the_experiments_parameters_as_the_budget_does(experiment):
+    # The planner's per-GPU inventory (one GPU, no split) against the budget's independent count:
+    # both must build experts of the resolved width (granularity 2: 9600 on morpheus_30b).
+    from moe_morpheus.budget import param_counts
+    from moe_morpheus.experiment import compose_experiment
+
+    exp = compose_experiment([f"+experiment={experiment}", "model=morpheus_30b"])
+    moe = exp.moe if exp.moe.enabled else None
+    plan = plan_memory(exp.model, moe, Layout(tp=1, pp=1, dp=1), WORK)
+    assert plan.params == param_counts(exp.model, moe).total
+    # 8 experts: ep 8 leaves one expert per GPU, so the experts on a GPU shrink 8-fold.
+    if moe is not None:
+        one = plan_memory(exp.model, moe, Layout(tp=1, pp=1, dp=moe.num_experts, ep=moe.num_experts), WORK).params
+        per_expert = 3 * 7200 * 9600 + 2 * 9600 + 7200
+        assert plan.params - one == 27 * (moe.num_experts - 1) * per_expert
+
+
+def test_plan_warns_about_a_demo_batch_on_the_30b_model(capsys):
+    assert main(["+experiment=dense", "model=morpheus_30b", "parallel.tp=8", "trainer=cpu_demo"]) == 0
+    captured = capsys.readouterr()
+    assert "global batch 16, " in captured.out
+    assert "warning: 34.94B active parameters with a global batch of 16 x 2048" in captured.err
+    assert main(["+experiment=dense", "model=morpheus_30b", "parallel.tp=8"]) == 0
+    captured = capsys.readouterr()
+    assert "global batch 1024, bf16 autocast" in captured.out and "warning" not in captured.err

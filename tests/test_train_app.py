@@ -131,10 +131,13 @@ def test_two_process_runs(tmp_path, layout, experiment, expected):
     (["+experiment=dense", "model.hiden_size=3"], "Key 'hiden_size' not in 'ModelConfig'"),
     (["+experiment=moe_8e", "parallel.ep=3"], "moe.num_experts=8 is not divisible by parallel.ep=3"),
     (["+experiment=moe_8e", "moe.top_k=9"], "moe.top_k=9 must be between 1 and moe.num_experts=8"),
+    (["+experiment=moe_8e", "moe.expert_hidden_size=96"], "moe.granularity=2 and moe.expert_hidden_size=96 are both set"),
+    (["+experiment=moe_8e", "moe.granularity=5"], "moe.granularity=5 does not divide model.ffn_hidden_size=192"),
     (["+experiment=dense", "budget.chinchilla_fraction=1e-9"], "rounds to 0 steps"),
     (["+sweeps=dense_vs_moe"], "run it with -m"),
     (["+experiment=dense", "tracking.uri=http://127.0.0.1:9", "tracking.strict=true"], "127.0.0.1:9"),
-], ids=["unknown-experiment", "typo", "ep", "top-k", "zero-steps", "sweep-without-m", "unreachable-tracking"])
+], ids=["unknown-experiment", "typo", "ep", "top-k", "expert-width-twice", "granularity", "zero-steps",
+        "sweep-without-m", "unreachable-tracking"])
 def test_bad_input_gives_a_clear_error_and_leaves_no_run_folder(tmp_path, args, message):
     result = train(tmp_path, *args, *SMALL, check=False)
     assert result.returncode != 0

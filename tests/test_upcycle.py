@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
+from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
 from moe_morpheus.upcycle import (
     UpcycleConfig,
     UpcycleError,
@@ -224,14 +224,17 @@ def test_virtual_group_layout_of_shards_and_router():
 
 def test_bad_inputs_give_clear_errors(tmp_path):
     model = ModelConfig(**MODEL)
-    with pytest.raises(UpcycleError, match="does not divide the dense FFN size"):
-        granularity(model, MoEConfig(layer_freq=1, num_experts=10, expert_hidden_size=38), UpcycleConfig(granularity=5))
-    with pytest.raises(UpcycleError, match="not divisible by the granularity 2"):
-        granularity(model, MoEConfig(layer_freq=1, num_experts=5, expert_hidden_size=96), UpcycleConfig())
-    with pytest.raises(UpcycleError, match="not model.ffn_hidden_size / granularity"):
+    # g = dense FFN / expert width, from moe.granularity or an absolute width; both give the same g.
+    assert granularity(model, MoEConfig(layer_freq=1, num_experts=8, granularity=2), UpcycleConfig()) == 2
+    assert granularity(model, MoEConfig(layer_freq=1, num_experts=8, expert_hidden_size=96), UpcycleConfig()) == 2
+    with pytest.raises(UpcycleError, match="expert_hidden_size=100 does not divide model.ffn_hidden_size=192"):
         granularity(model, MoEConfig(layer_freq=1, num_experts=8, expert_hidden_size=100), UpcycleConfig())
-    with pytest.raises(UpcycleError, match="mode=copy"):
-        granularity(model, MoEConfig(layer_freq=1, num_experts=8, expert_hidden_size=96), UpcycleConfig(mode="copy"))
+    with pytest.raises(ConfigError, match="granularity=5 does not divide model.ffn_hidden_size=192"):
+        granularity(model, MoEConfig(layer_freq=1, num_experts=10, granularity=5), UpcycleConfig())
+    with pytest.raises(UpcycleError, match="not divisible by the granularity 2"):
+        granularity(model, MoEConfig(layer_freq=1, num_experts=5, granularity=2), UpcycleConfig())
+    with pytest.raises(UpcycleError, match=r"mode=copy .*\(granularity 2\).*moe.granularity=1"):
+        granularity(model, MoEConfig(layer_freq=1, num_experts=8, granularity=2), UpcycleConfig(mode="copy"))
     with pytest.raises(UpcycleError, match="top_k=3 is not a multiple"):
         granularity(model, MoEConfig(layer_freq=1, num_experts=8, top_k=3, expert_hidden_size=96), UpcycleConfig())
     with pytest.raises(UpcycleError, match="softmax_before_topk"):

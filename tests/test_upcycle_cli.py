@@ -19,7 +19,7 @@ from tests.test_train_app import SMALL, runs, train
 pytestmark = pytest.mark.slow
 FAST = [*SMALL, "trainer.eval_task_items=0", "trainer.eval_interval=0"]
 # hidden 64: dense FFN 192; 8 experts of 96 = granularity 2, 4 groups, top-2.
-TARGET = ["+experiment=upcycle_64e", "moe.num_experts=8", "moe.expert_hidden_size=96"]
+TARGET = ["+experiment=upcycle_64e", "moe.num_experts=8"]
 
 
 def _run(tmp_path, name):
@@ -61,7 +61,7 @@ def test_convert_then_train_and_init_from_dense_with_lineage(tmp_path):
 def test_driver_runs_stages_once(tmp_path):
     args = ["seeds=[1]", "extra_fractions=[0.006]", "stage_steps=2", f"output_dir={tmp_path}/sweep",
             f"tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-            "overrides=[" + ",".join([*FAST, "moe.num_experts=8", "moe.expert_hidden_size=96"]) + "]"]
+            "overrides=[" + ",".join([*FAST, "moe.num_experts=8"]) + "]"]
     env_cmd = [sys.executable, "-m", "moe_morpheus.upcycle_sweep", *args]
     first = subprocess.run(env_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

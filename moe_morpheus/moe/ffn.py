@@ -112,8 +112,9 @@ class MoEFeedForward(nn.Module):
 
     ``sequence_parallel=True``: the input is already this TP rank's part of the sequence
     (Megatron's sequence parallelism), so there is nothing to slice or gather.
-    Experts: ``moe.num_experts / ep`` GeGLU experts of hidden ``moe.expert_hidden_size`` (or the
-    dense FFN's), Xavier-normal with gain ``model.init_beta`` like the dense FFN. The auxiliary
+    Experts: ``moe.num_experts / ep`` GeGLU experts of hidden ``moe.expert_hidden(model)`` (the
+    dense FFN's / ``moe.granularity``, or ``moe.expert_hidden_size``), Xavier-normal with gain
+    ``model.init_beta`` like the dense FFN. The auxiliary
     loss ``aux_loss_coeff * balance + z_loss_coeff * z`` is attached to the output in training.
     ``layer_number`` names the layer's statistics (set by the model).
     """
@@ -126,7 +127,7 @@ class MoEFeedForward(nn.Module):
                               f"size parallel.ep={ep}: each rank must hold the same number of experts")
         num_expert = moe_cfg.num_experts // ep
         d_model = model_cfg.hidden_size
-        d_hidden = moe_cfg.expert_hidden_size or model_cfg.ffn_hidden_size
+        d_hidden = moe_cfg.expert_hidden(model_cfg)
         slice_group = tp_group if tp > 1 and not sequence_parallel else None
         faster = moe_cfg.faster
         if moe_cfg.backend == "fastmoe":

@@ -113,7 +113,9 @@ def model_shape(model: ModelConfig, moe: MoEConfig | None) -> dict:
     shape = {f"model.{k}": getattr(model, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
                                                        "ffn_hidden_size", "padded_vocab_size")}
     if moe is not None and moe.enabled:
-        shape.update({f"moe.{k}": getattr(moe, k) for k in ("layer_freq", "num_experts", "expert_hidden_size")})
+        shape.update({f"moe.{k}": getattr(moe, k) for k in ("layer_freq", "num_experts")})
+        # The resolved width: a granularity and the absolute size it equals make the same tensors.
+        shape["moe.expert_hidden_size"] = moe.expert_hidden(model)
     return shape
 
 
