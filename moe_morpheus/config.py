@@ -88,7 +88,7 @@ class ModelConfig:
 
     @property
     def residual_alpha(self) -> float:
-        """Scale of the residual branch in post-LN: x = LN(alpha * x + F(x))."""
+        """Scale of the normalised residual in post-LN (GLM-130B): h = alpha * LN(h) + F(LN(h))."""
         n = self.num_layers
         return {"deepnorm": (2 * n) ** 0.5, "deepnet": (2 * n) ** 0.25, "pre_ln": 1.0}[self.norm]
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from moe_morpheus.config import ModelConfig, MoEConfig
+from moe_morpheus.reference_model import FORMAT  # the reader decides which exports it computes
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                 torch.int64: "I64", torch.int32: "I32"}
-FORMAT = "moe_morpheus-glm-v1"
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

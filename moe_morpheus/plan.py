@@ -28,8 +28,8 @@ plus the logits; both are computed and the larger is reported):
 
   ``per layer = 4 T' h r + 16 T' + 6 T h c / t + 4 T d c + core + FFN``
 
-  4 T' h r: the layer input (saved by QKV), the attention LayerNorm's input and output, the FFN
-  LayerNorm's input (pre-LN saves the same four); 16 T': LayerNorm mean and rstd; T' = T / t under
+  4 T' h r: each sub-layer's LayerNorm input and output (the output saved by QKV or the FFN; the
+  same four in pre-LN and GLM-130B's post-LN); 16 T': LayerNorm mean and rstd; T' = T / t under
   sequence parallelism, else T (Korthikanti's 10 s b h of the non-TP region); 6 T h c / t: QKV
   output (3), scaled q and rotated k (2), context (1); 4 T d c: RoPE's cos and sin for q and k,
   per token; core = 4 Z (fp32 softmax output, GLM's fp32 softmax) + 2 Z for its bf16 copy, or

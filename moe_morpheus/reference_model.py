@@ -67,8 +67,19 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tens
     return x * angles.cos() + rotated * angles.sin()
 
 
+# The export format this forward computes (written by moe_morpheus.export). v2: post-LN layers in
+# GLM-130B's order; v1 normalised after the residual sum.
+FORMAT = "moe_morpheus-glm-v2"
+
+
 class ReferenceGLM:
     def __init__(self, config: dict, tensors: dict[str, torch.Tensor]):
+        # Exports before v2 came from the old post-LN order x = LN(alpha x + F(x)); their post-LN
+        # weights mean something else in GLM-130B's order computed here (pre-LN is unchanged).
+        if config.get("format") != FORMAT and config["norm"] != "pre_ln":
+            raise ValueError(f"this export ({config.get('format')}, norm {config['norm']}) was written with the old "
+                             f"DeepNorm order (LN after the residual); this forward computes GLM-130B's block "
+                             f"({FORMAT}): retrain the model or use the moe_morpheus commit that exported it")
         self.cfg, self.t = config, tensors
 
     @classmethod
@@ -160,8 +171,10 @@ class ReferenceGLM:
             if pre_ln:
                 x = x + self._attention(self._ln(x, f"layers.{i}.attention_norm"), mask, pos, block, i)
                 x = x + self._ffn(self._ln(x, f"layers.{i}.ffn_norm"), i)
-            else:  # post-LN / DeepNorm: x = LN(alpha x + F(x))
-                x = self._ln(alpha * x + self._attention(x, mask, pos, block, i), f"layers.{i}.attention_norm")
-                x = self._ln(alpha * x + self._ffn(x, i), f"layers.{i}.ffn_norm")
+            else:  # DeepNorm in GLM-130B's order: x = alpha LN(x) + F(LN(x)), one LN per sub-layer
+                a = self._ln(x, f"layers.{i}.attention_norm")
+                x = alpha * a + self._attention(a, mask, pos, block, i)
+                m = self._ln(x, f"layers.{i}.ffn_norm")
+                x = alpha * m + self._ffn(m, i)
         x = self._ln(x, "final_norm")
         return F.linear(x, self.t["embedding.word_embeddings.weight"])  # tied output projection

@@ -85,8 +85,8 @@ def test_deepnorm_residual_and_init_scale(norm, alpha, beta):
     assert qkv[:, 0].std().item() == pytest.approx(math.sqrt(1 / 256), rel=0.02)  # queries: gain 1
     assert qkv[:, 2].std().item() == pytest.approx(beta(layers) * math.sqrt(1 / 256), rel=0.02)  # values
 
-    # Post-LN residual: x_out = LN(alpha * x + F(x)) for each sub-layer. With both sub-layers
-    # returning a constant c the output is LN(alpha * LN(alpha * x + c) + c), computed by hand.
+    # GLM-130B's post-LN residual: x_out = alpha * LN(x) + F(LN(x)) for each sub-layer. With both
+    # sub-layers returning a constant c the output is alpha * LN(alpha * LN(x) + c) + c.
     const = torch.randn(256)
     layer.attention.forward = lambda x, *args, **kwargs: const.expand_as(x)
     layer.ffn.forward = lambda x: const.expand_as(x)
@@ -95,8 +95,86 @@ def test_deepnorm_residual_and_init_scale(norm, alpha, beta):
     def ln(t):
         return (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)
 
-    expected = ln(alpha(layers) * ln(alpha(layers) * x + const) + const)
+    expected = alpha(layers) * ln(alpha(layers) * ln(x) + const) + const
     torch.testing.assert_close(layer(x, None, None, None), expected, rtol=1e-5, atol=1e-5)
+
+
+def _layer_norm(x, norm):
+    """LayerNorm written out: (x - mean) / sqrt(biased variance + eps) * weight + bias."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def _glm130b_block(layer, h, num_layers, mask, cos, sin):
+    """GLM-130B / ChatGLM-6B ``GLMBlock.forward``, line by line, with the layer's own attention and
+    FFN as Attn and MLP (LN_in = attention_norm, LN_post = ffn_norm)."""
+    alpha = (2 * num_layers) ** 0.5
+    a = _layer_norm(h, layer.attention_norm)
+    h = alpha * a + layer.attention(a, mask, cos, sin)
+    m = _layer_norm(h, layer.ffn_norm)
+    return alpha * m + layer.ffn(m)
+
+
+def _pre_ln_block(layer, h, num_layers, mask, cos, sin):
+    h = h + layer.attention(_layer_norm(h, layer.attention_norm), mask, cos, sin)
+    return h + layer.ffn(_layer_norm(h, layer.ffn_norm))
+
+
+def _randomise_norms(model, seed):
+    """LayerNorm weights and biases away from (1, 0), each its own: a swapped or missing norm shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
+
+
+def _relative_error(a, ref):
+    return float((a - ref).abs().max() / ref.abs().max())
+
+
+def _masks_and_rope(batch, cfg):
+    from moe_morpheus.model.mask import glm_attention_mask
+    from moe_morpheus.model.rope import rope_tables
+
+    mask = glm_attention_mask(batch["segment_ids"], batch["prefix_mask"])
+    return (mask, *rope_tables(batch["position_ids"], batch["block_position_ids"], cfg.rope, cfg.head_dim))
+
+
+@pytest.mark.parametrize("norm,block", [("deepnorm", _glm130b_block), ("pre_ln", _pre_ln_block)])
+def test_layer_equals_the_written_out_block(norm, block):
+    """One layer (the second of three, fp64) against the block's equations; deepnorm is GLM-130B's
+    order, which normalises the layer's input, not its output."""
+    from moe_morpheus.model.glm import megatron_config
+
+    cfg = ModelConfig(**dict(MODEL, num_layers=3, norm=norm))
+    layer = GLMLayer(megatron_config(cfg, ParallelConfig(), torch.float32), cfg, None, 1).double().eval()
+    _randomise_norms(layer, 3)
+    batch = micro_batches(1, 2, cfg.seq_length, cfg.vocab_size, seed=4)[0]
+    mask, cos, sin = _masks_and_rope(batch, cfg)
+    x = 3 * torch.randn(cfg.seq_length, 2, cfg.hidden_size, dtype=torch.float64) + 1
+    with torch.no_grad():
+        expected = block(layer, x, cfg.num_layers, mask, cos, sin)
+        assert _relative_error(layer(x, mask, cos, sin), expected) <= 1e-12
+
+
+def test_deepnorm_model_normalises_embeddings_and_output_once():
+    """The whole model (fp64) equals embeddings -> GLM-130B blocks -> one final LayerNorm -> tied
+    logits, written out: layer 0 normalises the raw embeddings, nothing else touches the output."""
+    model, cfg = build(embedding_grad_shrink=1.0)
+    model = model.double().eval()
+    _randomise_norms(model, 5)
+    batch = micro_batches(1, 2, cfg.seq_length, cfg.vocab_size, seed=6)[0]
+    mask, cos, sin = _masks_and_rope(batch, cfg)
+    embeddings = model.embedding.word_embeddings.weight
+    with torch.no_grad():
+        h = embeddings[batch["tokens"]].transpose(0, 1)
+        for layer in model.layers:
+            h = _glm130b_block(layer, h, cfg.num_layers, mask, cos, sin)
+        expected = (_layer_norm(h, model.final_norm) @ embeddings.t()).transpose(0, 1)
+        assert _relative_error(logits(model, batch), expected) <= 1e-12
 
 
 def test_rope_depends_only_on_relative_position():

@@ -148,12 +148,25 @@ def _rewrite(checkpoint: Path, name: str, data: bytes) -> None:
     (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
 
 
+def _as_old_block_format(checkpoint: Path, copy: Path, config: dict | None = None) -> Path:
+    """A copy of ``checkpoint`` as the code before GLM-130B's block order wrote it: no
+    ``block_format`` in checkpoint.json (and ``config`` recorded as the trainer records it)."""
+    shutil.copytree(checkpoint, copy)
+    manifest = json.loads((copy / "checkpoint.json").read_text())
+    del manifest["block_format"]
+    if config is not None:
+        manifest["config"] = config
+    (copy / "checkpoint.json").write_text(json.dumps(manifest))
+    return copy
+
+
 def bad_inputs(directory: str) -> dict:
     from moe_morpheus.train import safe_load
     from moe_morpheus.train.checkpoint import (
         Checkpointer,
         CheckpointError,
         complete_checkpoints,
+        load_model_weights,
         newest_valid,
         verify_checkpoint,
     )
@@ -204,6 +217,29 @@ def bad_inputs(directory: str) -> dict:
         except safe_load.UnsafeCheckpointError as error:
             out[f"unsafe{name}"] = str(error)
     out["markers"] = sorted(p.name for p in root.glob("pwned_*"))
+
+    # Checkpoints of the old block order: post-LN ones are refused by every loader, pre-LN ones load.
+    old = _as_old_block_format(first, root / "old_deepnorm")
+    for name, load in (("resume", lambda: _load(run, old)), ("weights", lambda: load_model_weights(old, run.chunks))):
+        try:
+            load()
+        except CheckpointError as error:
+            out[f"old_deepnorm_{name}"] = str(error)
+    pre = _setup(1, 1, 1, None, dict(MODEL, norm="pre_ln"))
+    _train(pre, [1])
+    saved = {name: param.detach().clone() for name, param in pre.chunks[0].named_parameters()}
+    pre_first = _save(pre, str(root / "pre_ln"), 1)
+    _train(pre, [2])  # the weights move away from the saved ones
+    old_pre = _as_old_block_format(pre_first, root / "old_pre_ln", {"model": {"norm": "pre_ln"}})
+    out["old_pre_ln_step"] = _load(pre, old_pre).step
+    out["old_pre_ln_restored"] = all(torch.equal(param, saved[name])
+                                     for name, param in pre.chunks[0].named_parameters())
+    # The checkpoint's recorded norm decides, not the loading model's.
+    old_post = _as_old_block_format(pre_first, root / "old_recorded_deepnorm", {"model": {"norm": "deepnorm"}})
+    try:
+        load_model_weights(old_post, pre.chunks)
+    except CheckpointError as error:
+        out["old_recorded_deepnorm"] = str(error)
     return out
 
 
@@ -238,3 +274,15 @@ def test_a_pickle_payload_is_refused_and_runs_nothing(bad, name, referred):
     assert message.startswith("refusing to load") and name in message and referred in message
     assert "nothing was executed" in message
     assert bad["markers"] == []
+
+
+@pytest.mark.parametrize("key", ["old_deepnorm_resume", "old_deepnorm_weights", "old_recorded_deepnorm"])
+def test_a_post_ln_checkpoint_of_the_old_block_order_is_refused(bad, key):
+    message = bad[key]
+    assert "\n" not in message and "was written with the old DeepNorm order (LN after the residual" in message
+    assert "model.norm=deepnorm" in message and "cannot be loaded into the GLM-130B block" in message
+    assert "retrain it" in message
+
+
+def test_a_pre_ln_checkpoint_of_the_old_block_order_loads(bad):
+    assert bad["old_pre_ln_step"] == 1 and bad["old_pre_ln_restored"]

@@ -75,6 +75,21 @@ def test_export_reproduces_training_logits(tmp_path):
     assert relative_error(ref_logits, logits) <= 1e-5
 
 
+def test_reference_refuses_a_post_ln_export_of_the_old_block_order():
+    """v1 exports computed x = LN(alpha x + F(x)); their post-LN weights are refused, pre-LN ones
+    (the same block in both formats) are read."""
+    import pytest
+
+    from moe_morpheus.reference_model import FORMAT, ReferenceGLM
+
+    assert FORMAT == "moe_morpheus-glm-v2"
+    for norm in ("deepnorm", "deepnet"):
+        with pytest.raises(ValueError, match=r"old DeepNorm order \(LN after the residual\)"):
+            ReferenceGLM({"format": "moe_morpheus-glm-v1", "norm": norm}, {})
+    assert ReferenceGLM({"format": "moe_morpheus-glm-v1", "norm": "pre_ln"}, {}).cfg["norm"] == "pre_ln"
+    assert ReferenceGLM({"format": FORMAT, "norm": "deepnorm"}, {}).cfg["format"] == FORMAT
+
+
 def test_safetensors_layout_follows_the_format(tmp_path):
     from moe_morpheus.export import write_safetensors
     from moe_morpheus.reference_model import read_safetensors

@@ -269,6 +269,7 @@ class GLMModel(LanguageModule):
                 hidden = layer(hidden, mask, rope_cos, rope_sin, kv_cache=cache)
         if not self.post_process:
             return hidden
+        # The output's only normalisation: a post-LN layer ends with alpha * m + FFN(m) (GLM-130B).
         hidden = self.final_norm(hidden)
         logits_SBV, _ = self.output_layer(hidden, weight=self.shared_embedding_or_output_weight())
         if targets is None:

@@ -1,7 +1,16 @@
 """One GLM transformer layer: attention and a pluggable FFN (dense GeGLU or MoE).
 
-Post-LN with DeepNorm (GLM-130B): ``x = LN(alpha * x + F(x))`` for each sub-layer, alpha =
-(2N)^1/2 (N = layers; 11.83 for the 70-layer 130B). ``pre_ln`` is ``x = x + F(LN(x))``.
+Post-LN with DeepNorm (``deepnorm``, ``deepnet``) in the order GLM-130B's and ChatGLM-6B's
+``GLMBlock`` compute it::
+
+    a = LN_in(h);   h = alpha * a + Attn(a)      # LN_in: attention_norm
+    m = LN_post(h); out = alpha * m + FFN(m)     # LN_post: ffn_norm
+
+and one final LayerNorm after the last layer (model/glm.py). So the embeddings are normalised by
+layer 0's LN_in and the model's output exactly once, by the final norm. (The DeepNet paper's
+``x = LN(alpha * x + F(x))`` per sub-layer would feed raw embeddings to layer 0 and normalise the
+end twice.) alpha = (2N)^1/2 for ``deepnorm`` (N = layers; 11.83 for the 70-layer 130B),
+(2N)^1/4 for ``deepnet``. ``pre_ln`` is ``x = x + F(LN(x))``.
 """
 
 from __future__ import annotations
@@ -14,6 +23,11 @@ from megatron.core.transformer.module import MegatronModule
 from moe_morpheus.config import ModelConfig, MoEConfig
 from moe_morpheus.model.attention import SelfAttention
 from moe_morpheus.model.ffn import GeGLU
+
+# What the layer's parameters mean, recorded in every checkpoint (train/checkpoint.py). Change it
+# whenever the block's arithmetic changes, so older checkpoints are refused instead of loading
+# with another meaning. v2: GLM-130B's order above (v1, unmarked: LN after the residual sum).
+BLOCK_FORMAT = "glm130b_deepnorm_v2"
 
 
 def mark_sequence_parallel(module: torch.nn.Module, config: TransformerConfig) -> None:
@@ -70,5 +84,7 @@ class GLMLayer(MegatronModule):
         if self.pre_ln:
             hidden_SBH = hidden_SBH + attend(self.attention_norm(hidden_SBH))
             return hidden_SBH + self._dropout(self.ffn(self.ffn_norm(hidden_SBH)))
-        hidden_SBH = self.attention_norm(self.alpha * hidden_SBH + attend(hidden_SBH))
-        return self.ffn_norm(self.alpha * hidden_SBH + self._dropout(self.ffn(hidden_SBH)))
+        normed = self.attention_norm(hidden_SBH)
+        hidden_SBH = self.alpha * normed + attend(normed)
+        normed = self.ffn_norm(hidden_SBH)
+        return self.alpha * normed + self._dropout(self.ffn(normed))

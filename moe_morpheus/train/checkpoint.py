@@ -18,7 +18,8 @@ checkpoint loads into any TP / PP / EP layout of the same model (resharding). Co
 
     step_00000020/        a complete checkpoint: Megatron's files (.metadata, __<rank>_<i>.distcp,
                           common.pt, metadata.json) and ours, checkpoint.json (config, layout,
-                          model shape, step, size and SHA-256 of every file), written last
+                          model shape, block format, step, size and SHA-256 of every file),
+                          written last
     latest                "step_00000020": replaced atomically after each save
     .tmp-step_00000030/   a save in progress, or one that was killed: never loaded, removed at the
                           next start
@@ -71,6 +72,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from moe_morpheus.config import CheckpointConfig, ModelConfig, MoEConfig, ParallelConfig
+from moe_morpheus.model.layer import BLOCK_FORMAT
 from moe_morpheus.train import safe_load
 from moe_morpheus.train.optim import MOMENTS
 
@@ -353,7 +355,8 @@ def save_checkpoint(directory: Path, state: TrainState, model: list[torch.nn.Mod
     if dist.get_rank() == 0:
         files = {n: {"size": (tmp / n).stat().st_size, **({"sha256": hashes[n]} if checksums else {})}
                  for n in names}
-        record = {"format": FORMAT_VERSION, "step": state.step, "consumed_samples": state.consumed_samples,
+        record = {"format": FORMAT_VERSION, "block_format": BLOCK_FORMAT, "step": state.step,
+                  "consumed_samples": state.consumed_samples,
                   "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest, "files": files}
         _write_atomic(tmp / MANIFEST, json.dumps(record, indent=1, default=str))
         _fsync_dir(tmp)
@@ -376,13 +379,39 @@ def _check_shape(path: Path, recorded: dict, expected: dict) -> None:
         raise CheckpointError(f"checkpoint {path} was written for another model shape: " + "; ".join(mismatches))
 
 
+def loadable_manifest(path: Path, model: list[torch.nn.Module]) -> dict:
+    """The manifest of checkpoint ``path``, if its parameters mean in this code's layer what they
+    meant when saved; every loader (resume, rollback, inference, export, upcycling) reads it here.
+
+    Post-LN checkpoints without ``block_format`` come from layers that computed
+    ``x = LN(alpha x + F(x))`` per sub-layer: in GLM-130B's order (model/layer.py) the same
+    tensors compute another function, so they are refused. Pre-LN layers did not change. The
+    norm is the checkpoint's own (its recorded config; the loading model's when none is recorded).
+    """
+    manifest = read_manifest(path)
+    recorded = manifest.get("block_format")
+    if recorded == BLOCK_FORMAT:
+        return manifest
+    if recorded is not None:
+        raise CheckpointError(f"checkpoint {path} has block format {recorded!r}; this code reads {BLOCK_FORMAT!r}")
+    if "config" in manifest:
+        norm = manifest["config"].get("model", {}).get("norm", ModelConfig.norm)
+    else:
+        norm = _unwrap(model[0]).model_cfg.norm
+    if norm != "pre_ln":
+        raise CheckpointError(f"checkpoint {path} was written with the old DeepNorm order (LN after the residual, "
+                              f"model.norm={norm}); it cannot be loaded into the GLM-130B block ({BLOCK_FORMAT}): "
+                              f"retrain it, or load it with a moe_morpheus commit from before the change (06b5da3)")
+    return manifest
+
+
 def load_checkpoint(path: Path, model: list[torch.nn.Module], optimizer, *, shape: dict,
                     current_layout: dict) -> TrainState:
     """Load model, optimizer, trainer state (and RNG states when the layout is the same) from
     ``path`` into this rank's shards. Collective. Raises :class:`CheckpointError` naming what
     does not match; refuses pickle payloads (safe_load)."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = loadable_manifest(path, model)
     _check_shape(path, manifest.get("model_shape", {}), shape)
     safe_load.install()
     model_sd = model_entries(model)
@@ -416,6 +445,7 @@ def load_model_weights(path: Path, model: list[torch.nn.Module]) -> dict:
     """Only the parameters of checkpoint ``path`` into ``model`` (any layout; no optimizer, no RNG),
     for inference, export and upcycling. Returns the checkpoint's trainer state (a dict).
     Collective; refuses pickle payloads (safe_load)."""
+    loadable_manifest(Path(path), model)
     safe_load.install()
     entries = model_entries(model)
     targets = {name: entry.data for name, entry in entries.items()}
