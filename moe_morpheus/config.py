@@ -286,6 +286,11 @@ class TrainerConfig:
     grad_clip: float = 1.0
     # Validation every this many steps (and at the end); 0 = only at the end.
     eval_interval: int = 50
+    # Fraction of each validation set (its first rows: a random sample of its windows, the same
+    # rows every time) evaluated at intermediate evaluations, whose valid/loss_se is then the
+    # subset's; the full sets are evaluated at the last step and at step 0 of a run started from
+    # a dense checkpoint, and only full-set losses count for best/valid_loss. 1.0: always full.
+    eval_subset: float = 1.0
     # Items per zero-shot task (held-out translation, en / zh cloze) at each evaluation; 0: none.
     eval_task_items: int = 16
     log_interval: int = 1
@@ -314,6 +319,7 @@ class TrainerConfig:
         _check(0 <= self.warmup_fraction < 1, f"trainer.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
         _check(self.precision in ("auto", "fp32", "bf16"), f"trainer.precision={self.precision!r}: auto, fp32 or bf16")
         _check(self.eval_interval >= 0 and self.log_interval >= 1, "trainer.eval_interval >= 0, log_interval >= 1")
+        _check(0.0 < self.eval_subset <= 1.0, f"trainer.eval_subset={self.eval_subset} must be in (0, 1]")
         _check(self.recompute in RECOMPUTE, f"trainer.recompute={self.recompute!r}: choose one of {RECOMPUTE}")
 
 

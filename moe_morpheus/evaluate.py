@@ -5,7 +5,8 @@ Used by the trainer at every evaluation interval and by
 ``python -m moe_morpheus.evaluate --checkpoint DIR`` (see ``main``).
 
 - Loss / perplexity: mean cross entropy per target token of each fixed validation set
-  (DESIGN.md, "Validation loss and perplexity"); perplexity = exp(loss).
+  (moe_morpheus/data/validation.py), and over all sets pooled (``valid/loss``, every target
+  token weighing the same), with standard errors; perplexity = exp(loss).
 - Translation: the ``mip_heldout`` rows are instructions whose templates and sentence pairs were
   never trained on (moe_morpheus.data.mip); the model continues each prompt after ``[gMASK]``
   greedily and is scored with sacrebleu's chrF (character n-grams: one metric for Chinese and
@@ -20,13 +21,18 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
-from moe_morpheus.data import batch_iterator
+from moe_morpheus.data.infilling import ROW_KEYS
 from moe_morpheus.data.tokenizer import GMASK_ID
+from moe_morpheus.data.validation import unit_stratum
 from moe_morpheus.generate import Generator, Sampling
-from moe_morpheus.train.step import forward_backward
+from moe_morpheus.train.step import forward_per_token
 
 _LAST_WORD = {"en": re.compile(r"([A-Za-z']+)[^A-Za-z']*$"), "zh": re.compile(r"([\u4e00-\u9fff])[^\u4e00-\u9fff]*$")}
 _FIRST_WORD = {"en": re.compile(r"\s*([A-Za-z']+)"), "zh": re.compile(r"[^\u4e00-\u9fff]*([\u4e00-\u9fff])")}
@@ -34,7 +40,7 @@ _FIRST_WORD = {"en": re.compile(r"\s*([A-Za-z']+)"), "zh": re.compile(r"[^\u4e00
 
 @contextlib.contextmanager
 def dropless_routing(model: list[torch.nn.Module]):
-    """Route every assignment (DESIGN.md: validation loss with dropless routing), train mode off."""
+    """Route every assignment (validation losses are measured without capacity drops), train mode off."""
     gates = [m for chunk in model for m in chunk.modules() if hasattr(m, "capacity") and hasattr(m, "get_loss")]
     saved = [g.capacity for g in gates]
     modes = [chunk.training for chunk in model]
@@ -51,20 +57,101 @@ def dropless_routing(model: list[torch.nn.Module]):
             chunk.train(mode)
 
 
+@dataclass
+class Validation:
+    """Validation loss in nats per target token: ``loss`` over all sets pooled (every target
+    token weighs the same), its standard error ``se``, ``targets`` tokens; per set
+    ``sets[name] = (loss, se, targets)``."""
+
+    loss: float
+    se: float
+    targets: int
+    sets: dict[str, tuple[float, float, int]]
+
+    def losses(self) -> dict[str, float]:
+        """Loss per set and the pooled one as ``mean``."""
+        return {**{name: v[0] for name, v in self.sets.items()}, "mean": self.loss}
+
+    def metrics(self) -> dict[str, float]:
+        """What runs log: ``valid/loss``, ``valid/loss_se``, ``valid/target_tokens`` and per set
+        ``valid/<set>/loss``, ``valid/<set>/loss_se``."""
+        out = {"valid/loss": self.loss, "valid/loss_se": self.se, "valid/target_tokens": self.targets}
+        for name, (loss, se, _) in self.sets.items():
+            out.update({f"valid/{name}/loss": loss, f"valid/{name}/loss_se": se})
+        return out
+
+
+def cluster_se(loss: np.ndarray, units: np.ndarray) -> float:
+    """Standard error of the mean of ``loss`` (one value per target token) when the independent
+    draws are the held-out *units* (moe_morpheus.data.validation), stratified by source.
+
+    Targets of one unit share text (the [MASK] draws and the [gMASK] sample of a window, a pair's
+    MIP rows), so they are not independent draws: the per-token ``sd / sqrt(n)`` would be too
+    small. The mean is the ratio R = sum(loss) / n; its linearised (Taylor) variance over units
+    c in strata h (sources, whose sizes the split fixes) is
+    ``sum_h C_h / (C_h - 1) * sum_c (e_c - mean_h e)^2 / n^2`` with ``e_c = sum_{t in c} (loss_t - R)``
+    (Cochran, Sampling Techniques, 1977, ch. 6 ratio estimates, and 5 stratified sampling).
+    A stratum of one unit adds ``e_c^2`` (its variance cannot be estimated; this bounds it)."""
+    n = len(loss)
+    if n == 0:
+        return float("nan")
+    ids, index = np.unique(units, return_inverse=True)
+    residual = np.bincount(index, weights=loss - loss.mean())
+    strata = unit_stratum(ids)
+    variance = 0.0
+    for h in np.unique(strata):
+        e = residual[strata == h]
+        variance += (e @ e) if len(e) == 1 else len(e) / (len(e) - 1) * float(((e - e.mean()) ** 2).sum())
+    return float(np.sqrt(variance) / n)
+
+
 @torch.no_grad()
 def validation_losses(model: list[torch.nn.Module], valid: dict, *, micro_batch_size: int, dp_rank: int = 0,
-                      dp_size: int = 1) -> dict[str, float]:
-    """Mean cross entropy per target token of each validation set, and their mean (``mean``)."""
-    losses = {}
+                      dp_size: int = 1, fraction: float = 1.0) -> Validation:
+    """Cross entropy per target token of the validation sets (the first ``fraction`` of each
+    set's rows, rounded up; the same rows every time), pooled and per set, with standard errors (:func:`cluster_se`). Collective over
+    the data-parallel (and pipeline) group; every rank returns the same.
+
+    Every layout evaluates exactly the same rows and targets: the rows of all sets are split
+    into ``dp_size`` contiguous shards, each rank runs the same number of micro-batches (the
+    last ones padded with rows whose loss mask is 0, so expert all-to-alls and pipeline stages
+    stay in step), and the per-token losses are summed over ranks (each position is written by
+    exactly one rank), then reduced in a fixed order: sums of losses and counts, never means of means."""
+    sets = {name: ds.head(math.ceil(fraction * len(ds))) for name, ds in valid.items() if len(ds)}
+    index = [(name, i) for name, ds in sets.items() for i in range(len(ds))]
+    if not index:
+        raise ValueError("no validation rows to evaluate")
+    per_rank = math.ceil(len(index) / dp_size)
+    steps = math.ceil(per_rank / micro_batch_size)
+    mine = index[dp_rank * per_rank: (dp_rank + 1) * per_rank]
+    first = sets[index[0][0]][index[0][1]]
+    padding = {**first, "loss_mask": np.zeros_like(first["loss_mask"])}
+    rows_in = [sets[name][i] for name, i in mine] + [padding] * (steps * micro_batch_size - len(mine))
+    batches = [{key: torch.from_numpy(np.stack([r[key] for r in rows_in[k: k + micro_batch_size]]))
+                for key in ROW_KEYS} for k in range(0, len(rows_in), micro_batch_size)]
     with dropless_routing(model):
-        for name, dataset in valid.items():
-            batches = list(batch_iterator(dataset, global_batch_size=micro_batch_size * dp_size,
-                                          micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size))
-            if batches:
-                losses[name] = forward_backward(model, batches, forward_only=True)
-    if losses:
-        losses["mean"] = sum(losses.values()) / len(losses)
-    return losses
+        per_token = forward_per_token(model, batches)
+    seq = first["tokens"].shape[0]
+    total = torch.zeros(len(index), seq, dtype=torch.float32)
+    if per_token:  # the last pipeline stage
+        start = dp_rank * per_rank
+        total[start: start + len(mine)] = torch.cat(per_token).float().cpu()[: len(mine)]
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    losses = total.double().numpy()
+    pooled_loss, pooled_units, out = [], [], {}
+    at = 0
+    for name, ds in sets.items():
+        mask = np.stack([r["loss_mask"] for r in ds.rows]) > 0
+        loss = losses[at: at + len(ds)][mask]
+        units = np.stack([ds.position_units(i) for i in range(len(ds))])[mask]
+        at += len(ds)
+        out[name] = (float(loss.mean()) if len(loss) else float("nan"), cluster_se(loss, units), len(loss))
+        pooled_loss.append(loss)
+        pooled_units.append(units)
+    loss, units = np.concatenate(pooled_loss), np.concatenate(pooled_units)
+    return Validation(float(loss.mean()), cluster_se(loss, units), len(loss), out)
 
 
 def segments(rows) -> list[tuple[list[int], list[int]]]:
@@ -156,10 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model, tokenizer, exp, info = load_for_inference(args.checkpoint, with_info=True)
     data = build_data(exp.data_config(), exp.model.seq_length, progress=False)
-    losses = validation_losses([model], data.valid, micro_batch_size=exp.trainer.micro_batch_size)
-    results = {f"valid/{k}/loss": v for k, v in losses.items() if k != "mean"}
-    results.update({f"valid/{k}/perplexity": math.exp(v) for k, v in losses.items() if k != "mean"})
-    results["valid/loss"] = losses["mean"]
+    valid = validation_losses([model], data.valid, micro_batch_size=exp.trainer.micro_batch_size)
+    results = valid.metrics()
+    results.update({f"valid/{k}/perplexity": math.exp(v[0]) for k, v in valid.sets.items()})
     results.update(task_metrics(model, data, exp.model.seq_length, args.items))
     width = max(map(len, results))
     for key, value in results.items():

@@ -308,8 +308,10 @@ def upcycle_into(chunks, exp, source: str | Path):
     lineage = {"kind": "upcycled" if moe is not None else "continued", "from_run": trainer.get("run_id"),
                "from_checkpoint": str(path.resolve()), "tokens": int(trainer.get("tokens", 0)),
                "flops": float(trainer.get("flops", 0.0)), "steps": int(trainer.get("step", 0)),
-               "mode": exp.upcycle.mode if moe is not None else "continue"}
-    return TrainState(consumed_samples=int(trainer.get("consumed_samples", 0)), lineage=lineage)
+               "mode": exp.upcycle.mode if moe is not None else "continue",
+               # None: the dense checkpoint predates target-token counting.
+               "target_tokens": trainer.get("target_tokens")}
+    return TrainState(consumed_samples=int(trainer.get("consumed_samples", 0)), lineage=lineage, target_tokens=0)
 
 
 def lineage_tags(lineage: dict) -> tuple[dict[str, str], dict[str, str]]:
@@ -321,6 +323,8 @@ def lineage_tags(lineage: dict) -> tuple[dict[str, str], dict[str, str]]:
         tags[f"{prefix}_run"] = lineage["from_run"]
     params = {"sunk.tokens": str(lineage["tokens"]), "sunk.flops": str(lineage["flops"]),
               "sunk.steps": str(lineage["steps"])}
+    if lineage.get("target_tokens") is not None:
+        params["sunk.target_tokens"] = str(lineage["target_tokens"])
     return tags, params
 
 

@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -16,6 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from moe_morpheus.data.dataset import build_data
 from tests.test_train_app import REPO, SMALL
 
 pytestmark = pytest.mark.slow
@@ -135,7 +137,7 @@ def test_a_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, ref
                                                              "step_00000020"]
 
 
-def test_injected_nan_skips_and_injected_spike_rolls_back(tmp_path):
+def test_injected_nan_skips_and_injected_spike_rolls_back(tmp_path, demo_data_cfg):
     run_dir = tmp_path / "run"
     result = train(tmp_path, run_dir, "faults.nan_step=4", "faults.spike_step=14", "guards.spike_window=5",
                    "guards.spike_action=rollback")
@@ -151,6 +153,11 @@ def test_injected_nan_skips_and_injected_spike_rolls_back(tmp_path):
     # The checkpoint of step 10 had consumed 40 samples; the spike batch ended at 56.
     assert final["trainer"]["guards"]["skipped_ranges"] == [[40, 56]]
     assert final["trainer"]["consumed_samples"] == 20 * 4 + 16
+    # Target tokens trained on: the checkpoint's rows [0, 40), then [56, 96) after the skipped range
+    # (the NaN step's rows count: they were processed). The run's data seed is trainer.seed, 1234.
+    data = build_data(replace(demo_data_cfg, seed=1234, valid_rows=4), 64, progress=False)
+    kept = [*range(40), *range(56, 96)]
+    assert final["trainer"]["target_tokens"] == sum(int(data.train[i]["loss_mask"].sum()) for i in kept)
 
 
 def test_a_crashed_rank_under_torchrun_max_restarts_resumes_and_finishes(tmp_path, reference_ep2):

@@ -194,9 +194,6 @@ def test_batches_resume_and_types(demo_data):
     assert [_tokens(b) for b in _take(resumed, 2)] == [_tokens(b) for b in first[4:6]]
     assert first[0]["tokens"].shape == (4, SEQ) and first[0]["tokens"].dtype == torch.int64
     assert first[0]["loss_mask"].dtype == torch.float32
-    valid = list(batch_iterator(demo_data.valid["en_mask"], global_batch_size=8, micro_batch_size=8,
-                                dp_rank=0, dp_size=1))
-    assert len(valid) == len(demo_data.valid["en_mask"]) // 8
     with pytest.raises(ValueError, match="multiple of micro_batch_size x dp_size"):
         next(batch_iterator(demo_data.train, global_batch_size=6, micro_batch_size=4, dp_rank=0, dp_size=1))
     with pytest.raises(ValueError, match="dp_rank=2"):
@@ -232,12 +229,13 @@ def test_split_is_complete_disjoint_and_seed_independent(demo_data, demo_data_cf
         # Every token is on exactly one side; a pair's document adds "\n" and <eos> to its halves.
         extra = s["documents"] * (newline + 1) if name == "parallel" else 0
         assert s["train_tokens"] + s["valid_tokens"] == s["tokens"] + extra
-        assert 0.02 < s["valid_tokens"] / (s["train_tokens"] + s["valid_tokens"]) < 0.09
+        share = s["valid_tokens"] / (s["train_tokens"] + s["valid_tokens"])
+        assert 0.6 * demo_data_cfg.valid_fraction < share < 1.4 * demo_data_cfg.valid_fraction
     other = build_data(replace(demo_data_cfg, seed=99), SEQ, progress=False)
     assert set(demo_data.valid) == {"en_mask", "en_gmask", "zh_mask", "zh_gmask", "parallel_mask",
                                     "parallel_gmask", "mip_heldout"}
     for name, ds in demo_data.valid.items():
-        assert len(ds) == demo_data_cfg.valid_rows
+        assert len(ds) == len(other.valid[name]) > 0
         assert all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(ds.rows, other.valid[name].rows))
     assert other.unigram_entropy == demo_data.unigram_entropy
     assert not np.array_equal(other.train[0]["tokens"], demo_data.train[0]["tokens"])  # the seed matters

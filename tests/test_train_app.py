@@ -57,11 +57,15 @@ def test_moe_64e_three_steps_logs_an_mlflow_run(tmp_path):
     assert [run.data.params[f"{k}.seed"] for k in ("trainer", "data", "upcycle")] == ["5", "5", "7"]
     history = MlflowClient().get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3]
-    for key in ("tokens_seen", "flops", "flops_6nd", "budget_fraction", "valid/loss", "valid/en_gmask/loss",
+    for key in ("tokens_seen", "target_tokens_seen", "flops", "flops_6nd", "budget_fraction", "valid/loss",
+                "valid/loss_se", "valid/target_tokens", "valid/en_gmask/loss", "valid/en_gmask/loss_se",
                 "moe/layer2/balance_loss", "epochs/en", "final/valid_loss", "final/unigram_entropy",
                 "eval/mip_heldout/chrf", "eval/cloze_en/accuracy", "eval/cloze_zh/accuracy"):
         assert key in run.data.metrics, key
     assert run.data.metrics["tokens_seen"] == 3 * 4 * 64
+    # cpu_demo's trainer.eval_subset at step 2 (the first of each set's 4 rows), the full sets at the end.
+    evaluated = {m.step: m.value for m in MlflowClient().get_metric_history(run.info.run_id, "valid/target_tokens")}
+    assert sorted(evaluated) == [2, 3] and 0 < evaluated[2] < evaluated[3]
     outputs = list((tmp_path / "outputs" / "moe_64e").iterdir())
     assert len(outputs) == 1 and (outputs[0] / "moe_load.json").exists()
 

@@ -50,6 +50,9 @@ def test_convert_then_train_and_init_from_dense_with_lineage(tmp_path):
         assert float(run.data.params["sunk.flops"]) == pytest.approx(dense.data.metrics["flops"])
         assert run.data.metrics["flops_with_sunk"] == pytest.approx(run.data.metrics["flops"]
                                                                     + dense.data.metrics["flops"])
+        assert run.data.params["sunk.target_tokens"] == str(int(dense.data.metrics["target_tokens_seen"]))
+        assert run.data.metrics["target_tokens_with_sunk"] == (run.data.metrics["target_tokens_seen"]
+                                                               + dense.data.metrics["target_tokens_seen"])
         # Step 0 is evaluated before any update: virtual_group reproduces the dense model.
         history = client.get_metric_history(run.info.run_id, "valid/loss")
         first = [m.value for m in history if m.step == 0]

@@ -32,6 +32,7 @@ import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,6 +51,9 @@ from moe_morpheus.data.infilling import (
 )
 from moe_morpheus.data.mip import DIRECTIONS, MipTemplates
 from moe_morpheus.data.tokenizer import EOP_ID, GMASK_ID, MASK_ID, PAD_ID, SOP_ID, Tokenizer
+
+if TYPE_CHECKING:
+    from moe_morpheus.data.validation import RowsDataset
 
 SCHEDULE_CYCLE = 1000
 OPEN_ROWS = 32
@@ -337,22 +341,10 @@ class TrainDataset:
         return {name: self.streams[name].epochs(n) for name, n in self.schedule.consumed(consumed_samples).items()}
 
 
-class RowsDataset:
-    """A fixed list of packed rows (validation)."""
-
-    def __init__(self, rows: list[dict[str, np.ndarray]]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return self.rows[i]
-
-
 @dataclass
 class Data:
     train: TrainDataset
+    # moe_morpheus.data.validation
     valid: dict[str, RowsDataset]
     tokenizer: Tokenizer
     # per validation set: loss of the training targets' unigram model on its targets (nats/token).
@@ -368,6 +360,8 @@ def build_data(data_cfg: DataConfig, seq_length: int, *, progress: bool = True) 
     """Tokenise (or find in the cache) every source and set up the training stream and the
     validation sets ``<source>_mask``, ``<source>_gmask`` (sources with weight > 0) and
     ``mip_heldout`` (when mip_ratio > 0)."""
+    from moe_morpheus.data.validation import build_valid_sets  # it builds on this module's streams
+
     if seq_length < 16:
         raise DataError(f"seq_length={seq_length}: the data pipeline needs at least 16 tokens per row")
     if data_cfg.seed is None:
@@ -399,23 +393,13 @@ def build_data(data_cfg: DataConfig, seq_length: int, *, progress: bool = True) 
         return streams
 
     streams = make_streams(data_cfg)
-    valid_sets: dict[str, RowsDataset] = {}
-    for name, stream in streams.items():
-        if name == "mip":
-            continue
-        if len(windows[name][1]) == 0:
+    for name in streams:
+        if name != "mip" and len(windows[name][1]) == 0:
             warnings.warn(f"data.sources.{name}: no validation chunk ({stats[name]['tokens']} tokens, "
                           f"valid_fraction {data_cfg.valid_fraction}); it has no validation set", stacklevel=2)
-            continue
-        for suffix, kind in (("mask", MASK), ("gmask", GMASK)):
-            rows = stream.plan(_rng(data_cfg.valid_seed, _key(f"{name}_{suffix}")), force=kind,
-                               units=windows[name][1])
-            valid_sets[f"{name}_{suffix}"] = RowsDataset([stream.pack(r) for r in rows[: data_cfg.valid_rows]])
+    valid_sets = build_valid_sets(streams, {name: w[1] for name, w in windows.items()}, data_cfg, parallel)
     if "mip" in streams:
         mip = streams["mip"]
-        rows = mip.plan(_rng(data_cfg.valid_seed, _key("mip_heldout")), valid=True)
-        if rows:
-            valid_sets["mip_heldout"] = RowsDataset([mip.pack(r) for r in rows[: data_cfg.valid_rows]])
         mip.epochs(0)  # plans epoch 0, which counts the examples too long for a row
         stats["mip"] = {"train_pairs": len(mip.train), "heldout_pairs": len(mip.heldout),
                         "skipped_too_long": mip.skipped_too_long}
@@ -437,8 +421,8 @@ def batch_iterator(dataset, *, global_batch_size: int, micro_batch_size: int, dp
     seq_length] (int64; ``loss_mask`` float32). Global batch g is rows [start + g * GBS,
     start + (g + 1) * GBS); rank r reads its contiguous 1/dp_size of it, micro-batch by
     micro-batch, so the global stream does not depend on dp_size and ranks never overlap.
-    ``start_sample`` = samples consumed so far (resume). A dataset with a length (validation)
-    ends after its last complete global batch; the training stream never ends."""
+    ``start_sample`` = samples consumed so far (resume). Endless, as the training stream
+    (validation sets are evaluated by moe_morpheus.evaluate.validation_losses, whole)."""
     if global_batch_size % (micro_batch_size * dp_size) != 0:
         raise ValueError(f"global_batch_size={global_batch_size} must be a multiple of "
                          f"micro_batch_size x dp_size = {micro_batch_size} x {dp_size}")
@@ -447,9 +431,8 @@ def batch_iterator(dataset, *, global_batch_size: int, micro_batch_size: int, dp
     if start_sample < 0:
         raise ValueError(f"start_sample={start_sample} must be >= 0")
     per_rank = global_batch_size // dp_size
-    end = len(dataset) if hasattr(dataset, "__len__") else None
     first = start_sample
-    while end is None or first + global_batch_size <= end:
+    while True:
         base = first + dp_rank * per_rank
         for m in range(0, per_rank, micro_batch_size):
             rows = [dataset[base + m + k] for k in range(micro_batch_size)]

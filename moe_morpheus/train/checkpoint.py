@@ -104,6 +104,9 @@ class TrainState:
     # A run started from a dense checkpoint (moe_morpheus.upcycle.upcycle_into): the source run,
     # checkpoint, its tokens and FLOPs (sunk compute) and the conversion mode; kept by every save.
     lineage: dict = field(default_factory=dict)
+    # Supervised target tokens (loss-mask positions) trained on, summed over micro-batches and
+    # data-parallel ranks. None: a checkpoint written before they were counted (recounted on load).
+    target_tokens: int | None = None
 
 
 def checkpoint_name(step: int) -> str:
@@ -506,9 +509,10 @@ def load_for_inference(checkpoint: str | Path, *, with_info: bool = False):
 class Checkpointer:
     """When to save, where, and resuming for one run (the trainer's interface).
 
-    ``trainer`` provides ``exp``, ``output_dir``, ``model``, ``optimizer``, ``dp`` and
-    ``resolved_config``; ``guards`` is the run's :class:`~moe_morpheus.train.guards.Guards`
-    (its fault injection, and whether a rollback target exists).
+    ``trainer`` provides ``exp``, ``output_dir``, ``model``, ``optimizer``, ``dp``,
+    ``resolved_config`` and ``count_targets`` (for checkpoints without a target count);
+    ``guards`` is the run's :class:`~moe_morpheus.train.guards.Guards` (its fault injection, and
+    whether a rollback target exists).
     """
 
     def __init__(self, cfg: CheckpointConfig, trainer, guards):
@@ -525,6 +529,10 @@ class Checkpointer:
     def _load(self, path: Path) -> TrainState:
         state = load_checkpoint(path, self.trainer.model, self.trainer.optimizer, shape=self.shape,
                                 current_layout=self.layout)
+        if state.target_tokens is None:
+            # The rows before its data position (exact unless that run rolled back over a spike:
+            # the skipped rows count too).
+            state.target_tokens = self.trainer.count_targets(0, state.consumed_samples)
         self.guards.checkpoint_available = True
         return state
 

@@ -77,13 +77,16 @@ def count_target_tokens(micro_batches: Iterable[dict]) -> torch.Tensor:
     return total
 
 
-def _loss_func(loss_mask: torch.Tensor, denominator: float, per_token_loss: torch.Tensor):
+def _loss_func(loss_mask: torch.Tensor, denominator: float, keep_per_token: bool, per_token_loss: torch.Tensor):
     mask = loss_mask.to(per_token_loss.dtype)
     loss_sum = (per_token_loss * mask).sum()
-    return loss_sum / denominator, mask.sum().to(torch.int), {"loss": loss_sum.detach() / denominator}
+    reported = {"loss": loss_sum.detach() / denominator}
+    if keep_per_token:
+        reported["per_token"] = (per_token_loss * mask).detach()
+    return loss_sum / denominator, mask.sum().to(torch.int), reported
 
 
-def _forward_step(denominator: float, data_iterator, model):
+def _forward_step(denominator: float, keep_per_token: bool, data_iterator, model):
     batch = next(data_iterator)
     device = next(model.parameters()).device
     inputs = {key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS}
@@ -91,7 +94,31 @@ def _forward_step(denominator: float, data_iterator, model):
     output = model(
         **inputs, targets=batch["targets"].to(device), gmask=None if gmask is None else gmask.to(device)
     )
-    return output, partial(_loss_func, batch["loss_mask"].to(device), denominator)
+    return output, partial(_loss_func, batch["loss_mask"].to(device), denominator, keep_per_token)
+
+
+def _schedule(model: list[torch.nn.Module], micro_batches: list[dict], *, forward_only: bool, denominator: float,
+              keep_per_token: bool = False) -> list[dict]:
+    """Megatron's schedule over the micro-batches; what each reported (last pipeline stage only)."""
+    first = micro_batches[0]["tokens"]
+    vpp = len(model)
+    iterators = [iter(micro_batches) for _ in range(vpp)] if vpp > 1 else iter(micro_batches)
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, denominator, keep_per_token),
+        data_iterator=iterators,
+        model=model if vpp > 1 else model[0],
+        num_microbatches=len(micro_batches),
+        seq_length=first.shape[1],
+        micro_batch_size=first.shape[0],
+        forward_only=forward_only,
+    )
+
+
+def forward_per_token(model: list[torch.nn.Module], micro_batches: list[dict]) -> list[torch.Tensor]:
+    """Cross entropy of every position of every micro-batch ([b, s] each, 0 where ``loss_mask``
+    is 0), forward only, nothing reduced: on the last pipeline stage; an empty list on the others."""
+    return [item["per_token"] for item in _schedule(model, micro_batches, forward_only=True, denominator=1.0,
+                                                    keep_per_token=True)]
 
 
 def forward_backward(
@@ -104,23 +131,13 @@ def forward_backward(
     """Run all micro-batches of one step through the pipeline schedule.
 
     Returns the mean cross entropy per target token over the global batch (every rank gets it).
-    Gradients (when not ``forward_only``) are left in ``main_grad``, finalised.
+    Gradients (when not ``forward_only``) are left in ``main_grad``, finalised. ``denominator``:
+    the global target count when the caller has it (:func:`count_target_tokens`), else counted here.
     """
     if denominator is None:
         denominator = float(count_target_tokens(micro_batches))
     denominator = max(denominator, 1.0)
-    first = micro_batches[0]["tokens"]
-    vpp = len(model)
-    iterators = [iter(micro_batches) for _ in range(vpp)] if vpp > 1 else iter(micro_batches)
-    losses = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, denominator),
-        data_iterator=iterators,
-        model=model if vpp > 1 else model[0],
-        num_microbatches=len(micro_batches),
-        seq_length=first.shape[1],
-        micro_batch_size=first.shape[0],
-        forward_only=forward_only,
-    )
+    losses = _schedule(model, micro_batches, forward_only=forward_only, denominator=denominator)
     # Only the last pipeline stage has the losses; sum them there, then over DP and PP.
     local = sum(float(item["loss"]) for item in losses) if losses else 0.0
     total = torch.tensor([local], dtype=torch.float64)

@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -29,8 +30,11 @@ from moe_morpheus.model import build_model
 from moe_morpheus.train.checkpoint import Checkpointer, TrainState
 from moe_morpheus.train.guards import Guards
 from moe_morpheus.train.optim import Optimizer, lr_at
-from moe_morpheus.train.step import forward_backward, wrap_ddp
+from moe_morpheus.train.step import count_target_tokens, forward_backward, wrap_ddp
 from moe_morpheus.train.zero import ZeroOptimizer
+
+if TYPE_CHECKING:
+    from moe_morpheus.evaluate import Validation
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +173,9 @@ class Trainer:
         return plan_run(exp.model, exp.moe if exp.moe.enabled else None, budget, self.tokens_per_step)
 
     # ------------------------------------------------------------------ loop
-    def _train_step(self, step: int, micro_batches: list[dict]) -> tuple[float, object]:
+    def _train_step(self, step: int, micro_batches: list[dict], targets: float | None = None) -> tuple[float, object]:
+        """One update; ``targets``: the global batch's target tokens (count_target_tokens) when
+        the caller counted them already (one all-reduce per step either way)."""
         from moe_morpheus.moe import set_aux_loss_scale
 
         for chunk in self.model:
@@ -179,20 +185,26 @@ class Trainer:
         lr = lr_at(step, lr=self.exp.trainer.lr, min_lr=self.exp.trainer.lr * self.exp.trainer.min_lr_ratio,
                    warmup_steps=self.warmup_steps, total_steps=self.plan.steps)
         with self.autocast:
-            loss = forward_backward(self.model, micro_batches)
+            loss = forward_backward(self.model, micro_batches, denominator=targets)
         # The guards set the (possibly lowered) LR, then update or skip (train/guards.py).
         return self.guards.update(step, loss, lr, self.optimizer)
 
+    def count_targets(self, start: int, end: int) -> int:
+        """Target tokens (loss-mask positions) of training rows [start, end)."""
+        return int(sum(self.data.train[i]["loss_mask"].sum() for i in range(start, end)))
+
     @torch.no_grad()
-    def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Loss per validation set (and ``mean``); with one pipeline stage also the zero-shot
+    def evaluate(self, full: bool = True) -> tuple[Validation, dict[str, float]]:
+        """Validation loss, pooled and per set, with standard errors (the full sets, or
+        ``trainer.eval_subset`` of each); with one pipeline stage also the zero-shot
         translation and cloze metrics (moe_morpheus.evaluate; generation needs one chunk)."""
         from moe_morpheus.evaluate import task_metrics, validation_losses
         from moe_morpheus.moe import collect_moe_stats
 
         with self.autocast:
             losses = validation_losses(self.model, self.data.valid, micro_batch_size=self.exp.trainer.micro_batch_size,
-                                       dp_rank=self.dp_rank, dp_size=self.dp)
+                                       dp_rank=self.dp_rank, dp_size=self.dp,
+                                       fraction=1.0 if full else self.exp.trainer.eval_subset)
             tasks = {}
             if self.exp.parallel.pp == 1 and self.exp.trainer.eval_task_items > 0:
                 tasks = task_metrics(self.model[0].module, self.data, self.exp.model.seq_length,
@@ -211,9 +223,11 @@ class Trainer:
             from moe_morpheus.upcycle import upcycle_into
 
             state = upcycle_into(self.model, exp, exp.init.from_dense)
-        state = state or TrainState()
+        state = state or TrainState(target_tokens=0)
         # Sunk compute of a run started from a dense checkpoint (moe_morpheus/upcycle.py).
         sunk_tokens, sunk_flops = state.lineage.get("tokens", 0), state.lineage.get("flops", 0.0)
+        # None: the dense checkpoint predates target counting (target_tokens_with_sunk not logged).
+        sunk_targets = state.lineage.get("target_tokens") if state.lineage else 0
         logger = RunLogger(self, resume_run_id=state.run_id, lineage=state.lineage) if is_rank0() else None
         if logger:
             print(format_budget(plan), flush=True)
@@ -222,9 +236,8 @@ class Trainer:
             # function-preserving conversion; what he_scaling / drop cost.
             valid, _ = self.evaluate()
             if logger:
-                logger.log({"valid/loss": valid["mean"], **{f"valid/{k}/loss": v for k, v in valid.items()
-                                                            if k != "mean"}, "flops_with_sunk": sunk_flops,
-                            "tokens_with_sunk": sunk_tokens}, 0)
+                logger.log({**valid.metrics(), "flops_with_sunk": sunk_flops, "tokens_with_sunk": sunk_tokens,
+                            **({} if sunk_targets is None else {"target_tokens_with_sunk": sunk_targets})}, 0)
 
         def batches(start_sample: int):
             return batch_iterator(self.data.train, global_batch_size=trainer.global_batch_size,
@@ -235,7 +248,7 @@ class Trainer:
         throughput, load = Throughput(), MoELoad()
         load.totals = state.moe_load
         losses, valid_history = [], []
-        valid: dict[str, float] = {}
+        valid = None
         progress = _progress(plan.steps, enabled=bool(logger) and trainer.progress)
         progress.update(state.step)
         status = "FAILED"
@@ -245,7 +258,10 @@ class Trainer:
                 self.guards.begin_step(step)
                 micro_batches = [next(train_iter) for _ in range(self.num_microbatches)]
                 start = time.perf_counter()
-                loss, norms, lr = self._train_step(step, micro_batches)
+                # Supervised target tokens of the global batch: the loss's own denominator, so
+                # counting them costs no extra collective.
+                targets = float(count_target_tokens(micro_batches))
+                loss, norms, lr = self._train_step(step, micro_batches, targets)
                 throughput.add(self.tokens_per_step, time.perf_counter() - start)
                 state.consumed_samples += trainer.global_batch_size
                 if self.guards.rollback_requested:
@@ -260,6 +276,7 @@ class Trainer:
                 losses.append(loss)
                 consumed = state.consumed_samples
                 tokens = (step + 1) * self.tokens_per_step
+                target_tokens = state.target_tokens + int(targets)
                 metrics = {
                     "train/loss": loss, "train/lr": lr, "train/grad_norm": norms.total,
                     "train/grad_norm_embedding": norms.embedding, "train/grad_norm_rest": norms.rest,
@@ -268,6 +285,9 @@ class Trainer:
                     "flops_6nd": 6 * plan.n_params * tokens,
                     "flops_with_sunk": tokens * plan.flops_per_token + sunk_flops,
                     "tokens_with_sunk": tokens + sunk_tokens,
+                    # Positions with loss; "tokens" (budgets, FLOPs) are positions processed.
+                    "target_tokens_seen": target_tokens,
+                    **({} if sunk_targets is None else {"target_tokens_with_sunk": target_tokens + sunk_targets}),
                     "budget_fraction": tokens / plan.budget_tokens,
                     "throughput/tokens_per_s": throughput.last,
                 }
@@ -280,16 +300,19 @@ class Trainer:
                                                               num_experts=exp.moe.num_experts)))
                 last = step == plan.steps - 1
                 if last or (trainer.eval_interval and (step + 1) % trainer.eval_interval == 0):
-                    valid, tasks = self.evaluate()
-                    valid_history.append(valid["mean"])
-                    metrics["valid/loss"] = valid["mean"]
-                    metrics.update({f"valid/{k}/loss": v for k, v in valid.items() if k != "mean"})
+                    # Intermediate evaluations may use a subset (trainer.eval_subset); only the
+                    # full-set losses are comparable with each other and count for best/valid_loss.
+                    valid, tasks = self.evaluate(full=last)
+                    if last or trainer.eval_subset == 1.0:
+                        valid_history.append(valid.loss)
+                    metrics.update(valid.metrics())
                     metrics.update(tasks)
                 if logger and (last or step % trainer.log_interval == 0 or "valid/loss" in metrics):
                     logger.log(metrics, step + 1)
                 state = TrainState(step=step + 1, consumed_samples=consumed, tokens=tokens,
                                    flops=tokens * plan.flops_per_token, run_id=logger.run_id if logger else None,
-                                   guards=self.guards.state_dict(), moe_load=load.totals, lineage=state.lineage)
+                                   guards=self.guards.state_dict(), moe_load=load.totals, lineage=state.lineage,
+                                   target_tokens=target_tokens)
                 if self.checkpointer.due(step + 1, last):
                     self.checkpointer.save(state)
                 progress.update(1)
@@ -298,7 +321,7 @@ class Trainer:
                 step += 1
             if not valid_history:  # resumed from the final checkpoint: nothing left to train
                 valid, _ = self.evaluate()
-                valid_history.append(valid["mean"])
+                valid_history.append(valid.loss)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -318,7 +341,7 @@ class Trainer:
         result = TrainResult(
             steps=plan.steps, tokens=plan.steps * self.tokens_per_step,
             final_train_loss=losses[-1] if losses else float("nan"),
-            valid_losses=valid, best_valid_loss=min(valid_history), unigram_entropy=entropy,
+            valid_losses=valid.losses(), best_valid_loss=min(valid_history), unigram_entropy=entropy,
             run_id=logger.run_id if logger else None, losses=losses, skipped_steps=self.guards.skipped,
         )
         if logger:

@@ -1,0 +1,70 @@
+"""End to end through the CLI: ``target_tokens_seen`` (supervised target tokens trained on) equals
+the loss-mask sum of the training rows consumed, counted here from the dataset, at DP=1, at DP=2
+after a resume, and after resuming a checkpoint written before the count existed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.test_train_app import SMALL, train
+
+pytestmark = pytest.mark.slow
+
+# SMALL: sequence 64, 4 rows per step (micro-batches of 2: two per step at DP=1, one per rank at DP=2).
+RUN = ["+experiment=dense", "trainer.steps=4", "checkpoint.interval_steps=2", "trainer.eval_interval=0",
+       "trainer.eval_task_items=0", "data.seed=77", *SMALL]
+
+
+def _logged(tmp: Path, key: str) -> dict[int, list[float]]:
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("moe_morpheus").experiment_id])
+    values: dict[int, list[float]] = {}
+    for m in client.get_metric_history(run.info.run_id, key):
+        values.setdefault(m.step, []).append(m.value)
+    return values
+
+
+def _without_target_count(checkpoint: Path, copy: Path) -> Path:
+    """A copy of ``checkpoint`` as written before target tokens were counted (checksums updated)."""
+    shutil.copytree(checkpoint, copy)
+    common = torch.load(copy / "common.pt", weights_only=True)
+    del common["trainer"]["target_tokens"]
+    torch.save(common, copy / "common.pt")
+    data = (copy / "common.pt").read_bytes()
+    manifest = json.loads((copy / "checkpoint.json").read_text())
+    manifest["files"]["common.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (copy / "checkpoint.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_target_tokens_seen_counts_the_loss_mask_of_the_rows_consumed(tmp_path, demo_data_cfg):
+    from moe_morpheus.data.dataset import build_data
+
+    data = build_data(replace(demo_data_cfg, seed=77, valid_rows=4), 64, progress=False)
+    per_step = [sum(float(data.train[i]["loss_mask"].sum()) for i in range(4 * s, 4 * s + 4)) for s in range(4)]
+    expected = {step: sum(per_step[:step]) for step in range(1, 5)}
+    assert 0 < per_step[0] < 4 * 64  # targets are a share of the positions
+
+    run_dir = tmp_path / "run"
+    train(tmp_path, f"hydra.run.dir={run_dir}", *RUN)
+    step2 = run_dir / "checkpoints" / "step_00000002"
+    # Resumed at DP=2 (the checkpoint reshards), and from a checkpoint without the count (recounted).
+    train(tmp_path, f"hydra.run.dir={tmp_path / 'dp2'}", f"checkpoint.resume={step2}", "launch.nproc_per_node=2",
+          *RUN)
+    legacy = _without_target_count(step2, tmp_path / "legacy" / "step_00000002")
+    train(tmp_path, f"hydra.run.dir={tmp_path / 'old'}", f"checkpoint.resume={legacy}", *RUN)
+
+    # The resumed runs continue the first run's MLflow run: steps 3 and 4 are logged three times.
+    logged = _logged(tmp_path, "target_tokens_seen")
+    assert {step: len(v) for step, v in logged.items()} == {1: 1, 2: 1, 3: 3, 4: 3}
+    assert all(v == expected[step] for step, values in logged.items() for v in values), (logged, expected)
+    with_sunk = _logged(tmp_path, "target_tokens_with_sunk")  # nothing sunk: a run from scratch
+    assert all(v == expected[step] for step, values in with_sunk.items() for v in values)
