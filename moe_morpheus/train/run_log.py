@@ -6,13 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 from omegaconf import OmegaConf
-
-if TYPE_CHECKING:
-    from moe_morpheus.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +39,11 @@ class MoELoad:
 
 
 class RunLogger:
-    """The run's MLflow side (rank 0): params, tags, metrics, summary and artifacts."""
+    """The run's MLflow side (rank 0): params, tags, metrics, summary and artifacts, for
+    ``trainer``, a set-up :class:`~moe_morpheus.train.trainer.Trainer` (not imported here: the
+    trainer imports this module)."""
 
-    def __init__(self, trainer: Trainer, resume_run_id: str | None = None, lineage: dict | None = None):
+    def __init__(self, trainer, resume_run_id: str | None = None, lineage: dict | None = None):
         from moe_morpheus.tracking import Tracker, flatten_config, resolve_uri, run_tags
         from moe_morpheus.upcycle import lineage_tags
 
