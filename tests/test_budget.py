@@ -255,6 +255,8 @@ def test_cluster_trainer_comes_with_the_30b_preset_and_the_demo_batch_warns(caps
     assert _compose("+experiment=dense").trainer.global_batch_size == 16  # cpu_demo
     cluster = _compose("+experiment=moe_64e", "model=morpheus_30b").trainer
     assert (cluster.global_batch_size, cluster.micro_batch_size, cluster.precision) == (1024, 1, "bf16")
+    # Intermediate evaluations on a quarter of each (capped) validation set; the demo data takes every row.
+    assert cluster.eval_subset == 0.25 and _compose("+experiment=dense").data.valid_rows is None
     assert _compose("+experiment=dense", "model=morpheus_30b", "trainer=cpu_demo").trainer.global_batch_size == 16
 
     assert main(["+experiment=moe_64e", "model=morpheus_30b"]) == 0

@@ -1,12 +1,14 @@
 """Validation sets: fixed packed rows of held-out text, the same for every run, seed and layout.
 
 Sets (built by ``build_data``): ``<source>_mask`` and ``<source>_gmask`` for every source in
-the infilling blend, each over *all* of the source's held-out windows (the content-hash split of
+the infilling blend, each over the source's held-out windows (the content-hash split of
 ``split_windows``), and ``mip_heldout`` (every held-out en-zh pair in both directions, with the
 held-out templates). Spans, suffixes and templates are drawn with generators seeded by
 ``(data.valid_seed, set)``, never the run's seed. ``data.valid_rows`` caps the rows of each set
-(None: all). Rows are in the order of a random permutation of the windows, so the first rows of
-a set are a random sample of its windows (``RowsDataset.head``: the intermediate-evaluation subset).
+(default 1024, so a large corpus does not make every rank evaluate all of its held-out text;
+None: all, as the demo does). Rows are in the order of a random permutation of the windows, so
+the first rows of a set are a random sample of its windows (``RowsDataset.head``: the
+intermediate-evaluation subset).
 
 Size: the validation loss is a mean over target tokens whose losses spread widely (standard
 deviation 2.6 nats per target for glm_tiny after 224 demo steps), so its standard error is
