@@ -72,13 +72,25 @@ class Validation:
         """Loss per set and the pooled one as ``mean``."""
         return {**{name: v[0] for name, v in self.sets.items()}, "mean": self.loss}
 
-    def metrics(self) -> dict[str, float]:
-        """What runs log: ``valid/loss``, ``valid/loss_se``, ``valid/target_tokens`` and per set
-        ``valid/<set>/loss``, ``valid/<set>/loss_se``."""
-        out = {"valid/loss": self.loss, "valid/loss_se": self.se, "valid/target_tokens": self.targets}
+    def metrics(self, prefix: str = "valid") -> dict[str, float]:
+        """What runs log: ``<prefix>/loss``, ``<prefix>/loss_se``, ``<prefix>/target_tokens`` and
+        per set ``<prefix>/<set>/loss``, ``<prefix>/<set>/loss_se``. ``valid``: the full sets;
+        the trainer logs evaluations of a subset (``trainer.eval_subset``) as ``valid_subset``, so
+        a minimum over ``valid/*`` never picks a noisier subset point."""
+        out = {f"{prefix}/loss": self.loss, f"{prefix}/loss_se": self.se, f"{prefix}/target_tokens": self.targets}
         for name, (loss, se, _) in self.sets.items():
-            out.update({f"valid/{name}/loss": loss, f"valid/{name}/loss_se": se})
+            out.update({f"{prefix}/{name}/loss": loss, f"{prefix}/{name}/loss_se": se})
         return out
+
+
+def pooled_unigram(entropy: dict[str, float], valid: dict) -> float:
+    """The unigram baseline pooled as ``valid/loss`` is: the sets' unigram cross entropies
+    (``Data.unigram_entropy``) weighted by their target tokens, i.e. the baseline's mean loss over
+    every target of the full sets, each weighing the same (not the mean over sets, which weighs a
+    small set's targets up)."""
+    counts = {name: sum(int((row["loss_mask"] > 0).sum()) for row in valid[name].rows) for name in entropy}
+    total = sum(counts.values())
+    return sum(entropy[name] * counts[name] for name in entropy) / total if total else float("nan")
 
 
 def cluster_se(loss: np.ndarray, units: np.ndarray) -> float:

@@ -1,22 +1,25 @@
 """End to end through the CLI: ``target_tokens_seen`` (supervised target tokens trained on) equals
 the loss-mask sum of the training rows consumed, counted here from the dataset, at DP=1, at DP=2
-after a resume, and after resuming a checkpoint written before the count existed."""
+after a resume, and after resuming a checkpoint written before the count existed (recounted
+exactly, or not at all)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from moe_morpheus.train import checkpoint
+from moe_morpheus.train.checkpoint import Checkpointer, TrainState
 from tests.test_train_app import SMALL, train
-
-pytestmark = pytest.mark.slow
 
 # SMALL: sequence 64, 4 rows per step (micro-batches of 2: two per step at DP=1, one per rank at DP=2).
 RUN = ["+experiment=dense", "trainer.steps=4", "checkpoint.interval_steps=2", "trainer.eval_interval=0",
@@ -45,6 +48,30 @@ def _without_target_count(checkpoint: Path, copy: Path) -> Path:
     return copy
 
 
+def _load_legacy(monkeypatch, saved: TrainState, targets: list[int]) -> TrainState:
+    """Checkpointer._load of a checkpoint without a target count; ``targets[i]``: row i's."""
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *args, **kwargs: saved)
+    loader = object.__new__(Checkpointer)
+    loader.trainer = SimpleNamespace(model=None, optimizer=None, count_targets=lambda a, b: sum(targets[a:b]))
+    loader.guards, loader.shape, loader.layout = SimpleNamespace(checkpoint_available=False), {}, {}
+    return loader._load(Path("unused"))
+
+
+def test_a_legacy_recount_leaves_out_rolled_back_rows_and_never_guesses_for_an_upcycled_run(monkeypatch, caplog):
+    targets = [3 + i % 7 for i in range(60)]
+    # Two rollbacks skipped samples [8, 16) and [24, 28) before the data position 40.
+    skipped = {"skipped_ranges": [[24, 28], [8, 16]]}
+    state = _load_legacy(monkeypatch, TrainState(step=9, consumed_samples=40, guards=skipped), targets)
+    assert state.target_tokens == sum(t for i, t in enumerate(targets[:40]) if not (8 <= i < 16 or 24 <= i < 28))
+    assert _load_legacy(monkeypatch, TrainState(consumed_samples=40), targets).target_tokens == sum(targets[:40])
+    # Started from a dense checkpoint at its data position, not recorded here: no count, a warning.
+    lineage = {"kind": "upcycled", "tokens": 1024, "flops": 1.0, "steps": 4}
+    with caplog.at_level(logging.WARNING):
+        state = _load_legacy(monkeypatch, TrainState(step=3, consumed_samples=40, lineage=lineage), targets)
+    assert state.target_tokens is None and "target_tokens_seen is not logged" in caplog.text
+
+
+@pytest.mark.slow
 def test_target_tokens_seen_counts_the_loss_mask_of_the_rows_consumed(tmp_path, demo_data_cfg):
     from moe_morpheus.data.dataset import build_data
 

@@ -140,3 +140,37 @@ def test_same_validation_at_dp1_and_dp2_and_any_micro_batch(small_valid, moe):
     subset_targets = sum(int(r["loss_mask"].sum()) for ds in small_valid.values() for r in ds.rows[:3])
     assert one["subset"].targets == two[0]["subset"].targets == subset_targets
     assert _relative(two[0]["subset"].loss, one["subset"].loss) <= 1e-6
+
+
+def test_the_logged_unigram_baseline_is_pooled_like_valid_loss():
+    from moe_morpheus.data.dataset import unigram_cross_entropy
+    from moe_morpheus.data.validation import RowsDataset
+    from moe_morpheus.evaluate import pooled_unigram
+
+    rng = np.random.default_rng(0)
+    unigram = rng.dirichlet(np.ones(50))
+
+    def rows(n: int) -> RowsDataset:
+        made = [{"targets": rng.integers(0, 50, 16), "loss_mask": (rng.random(16) < 0.5).astype(np.float32)}
+                for _ in range(n)]
+        return RowsDataset(made, [np.array([-1])] * n)
+
+    valid = {"big": rows(40), "small": rows(2)}
+    targets = {name: np.concatenate([r["targets"][r["loss_mask"] > 0] for r in ds.rows])
+               for name, ds in valid.items()}
+    entropy = {name: unigram_cross_entropy(unigram, t) for name, t in targets.items()}
+    # The baseline's mean loss over every target of all sets, as valid/loss weighs them.
+    every_target = np.concatenate(list(targets.values()))
+    assert pooled_unigram(entropy, valid) == pytest.approx(unigram_cross_entropy(unigram, every_target))
+    assert pooled_unigram(entropy, valid) != pytest.approx(sum(entropy.values()) / 2)
+
+
+def test_subset_evaluations_have_their_own_metric_names():
+    from moe_morpheus.evaluate import Validation
+
+    valid = Validation(2.0, 0.01, 100, {"en_mask": (2.5, 0.02, 40), "zh_mask": (1.6, 0.02, 60)})
+    full, subset = valid.metrics(), valid.metrics("valid_subset")
+    assert set(full) == {"valid/loss", "valid/loss_se", "valid/target_tokens", "valid/en_mask/loss",
+                         "valid/en_mask/loss_se", "valid/zh_mask/loss", "valid/zh_mask/loss_se"}
+    assert set(subset) == {k.replace("valid/", "valid_subset/", 1) for k in full}
+    assert list(subset.values()) == list(full.values())

@@ -506,6 +506,26 @@ def load_for_inference(checkpoint: str | Path, *, with_info: bool = False):
 
 
 # ---------------------------------------------------------------------- the trainer's side
+def recount_targets(state: TrainState, count) -> int | None:
+    """Target tokens trained on up to a checkpoint written before they were counted, exactly or
+    not at all. ``count(start, end)``: target tokens of training rows [start, end).
+
+    A run from scratch trained rows [0, consumed_samples) less the ranges its rollbacks skipped
+    (``guards.skipped_ranges``; the trainer's live count leaves them out too). A run started from
+    a dense checkpoint began at the dense run's data position, which its old checkpoints do not
+    record: None (no ``target_tokens_*`` logged for it), with a warning."""
+    if state.lineage:
+        log.warning("checkpoint at step %d of a run started from a dense checkpoint predates target-token "
+                    "counting and does not record where this run's data began: target_tokens_seen is not "
+                    "logged for this run", state.step)
+        return None
+    total, start = 0, 0
+    for first, end in sorted(map(tuple, state.guards.get("skipped_ranges", []))):
+        total += count(start, first) if first > start else 0
+        start = max(start, end)
+    return total + (count(start, state.consumed_samples) if state.consumed_samples > start else 0)
+
+
 class Checkpointer:
     """When to save, where, and resuming for one run (the trainer's interface).
 
@@ -530,9 +550,7 @@ class Checkpointer:
         state = load_checkpoint(path, self.trainer.model, self.trainer.optimizer, shape=self.shape,
                                 current_layout=self.layout)
         if state.target_tokens is None:
-            # The rows before its data position (exact unless that run rolled back over a spike:
-            # the skipped rows count too).
-            state.target_tokens = self.trainer.count_targets(0, state.consumed_samples)
+            state.target_tokens = recount_targets(state, self.trainer.count_targets)
         self.guards.checkpoint_available = True
         return state
 

@@ -189,6 +189,7 @@ class Trainer:
         return losses, tasks
 
     def fit(self) -> TrainResult:
+        from moe_morpheus.evaluate import pooled_unigram
         from moe_morpheus.moe import collect_moe_stats
 
         self.setup()
@@ -252,7 +253,9 @@ class Trainer:
                 losses.append(loss)
                 consumed = state.consumed_samples
                 tokens = (step + 1) * self.tokens_per_step
-                target_tokens = state.target_tokens + int(targets)
+                # None: resumed from a checkpoint without the count that could not be recounted
+                # exactly (Checkpointer._load); then no target_tokens_* are logged.
+                target_tokens = None if state.target_tokens is None else state.target_tokens + int(targets)
                 metrics = {
                     "train/loss": loss, "train/lr": lr, "train/grad_norm": norms.total,
                     "train/grad_norm_embedding": norms.embedding, "train/grad_norm_rest": norms.rest,
@@ -262,8 +265,9 @@ class Trainer:
                     "flops_with_sunk": tokens * plan.flops_per_token + sunk_flops,
                     "tokens_with_sunk": tokens + sunk_tokens,
                     # Positions with loss; "tokens" (budgets, FLOPs) are positions processed.
-                    "target_tokens_seen": target_tokens,
-                    **({} if sunk_targets is None else {"target_tokens_with_sunk": target_tokens + sunk_targets}),
+                    **({} if target_tokens is None else {"target_tokens_seen": target_tokens}),
+                    **({} if target_tokens is None or sunk_targets is None
+                       else {"target_tokens_with_sunk": target_tokens + sunk_targets}),
                     "budget_fraction": tokens / plan.budget_tokens,
                     "throughput/tokens_per_s": throughput.last,
                 }
@@ -275,15 +279,19 @@ class Trainer:
                                                               num_layers=exp.model.num_layers,
                                                               num_experts=exp.moe.num_experts)))
                 last = step == plan.steps - 1
-                if last or (trainer.eval_interval and (step + 1) % trainer.eval_interval == 0):
-                    # Intermediate evaluations may use a subset (trainer.eval_subset); only the
-                    # full-set losses are comparable with each other and count for best/valid_loss.
-                    valid, tasks = self.evaluate(full=last)
-                    if last or trainer.eval_subset == 1.0:
+                evaluated = last or bool(trainer.eval_interval and (step + 1) % trainer.eval_interval == 0)
+                if evaluated:
+                    # Intermediate evaluations may use a subset (trainer.eval_subset), logged as
+                    # valid_subset/*: only full-set losses (valid/*) are comparable with each
+                    # other and count for best/valid_loss (a minimum over noisier subset points
+                    # would be biased low).
+                    full = last or trainer.eval_subset == 1.0
+                    valid, tasks = self.evaluate(full=full)
+                    if full:
                         valid_history.append(valid.loss)
-                    metrics.update(valid.metrics())
+                    metrics.update(valid.metrics("valid" if full else "valid_subset"))
                     metrics.update(tasks)
-                if logger and (last or step % trainer.log_interval == 0 or "valid/loss" in metrics):
+                if logger and (last or step % trainer.log_interval == 0 or evaluated):
                     logger.log(metrics, step + 1)
                 state = TrainState(step=step + 1, consumed_samples=consumed, tokens=tokens,
                                    flops=tokens * plan.flops_per_token, run_id=logger.run_id if logger else None,
@@ -304,7 +312,8 @@ class Trainer:
             raise
         finally:
             progress.close()
-            entropy = sum(self.data.unigram_entropy.values()) / max(len(self.data.unigram_entropy), 1)
+            # Pooled over every target of the full sets, as valid/loss is (comparable on one axis).
+            entropy = pooled_unigram(self.data.unigram_entropy, self.data.valid)
             if logger:
                 summary = {"final/tokens": plan.steps * self.tokens_per_step,
                            "final/flops": plan.steps * self.tokens_per_step * plan.flops_per_token,
