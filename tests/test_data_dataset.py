@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 
 from moe_morpheus.config import ConfigError
 from moe_morpheus.data.config import DataConfig, SourceConfig, resolve_path
-from moe_morpheus.data.dataset import GMASK, MASK, MIP, batch_iterator, build_data, unigram_cross_entropy
+from moe_morpheus.data.dataset import batch_iterator, build_data, unigram_cross_entropy
 from moe_morpheus.data.infilling import ROW_KEYS, attention_mask
 from moe_morpheus.data.mip import TEMPLATES
+from moe_morpheus.data.streams import GMASK, MASK, MIP
 from moe_morpheus.data.tokenizer import EOP_ID, EOS_ID, GMASK_ID, MASK_ID, SOP_ID
 from tests.conftest import DATA_SEQ_LENGTH as SEQ
 
@@ -319,7 +320,7 @@ def test_config_errors_at_build(demo_data_cfg):
 
 
 def test_first_fit_against_brute_force():
-    from moe_morpheus.data.dataset import OPEN_ROWS, first_fit
+    from moe_morpheus.data.streams import OPEN_ROWS, first_fit
 
     rng = np.random.default_rng(5)
     lengths = rng.integers(1, 40, size=600).tolist() + [40] * 5
