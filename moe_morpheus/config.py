@@ -40,7 +40,8 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     seq_length: int = 128
     # deepnorm: GLM-130B's DeepNorm, post-LN with alpha = (2N)^1/2, beta = (2N)^-1/2.
-    # deepnet: the DeepNet paper's decoder recipe, alpha = (2N)^1/4, beta = (8N)^-1/4.
+    # deepnet: GLM-130B's block order (model/layer.py) with the DeepNet paper's decoder constants,
+    # alpha = (2N)^1/4, beta = (8N)^-1/4.
     # pre_ln: plain pre-LN (for comparisons; GLM-130B found it unstable at 100B).
     norm: str = "deepnorm"
     # 1d: GLM-130B's RoPE over the whole head; 2d: GLM/ChatGLM, half the head rotated by the

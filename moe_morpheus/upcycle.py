@@ -106,6 +106,12 @@ class InitConfig:
     from_dense: str | None = None
 
 
+def divisors_near(n: int, target: float, count: int = 3) -> list[int]:
+    """The ``count`` divisors of ``n`` closest to ``target``, ascending (granularities to suggest)."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return sorted(sorted(divisors, key=lambda d: abs(d - target))[:count])
+
+
 def granularity(model: ModelConfig, moe: MoEConfig, cfg: UpcycleConfig) -> int:
     """g = dense FFN / expert width (the target's ``moe.expert_hidden``), checked against the FFN
     size, the experts and the routing; raises UpcycleError."""
@@ -114,7 +120,7 @@ def granularity(model: ModelConfig, moe: MoEConfig, cfg: UpcycleConfig) -> int:
     if ffn % expert:
         raise UpcycleError(f"moe.expert_hidden_size={expert} does not divide model.ffn_hidden_size={ffn}: each "
                            f"expert takes ffn / g of the dense FFN's hidden units; set moe.expert_hidden_size=null "
-                           f"and moe.granularity=g instead")
+                           f"and moe.granularity to one of {divisors_near(ffn, ffn / expert)} instead")
     g = ffn // expert
     if moe.num_experts % g:
         raise UpcycleError(f"moe.num_experts={moe.num_experts} is not divisible by the granularity {g}: "

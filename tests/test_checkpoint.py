@@ -286,3 +286,22 @@ def test_a_post_ln_checkpoint_of_the_old_block_order_is_refused(bad, key):
 
 def test_a_pre_ln_checkpoint_of_the_old_block_order_loads(bad):
     assert bad["old_pre_ln_step"] == 1 and bad["old_pre_ln_restored"]
+
+
+def test_an_old_recorded_config_merges_into_the_current_schema():
+    """Checkpoints from before moe.granularity recorded upcycle.granularity, a key the schema no
+    longer has: generate/evaluate merge the recorded config into ExperimentConfig and failed on it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    from moe_morpheus.experiment import ExperimentConfig
+    from moe_morpheus.train.checkpoint import recorded_config
+
+    old = {"model": {"norm": "pre_ln"}, "moe": {"num_experts": 8, "expert_hidden_size": 192},
+           "upcycle": {"mode": "virtual_group", "granularity": 2}}
+    with pytest.raises(ConfigKeyError):
+        OmegaConf.merge(OmegaConf.structured(ExperimentConfig), old)
+    config = recorded_config({"config": old})
+    merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), config)
+    assert merged.moe.expert_hidden_size == 192 and merged.upcycle.mode == "virtual_group"
+    assert old["upcycle"]["granularity"] == 2  # the manifest itself is left as it was

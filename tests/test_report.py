@@ -237,10 +237,11 @@ def assert_png(path):
     assert data[:8] == PNG_MAGIC and len(data) > 5000, path
 
 
-def t_interval(a: dict, b: dict) -> tuple[float, float, float]:
-    """Independent reference: mean of a - b over common seeds and its 95% Student-t interval."""
+def t_interval(a: dict, b: dict, rivals: int = 1) -> tuple[float, float, float]:
+    """Independent reference: mean of a - b over common seeds and its Student-t interval, 95%
+    for one comparison, 1 - 0.05 / rivals when the best of several arms meets each rival."""
     d = np.array([a[k] - b[k] for k in sorted(set(a) & set(b))])
-    half = scipy_stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    half = scipy_stats.t.ppf(1 - 0.025 / rivals, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
     return d.mean(), d.mean() - half, d.mean() + half
 
 
@@ -391,13 +392,15 @@ def test_upcycling_sweep_report(tmp_path, store):
         return finals(uri, [runs[(s, x, role)] for s in SEEDS])
 
     # Equal total compute at +0.006: upcycled against scratch trained for the dense stage + extra.
-    d, lo, hi = t_interval(losses("0.006", "upcycled"), losses("0.006", "scratch_total"))
+    # Four arms share that compute (upcycled, dense continued, scratch equal total +0.006 and
+    # scratch equal extra +0.012): the best meets three rivals, each interval at 1 - 0.05 / 3.
+    d, lo, hi = t_interval(losses("0.006", "upcycled"), losses("0.006", "scratch_total"), rivals=3)
     assert hi < 0 and (f"**upcycled +0.006 beats scratch (equal total) +0.006 by {-d:.4f} [{-hi:.4f}, {-lo:.4f}] "
-                       "(n=3)**") in md
+                       "(98.3%, n=3)**") in md
     # Equal extra compute (the dense stage sunk), per budget.
-    d, lo, hi = t_interval(losses("0.006", "upcycled"), losses("0.006", "scratch_extra"))
+    d, lo, hi = t_interval(losses("0.006", "upcycled"), losses("0.006", "scratch_extra"), rivals=2)
     assert (f"+0.006: **upcycled +0.006 beats scratch (equal extra) +0.006 by {-d:.4f} [{-hi:.4f}, {-lo:.4f}] "
-            "(n=3)**") in md
+            "(97.5%, n=3)**") in md
     # Crossover from final points only: the lines through each role's seed means at its budgets.
     f0, fpt, step = up["f0"], FPT["moe"], TOKENS_PER_STEP
 
@@ -490,9 +493,10 @@ def test_upcycle_sweep_summary_uses_the_paired_rule():
     assert row["equal_extra"]["ranking"] == ["upcycled", "dense continued", "scratch (equal extra)"]
     up = {s: metrics[f"s{s}/x0.006/upcycled"]["final/valid_loss"] for s in (1, 2, 3, 4)}
     total = {s: metrics[f"s{s}/x0.006/scratch_total"]["final/valid_loss"] for s in (1, 2, 3)}
-    d, lo, hi = t_interval(up, total)
+    d, lo, hi = t_interval(up, total, rivals=2)  # upcycled is the best of three arms
     verdict = [v for v in row["equal_total"]["verdicts"] if "scratch (equal total)" in v][0]
-    assert verdict == (f"upcycled beats scratch (equal total) by {-d:.4f} [{-hi:.4f}, {-lo:.4f}] (n=3); unpaired, "
+    assert verdict == (f"upcycled beats scratch (equal total) by {-d:.4f} [{-hi:.4f}, {-lo:.4f}] (97.5%, n=3); "
+                       "unpaired, "
                        "dropped: seed(s) 4 only in upcycled")
     comparison = row["equal_total"]["comparisons"][-1]
     assert comparison["n"] == 3 and comparison["decided"] and comparison["hi"] == pytest.approx(hi)
@@ -632,7 +636,9 @@ def test_config_signature_leaves_out_seeds_infra_and_derived_params():
               "trainer.seed": "1", "data.seed": "1234", "upcycle.seed": "0", "tracking.run_name": "a",
               "checkpoint.dir": "/x", "parallel.tp": "2", "trainer.progress": "True", "trainer.eval_interval": "50",
               "count.total_params": "1e6", "budget.planned_tokens": "5", "flops_per_token": "1e7",
-              "sunk.tokens": "10", "sunk.flops": "1e9", "init.from_dense": "/runs/s1/dense/checkpoints"}
+              "sunk.tokens": "10", "sunk.flops": "1e9", "init.from_dense": "/runs/s1/dense/checkpoints",
+              # differs per seed (the dense stage's data follows its seed): must not split the seeds
+              "sunk.target_tokens": "4001", "trainer.eval_subset": "0.125"}
     assert dict(config_signature(params)) == {
         "model.hidden_size": "64", "trainer.steps": "100", "trainer.lr": "0.003", "data.valid_seed": "0",
         "sunk.tokens": "10", "init.from_dense": "checkpoint"}
@@ -693,7 +699,7 @@ def test_render_formats_and_embeds(tmp_path):
     assert (render.count(1.234e6), render.count(950), render.count(float("nan"))) == ("1.23M", "950", "-")
     assert (render.sci(3.4e15), render.num(2.0), render.num(float("inf"))) == ("3.4e+15", "2.0000", "-")
     # Short runs: 0.0012 tokens per parameter and 0.012% of a budget, not 0.0 and 0.0%.
-    assert (render.sig(0.0012), render.sig(20.0), render.pct(0.00012), render.pct(0.15)) == \
+    assert (render.sci(0.0012), render.sci(20.0), render.pct(0.00012), render.pct(0.15)) == \
         ("0.0012", "20", "0.012%", "15%")
     png = tmp_path / "f.png"
     png.write_bytes(PNG_MAGIC + b"x")
@@ -782,3 +788,21 @@ def test_figures_skip_empty_input(tmp_path):
     assert figures.moe_load({}, "t", tmp_path / "d.png") is None
     assert figures.matched([], runs, tmp_path / "e.png") is None
     assert not list(tmp_path.iterdir())
+
+
+def test_rank_and_compare_widens_intervals_for_several_rivals():
+    """Picking the best of three arms and testing it against two: each interval at 97.5%
+    (Bonferroni), so a difference that a single 95% interval would call is left undecided."""
+    from scipy.stats import t
+
+    best = {1: 2.0, 2: 2.1, 3: 2.05}
+    rival = {1: 2.1, 2: 2.17, 3: 2.19}  # paired differences -0.10, -0.07, -0.14
+    d = np.array([-0.10, -0.07, -0.14])
+    half = {c: t.ppf(0.5 + c / 2, 2) * d.std(ddof=1) / np.sqrt(3) for c in (0.95, 0.975)}
+    assert d.mean() + half[0.95] < 0 < d.mean() + half[0.975]  # the case that separates them
+    _, (pair,) = stats.rank_and_compare({"best": best, "rival": rival})
+    assert pair[2].decided and pair[2].hi == pytest.approx(d.mean() + half[0.95])
+    _, comparisons = stats.rank_and_compare({"best": best, "rival": rival, "far": {1: 9.0, 2: 9.1, 3: 9.2}})
+    close = dict((other, r) for _, other, r in comparisons)["rival"]
+    assert close.hi == pytest.approx(d.mean() + half[0.975]) and not close.decided
+    assert "97.5%, n=3" in stats.verdict_text(close, "best", "rival")

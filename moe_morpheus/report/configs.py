@@ -16,14 +16,15 @@ from moe_morpheus.upcycle_sweep import EXTRA_TAG, ROLE_TAG, stage_tags
 # * how a run is executed or logged, not what it trains (entries ending in "." or "_" are
 #   prefixes, the others whole keys);
 # * values the trainer computes from the config (parameter counts, planned tokens, FLOPs per
-#   token, the starting checkpoint's FLOPs and steps next to its tokens).
+#   token, the starting checkpoint's FLOPs, steps and target tokens next to its tokens: its
+#   target count follows the data seed, so it differs between seeds of one configuration).
 SEED_COMPONENT = "seed"
 INFRA_PARAMS = ("name", "sweep", "variant", "tracking.", "launch.", "checkpoint.", "parallel.", "world_size", "dp",
                 "trainer.progress", "trainer.log_interval", "trainer.eval_interval", "trainer.eval_task_items",
-                "trainer.threads", "trainer.micro_batch_size", "trainer.recompute", "trainer.zero1",
+                "trainer.eval_subset", "trainer.threads", "trainer.micro_batch_size", "trainer.recompute", "trainer.zero1",
                 "data.cache_dir", "moe.faster.")
 DERIVED_PARAMS = ("count.", "budget.chinchilla_tokens", "budget.planned_", "flops_per_token", "sunk.flops",
-                  "sunk.steps")
+                  "sunk.steps", "sunk.target_tokens")
 
 
 def _listed(key: str, entries: tuple[str, ...]) -> bool:

@@ -83,7 +83,7 @@ def _draw_runs(ax, runs, series, colors) -> None:
 
 
 def loss_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path) -> Path | None:
-    """Validation loss (mean over the sets) against tokens, detailed FLOPs (with sunk compute for
+    """Validation loss (per target token, all sets pooled) against tokens, detailed FLOPs (with sunk compute for
     upcycled runs) and 6ND FLOPs, every run overlaid; the corpus unigram entropy dotted (a run
     learned when its loss is clearly below it)."""
     axes_spec = [("tokens_seen", False, "tokens seen"),
@@ -97,7 +97,7 @@ def loss_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path)
     for ax, (_, _, label, series) in zip(axes, panels):
         _draw_runs(ax, runs, series, colors)
         _log_x(ax, label)
-    axes[0].set_ylabel("validation loss (nats/token, mean over sets)")
+    axes[0].set_ylabel("validation loss (nats/target token, sets pooled)")
     # The y range is the curves'; the unigram entropy is drawn only when inside it (a first
     # validation at ~ln V = 9 nats puts it there), else named, so it cannot squash the curves.
     ys = np.concatenate([y for p in panels for _, y in p[3].values()])

@@ -10,6 +10,12 @@ otherwise the comparison is "no verdict", with the interval when one exists (n >
 present in one arm only has no partner: it is dropped and the text says so.
 
 Losses: lower is better, so A beats B when the interval of loss_A - loss_B lies below 0.
+
+Several rivals at once (``rank_and_compare``): the best arm is picked by its observed mean and
+then compared with each of the m others, so m intervals are read together and the pick itself
+favours arms whose noise was lucky. Each of those intervals is widened to 1 - 0.05 / m
+(Bonferroni), which keeps the chance of any false verdict among the m at or below 5%
+whichever arm was picked; with two arms (m = 1) it is the plain 95% interval.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class PairedResult:
     seeds: tuple
     only_a: tuple = ()
     only_b: tuple = ()
+    confidence: float = CONFIDENCE
 
     @property
     def decided(self) -> bool:
@@ -67,12 +74,12 @@ def paired_interval(a: Mapping, b: Mapping, confidence: float = CONFIDENCE) -> P
     d = np.array([a[s] - b[s] for s in seeds])
     n = len(d)
     if n == 0:
-        return PairedResult(float("nan"), float("nan"), float("nan"), 0, seeds, only_a, only_b)
+        return PairedResult(float("nan"), float("nan"), float("nan"), 0, seeds, only_a, only_b, confidence)
     mean = float(d.mean())
     if n == 1:
-        return PairedResult(mean, float("nan"), float("nan"), 1, seeds, only_a, only_b)
+        return PairedResult(mean, float("nan"), float("nan"), 1, seeds, only_a, only_b, confidence)
     half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
-    return PairedResult(mean, mean - half, mean + half, n, seeds, only_a, only_b)
+    return PairedResult(mean, mean - half, mean + half, n, seeds, only_a, only_b, confidence)
 
 
 def _seeds(seeds: tuple) -> str:
@@ -85,7 +92,12 @@ def interval_text(r: PairedResult, digits: int = 4) -> str:
         return "(n=0)"
     if r.n == 1:
         return f"{r.diff:+.{digits}f} (n=1, no interval)"
-    return f"{r.diff:+.{digits}f} [{r.lo:+.{digits}f}, {r.hi:+.{digits}f}] (n={r.n})"
+    return f"{r.diff:+.{digits}f} [{r.lo:+.{digits}f}, {r.hi:+.{digits}f}] ({_level(r)}n={r.n})"
+
+
+def _level(r: PairedResult) -> str:
+    """'' at the usual 95%, else the level of a widened (Bonferroni) interval, e.g. '97.5%, '."""
+    return "" if math.isclose(r.confidence, CONFIDENCE) else f"{100 * r.confidence:.3g}%, "
 
 
 def verdict_text(r: PairedResult, a: str, b: str, digits: int = 4) -> str:
@@ -96,7 +108,7 @@ def verdict_text(r: PairedResult, a: str, b: str, digits: int = 4) -> str:
         win, lose, sign = (a, b, -1.0) if r.a_wins else (b, a, 1.0)
         lo, hi = sorted((sign * r.lo, sign * r.hi))
         text = (f"{win} beats {lose} by {sign * r.diff:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] "
-                f"(n={r.n})")
+                f"({_level(r)}n={r.n})")
     elif r.n < MIN_SEEDS:
         text = f"no verdict (n<{MIN_SEEDS}): {a} - {b} = {interval_text(r, digits)}"
     else:
@@ -110,11 +122,13 @@ def verdict_text(r: PairedResult, a: str, b: str, digits: int = 4) -> str:
 def rank_and_compare(arms: Mapping[str, Mapping]) -> tuple[list[str], list[tuple[str, str, PairedResult]]]:
     """Arms (name -> seed -> final loss) ordered by their mean loss, best first (an arm without
     a finite value is left out), and the best arm paired against each other arm:
-    ``(best, other, paired_interval(best, other))``. Only arms that are rivals belong here
+    ``(best, other, paired_interval(best, other))``, each interval at 1 - 0.05 / m for m
+    comparisons (Bonferroni: see the module docstring). Only arms that are rivals belong here
     (configurations at one compute), never two budgets of one configuration."""
     means = {name: float(np.mean(list(v.values()))) for name, losses in arms.items() if (v := _finite(losses))}
     ranking = sorted(means, key=means.__getitem__)
     if not ranking:
         return [], []
-    best = ranking[0]
-    return ranking, [(best, other, paired_interval(arms[best], arms[other])) for other in ranking[1:]]
+    best, others = ranking[0], ranking[1:]
+    confidence = 1 - (1 - CONFIDENCE) / max(len(others), 1)
+    return ranking, [(best, other, paired_interval(arms[best], arms[other], confidence)) for other in others]

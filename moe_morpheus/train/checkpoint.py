@@ -266,6 +266,22 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+# Config keys that older checkpoints record and this code no longer has; dropping them loses no
+# meaning: upcycle.granularity only restated model.ffn_hidden_size / moe.expert_hidden_size,
+# which the recorded moe section still holds (the width is now chosen by moe.granularity).
+REMOVED_CONFIG_KEYS = (("upcycle", "granularity"),)
+
+
+def recorded_config(manifest: dict) -> dict:
+    """The experiment config a checkpoint recorded, less the keys this code has removed."""
+    config = {section: dict(values) if isinstance(values, dict) else values
+              for section, values in manifest["config"].items()}
+    for section, key in REMOVED_CONFIG_KEYS:
+        if isinstance(config.get(section), dict):
+            config[section].pop(key, None)
+    return config
+
+
 def read_manifest(path: Path) -> dict:
     manifest = path / MANIFEST
     if not manifest.is_file():
@@ -489,7 +505,7 @@ def load_for_inference(checkpoint: str | Path, *, with_info: bool = False):
 
     initialize(ParallelConfig())  # a world of one: verifying and loading are collectives
     path = find_checkpoint(checkpoint)
-    config = dict(read_manifest(path)["config"])
+    config = recorded_config(read_manifest(path))
     config["parallel"] = {}  # one process reads any layout (the shards are resharded on load)
     exp = to_experiment(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), config))
     tokenizer_path = resolve_path(exp.data.tokenizer)
