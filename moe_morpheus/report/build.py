@@ -26,7 +26,6 @@ from moe_morpheus.report.render import (
     num,
     pct,
     sci,
-    sig,
     write,
 )
 from moe_morpheus.report.stats import MIN_SEEDS, rank_and_compare, verdict_text
@@ -59,7 +58,7 @@ def run_table(runs: pd.DataFrame) -> Table:
         rows.append([r["name"], r["group"], "-" if not np.isfinite(r["seed"]) else f"{r['seed']:g}", r["status"],
                      count(r["total_params"]), count(r["active_params"]), count(r["non_embedding_params"]),
                      _experts(r), count(r["tokens_reached"]), count(r["target_tokens"]),
-                     sig(r["tokens_per_active_param"]), sci(r["flops_reached"]), sci(r["final_flops_6nd"]), sunk,
+                     sci(r["tokens_per_active_param"]), sci(r["flops_reached"]), sci(r["final_flops_6nd"]), sunk,
                      pct(r["chinchilla_fraction_used"]), num(r["final_valid_loss"]), num(r["valid_loss_se"]),
                      num(r["best_valid_loss"]), count(r["final_tokens_per_s"]), f"`{rid}`"])
     return Table(header, rows)

@@ -57,14 +57,9 @@ def count(x: float) -> str:
 
 
 def sci(x: float) -> str:
-    """FLOPs: '3.41e+15'; NaN -> '-'."""
+    """Three significant digits, for FLOPs ('3.41e+15') and ratios that span decades (tokens per
+    parameter: 0.0012 to 20 as '0.0012', '20', never rounded to 0); NaN -> '-'."""
     return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
-
-
-def sig(x: float, digits: int = 3) -> str:
-    """Ratios that span decades (tokens per parameter: 0.0012 to 20) with ``digits``
-    significant digits, never rounded to 0: '0.0012', '20'; NaN -> '-'."""
-    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
 
 
 def pct(x: float, digits: int = 3) -> str:
