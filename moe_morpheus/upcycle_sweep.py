@@ -18,7 +18,7 @@ graph, one ``train.py`` process per stage, in order. Per seed:
 
 The driver tags every stage's run with its role (``sweep_role``: dense, dense_continued,
 upcycled, scratch_extra, scratch_total) and extra budget (``sweep_extra``), which the report
-labels them by (``ROLES``).
+labels them by (moe_morpheus/report/roles.py).
 
 Resumable: a stage whose MLflow run (found by its run name under the sweep's tag) is FINISHED
 is not run again; an unfinished one restarts in its own folder and resumes from its own
@@ -33,26 +33,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_morpheus.config import ConfigError
-from moe_morpheus.report.stats import interval_text, rank_and_compare, verdict_text
+from moe_morpheus.report.roles import EQUAL_EXTRA, EQUAL_TOTAL, ROLES, compare_per_extra, stage_tags
+from moe_morpheus.report.stats import interval_text, verdict_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = REPO_ROOT / "conf" / "upcycle" / "upcycle_vs_scratch.yaml"
 VARIANTS = ("dense_continued", "upcycled", "scratch_extra", "scratch_total")
-# Role of each stage (MLflow tag ROLE_TAG) -> how tables and legends name it.
-ROLES = {"dense": "dense stage", "dense_continued": "dense continued", "upcycled": "upcycled",
-         "scratch_extra": "scratch (equal extra)", "scratch_total": "scratch (equal total)"}
-ROLE_TAG, EXTRA_TAG = "sweep_role", "sweep_extra"
-# The arms compared at each extra budget: the dense stage's compute sunk (equal extra), or
-# charged (equal total: continued and upcycled runs count it, scratch_total trains it).
-EQUAL_EXTRA = ("dense_continued", "upcycled", "scratch_extra")
-EQUAL_TOTAL = ("dense_continued", "upcycled", "scratch_total")
 
 
 @dataclass
@@ -85,15 +77,6 @@ class Stage:
     key: str  # s1/x0.006/upcycled
     args: list[str]
     depends_on_dense: bool
-
-
-def stage_tags(key: str) -> dict[str, str]:
-    """The role tags of a stage key: ``s1/x0.006/upcycled`` -> {sweep_role: upcycled,
-    sweep_extra: 0.006}, ``s1/dense`` -> {sweep_role: dense}; {} for anything else."""
-    match = re.fullmatch(r"s[^/]+/(?:x([^/]+)/)?([a-z_]+)", key)
-    if match is None or match.group(2) not in ROLES or (match.group(1) is None) != (match.group(2) == "dense"):
-        return {}
-    return {ROLE_TAG: match.group(2), **({EXTRA_TAG: match.group(1)} if match.group(1) else {})}
 
 
 def load_config(argv: list[str]) -> SweepConfig:
@@ -234,24 +217,26 @@ def summarize(cfg: SweepConfig, metrics: dict[str, dict[str, float]]) -> dict:
     metrics: stage key (``s1/x0.006/upcycled``) -> that run's MLflow metrics; a missing stage
     or metric leaves its seed out (and the verdict says which seed went unpaired)."""
     table: dict[str, dict] = {}
+    arms = []  # (extra, role, arm name, seed -> loss), as report.roles.compare_per_extra takes them
     for x in cfg.extra_fractions:
         row = table.setdefault(f"{x:g}", {})
-        losses = {}
         for role in VARIANTS:
             runs = {seed: m for seed in cfg.seeds if (m := metrics.get(f"s{seed}/x{x:g}/{role}")) is not None}
-            losses[role] = {seed: m["final/valid_loss"] for seed, m in runs.items() if "final/valid_loss" in m}
+            losses = {seed: m["final/valid_loss"] for seed, m in runs.items() if "final/valid_loss" in m}
             flops = [m["final/flops"] for m in runs.values() if "final/flops" in m]
             total = [m.get("final/flops_with_sunk", m["final/flops"]) for m in runs.values() if "final/flops" in m]
-            row[role] = {"valid_loss": _mean(list(losses[role].values())),
-                         "losses": {str(seed): loss for seed, loss in losses[role].items()},
+            row[role] = {"valid_loss": _mean(list(losses.values())),
+                         "losses": {str(seed): loss for seed, loss in losses.items()},
                          "flops": _mean(flops), "flops_with_sunk": _mean(total)}
-        for name, roles in (("equal_extra", EQUAL_EXTRA), ("equal_total", EQUAL_TOTAL)):
-            ranking, comparisons = rank_and_compare({ROLES[r]: losses[r] for r in roles})
-            row[name] = {"ranking": ranking,
-                         "verdicts": [verdict_text(res, a, b) for a, b, res in comparisons],
-                         "comparisons": [{"a": a, "b": b, "diff": res.diff, "lo": res.lo, "hi": res.hi, "n": res.n,
-                                          "decided": res.decided, "interval": interval_text(res)}
-                                         for a, b, res in comparisons]}
+            arms.append((f"{x:g}", role, ROLES[role], losses))
+    for name, roles in (("equal_extra", EQUAL_EXTRA), ("equal_total", EQUAL_TOTAL)):
+        for extra, (ranking, comparisons) in compare_per_extra(arms, roles).items():
+            table[extra][name] = {"ranking": ranking,
+                                  "verdicts": [verdict_text(res, a, b) for a, b, res in comparisons],
+                                  "comparisons": [{"a": a, "b": b, "diff": res.diff, "lo": res.lo, "hi": res.hi,
+                                                   "n": res.n, "decided": res.decided,
+                                                   "interval": interval_text(res)}
+                                                  for a, b, res in comparisons]}
     return {"sweep": cfg.name, "seeds": list(cfg.seeds), "dense_fraction": cfg.dense_fraction, "extra": table}
 
 

@@ -504,7 +504,7 @@ def test_upcycle_sweep_summary_uses_the_paired_rule():
 
 
 def test_stage_tags_name_the_roles():
-    from moe_morpheus.upcycle_sweep import stage_tags
+    from moe_morpheus.report.roles import stage_tags
 
     assert stage_tags("s1/x0.006/upcycled") == {"sweep_role": "upcycled", "sweep_extra": "0.006"}
     assert stage_tags("s12/dense") == {"sweep_role": "dense"}

@@ -28,8 +28,8 @@ from moe_morpheus.report.render import (
     sci,
     write,
 )
-from moe_morpheus.report.stats import MIN_SEEDS, rank_and_compare, verdict_text
-from moe_morpheus.upcycle_sweep import EQUAL_EXTRA
+from moe_morpheus.report.roles import EQUAL_EXTRA, compare_per_extra
+from moe_morpheus.report.stats import MIN_SEEDS, verdict_text
 
 CROSSOVER_GRID = 200
 
@@ -272,11 +272,12 @@ def _equal_extra(runs: pd.DataFrame, points: pd.DataFrame) -> list[str]:
     """Verdicts at equal *extra* compute per extra budget of the staged sweep: dense continued,
     upcycled and scratch (equal extra), the dense stage's compute sunk."""
     losses = analysis.seed_losses(points)
+    tagged = runs[runs["extra"].notna()]
+    # One arm per configuration group, in the order of the runs (ties rank in that order).
+    groups = dict.fromkeys(zip(tagged["extra"], tagged["role"], tagged["group"]))
+    arms = [(extra, role, group, losses.get(group, {})) for extra, role, group in groups]
     out = []
-    tagged = runs[runs["role"].isin(EQUAL_EXTRA) & runs["extra"].notna()]
-    for extra in sorted(set(tagged["extra"]), key=float):
-        groups = list(dict.fromkeys(tagged.loc[tagged["extra"] == extra, "group"]))
-        _, comparisons = rank_and_compare({g: losses.get(g, {}) for g in groups})
+    for extra, (_, comparisons) in compare_per_extra(arms, EQUAL_EXTRA).items():
         out += [f"+{extra}: {v}" for v in _verdicts(comparisons)] or [f"+{extra}: no finished runs to compare."]
     return out
 

@@ -24,7 +24,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from moe_morpheus.report.configs import config_signature, differing_keys, group_labels, sweep_role
-from moe_morpheus.upcycle_sweep import ROLES
+from moe_morpheus.report.roles import ROLES
 
 PARENT_TAG = "mlflow.parentRunId"
 VARIANTS = ("dense", "moe", "upcycled")

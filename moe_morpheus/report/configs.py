@@ -8,7 +8,7 @@ nothing else: not the seeds, and not how a run is executed or logged.
 
 from __future__ import annotations
 
-from moe_morpheus.upcycle_sweep import EXTRA_TAG, ROLE_TAG, stage_tags
+from moe_morpheus.report.roles import EXTRA_TAG, ROLE_TAG, stage_tags
 
 # A configuration is every param (model, data, schedule, budget, starting checkpoint) except:
 # * seeds: every param whose last key component is ``seed`` (trainer.seed, data.seed,
