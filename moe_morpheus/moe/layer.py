@@ -34,6 +34,20 @@ from moe_morpheus.moe.experts import expert_segments
 from moe_morpheus.moe.gates import NaiveGate
 
 
+def routing_stats(load: list[float], dropped: float, routed: float,
+                  losses: tuple[float, float] | None = None) -> dict:
+    """One layer's routing statistics from its (token, slot) counts: ``load`` as given (per
+    global expert; the caller decides whether per forward or summed), ``drop_rate`` = dropped /
+    routed assignments, ``load_max_over_mean`` (1 = balanced; the same for a per-forward mean
+    or a sum), and, given the balance and z-losses per forward, ``balance_loss`` and ``z_loss``."""
+    mean_load = sum(load) / len(load)
+    stats = {"load": load, "drop_rate": dropped / routed if routed else 0.0,
+             "load_max_over_mean": max(load) / mean_load if mean_load else 0.0}
+    if losses is not None:
+        stats.update(balance_loss=losses[0], z_loss=losses[1])
+    return stats
+
+
 def _group_size(group) -> int:
     return dist.get_world_size(group) if group is not None else 1
 
@@ -262,12 +276,15 @@ class FMoE(nn.Module):
         return None if n == 0 else (n, counts, losses)
 
     def pop_stats(self) -> dict | None:
-        """Means over the forwards since the last call (micro-batches), then reset; None if no
-        forward ran. Collective over the slice group: the counts are summed over it, so the
-        stats describe the whole micro-batch, like the balance loss. ``load``: assignments per
-        global expert computed, per forward; ``drop_rate``: fraction of (token, slot)
-        assignments the gate dropped (capacity, or GShard's random routing of the second slot);
-        ``load_max_over_mean``: 1 = balanced."""
+        """This layer's statistics since the last call (micro-batches), then reset; None if no
+        forward ran. For a look at one layer (tests, benchmarks); training logs
+        ``collect_moe_stats``, which uses the same :func:`routing_stats` but sums ``load`` over
+        forwards and ranks instead. Collective over the slice group: the counts are summed over
+        it, so the stats describe the whole micro-batch, like the balance loss. ``load``:
+        assignments kept per global expert, the MEAN per forward (not the sum over forwards);
+        ``drop_rate``: fraction of (token, slot) assignments the gate dropped (capacity, or
+        GShard's random routing of the second slot); ``load_max_over_mean``: 1 = balanced;
+        ``balance_loss``, ``z_loss``: means per forward."""
         taken = self.take_stats()
         if taken is None:
             return None
@@ -275,17 +292,9 @@ class FMoE(nn.Module):
         if self.slice_size > 1:
             dist.all_reduce(counts, group=self.slice_group)
         counts = counts.tolist()
-        load = [c / n for c in counts[: self.tot_expert]]
         dropped, assigned = counts[self.tot_expert:]
-        mean_load = sum(load) / len(load)
-        stats = {
-            "load": load,
-            "drop_rate": dropped / assigned if assigned else 0.0,
-            "load_max_over_mean": max(load) / mean_load if mean_load else 0.0,
-        }
-        if losses is not None:
-            balance, z = (v / n for v in losses.tolist())
-            stats.update(balance_loss=balance, z_loss=z)
+        stats = routing_stats([c / n for c in counts[: self.tot_expert]], dropped, assigned,
+                              None if losses is None else tuple(v / n for v in losses.tolist()))
         if self.faster is not None:
             stats.update(self.faster.pop_stats())
         return stats

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from moe_morpheus.moe.ffn import MoEFeedForward
-from moe_morpheus.moe.layer import FMoE
+from moe_morpheus.moe.layer import FMoE, routing_stats
 
 # Columns of a layer's row after its G per-expert counts (all sums over forwards and ranks).
 COLUMNS = ("dropped", "routed", "balance", "z", "forwards", "loss_forwards")
@@ -74,7 +74,7 @@ def collect_moe_stats(model, group=None, *, num_layers: int = 0, num_experts: in
     model's layer count, and ``num_experts``, the global expert count G). Keys, per MoE layer n
     (its ``layer_number``, else its index among this rank's MoE layers):
     ``moe/layer{n}/load`` (list: (token, slot) assignments kept per global expert, summed over
-    the forwards and ranks), ``/drop_rate`` (dropped / routed assignments),
+    the forwards and ranks; ``FMoE.pop_stats`` gives one layer's mean per forward), ``/drop_rate`` (dropped / routed assignments),
     ``/load_max_over_mean`` (1 = balanced), ``/balance_loss`` and ``/z_loss`` (means per
     forward), FasterMoE's ``/faster/...`` (this rank's); over layers ``moe/balance_loss`` and
     ``moe/z_loss`` (sums, what the aux loss adds) and ``moe/drop_rate`` (mean). Native backend
@@ -100,13 +100,9 @@ def collect_moe_stats(model, group=None, *, num_layers: int = 0, num_experts: in
     out: dict = {}
     totals: dict[str, list[float]] = {"balance_loss": [], "z_loss": [], "drop_rate": []}
     for name, row in layers.items():
-        load = row[: -len(COLUMNS)]
         dropped, routed, balance, z, _, loss_forwards = row[-len(COLUMNS):]
-        mean_load = sum(load) / len(load)
-        stats = {"load": load, "drop_rate": dropped / routed if routed else 0.0,
-                 "load_max_over_mean": max(load) / mean_load if mean_load else 0.0}
-        if loss_forwards:
-            stats.update(balance_loss=balance / loss_forwards, z_loss=z / loss_forwards)
+        stats = routing_stats(row[: -len(COLUMNS)], dropped, routed,
+                              (balance / loss_forwards, z / loss_forwards) if loss_forwards else None)
         stats.update(faster.get(name, {}))
         for key, value in stats.items():
             out[f"moe/layer{name}/{key}"] = value
