@@ -22,7 +22,7 @@ from scipy import stats as scipy_stats
 
 from moe_morpheus.report import analysis, build, figures, render, stats
 from moe_morpheus.report.__main__ import main
-from moe_morpheus.report.collect import Collection, SelectionError, collect, curve_frame
+from moe_morpheus.report.collect import CURVE_PREFIXES, Collection, SelectionError, collect, curve_frame
 from moe_morpheus.report.configs import config_signature, group_labels, sweep_role
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -740,6 +740,23 @@ def test_single_point_curves_have_markers(captured, tmp_path):
     figures.loss_curves(runs, curves, tmp_path / "a.png")
     lines = [ln for ax in captured[0].axes for ln in ax.get_lines() if len(ln.get_xdata()) == 1]
     assert len(lines) == 3 and all(ln.get_marker() == "o" for ln in lines)
+
+
+def test_subset_evaluations_are_drawn_apart_from_full_ones(captured, tmp_path):
+    """Intermediate subset points (valid_subset/loss) are their own dotted curve; the run's
+    drawn curve holds only the full-set points (here the final one, with its marker)."""
+    runs = pd.DataFrame({"variant": ["dense"], "group": ["dense"], "status": ["FINISHED"], "sunk_flops": [0.0],
+                         "unigram_entropy": [np.nan]}, index=["r"])
+    curves = {"r": pd.DataFrame({"tokens_seen": [1e5, 2e5, 3e5], "flops": [1e12, 2e12, 3e12],
+                                 "flops_6nd": [6e11, 1.2e12, 1.8e12], "valid_subset/loss": [6.0, 5.5, np.nan],
+                                 "valid/loss": [np.nan, np.nan, 5.2]})}
+    figures.loss_curves(runs, curves, tmp_path / "a.png")
+    for ax in captured[0].axes:
+        (subset,) = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":" and len(ln.get_ydata()) == 2]
+        assert list(subset.get_ydata()) == [6.0, 5.5]
+        (full,) = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-" and len(ln.get_ydata()) == 1]
+        assert list(full.get_ydata()) == [5.2] and full.get_marker() == "o"
+    assert "valid_subset/" in CURVE_PREFIXES
 
 
 def test_moe_panels_plot_what_training_logs(captured, tmp_path):

@@ -92,8 +92,10 @@ def overview(c: Collection) -> list[Block]:
     sweeps = sorted({s for s in runs["sweep"].dropna()})
     text = (f"{len(runs)} training runs ({by_variant}; {by_status}) from {c.scope}"
             + (f"; sweep(s): {', '.join(sweeps)}" if sweeps else "") + ". "
-            "Losses are validation cross entropy in nats per target token; `valid/loss` is the mean over "
-            f"the validation sets ({', '.join(c.valid_sets) or 'none logged'}).")
+            "Losses are validation cross entropy in nats per target token; `valid/loss` pools the targets of "
+            f"all validation sets ({', '.join(c.valid_sets) or 'none logged'}), so each set weighs by its "
+            "target count. Intermediate points of a run may come from a fixed subset of the sets "
+            "(`trainer.eval_subset`); the final point is always the full sets.")
     return [Para(text)]
 
 
@@ -108,7 +110,7 @@ def curves_section(c: Collection, out: Path) -> list[Block]:
     fig = figures.loss_curves(c.runs, c.curves, out / "loss_curves.png")
     if fig is None:
         return blocks + [Para("No run logged `valid/loss` with `tokens_seen` or `flops`: no curves.")]
-    blocks.append(Figure(fig, "Validation loss (mean over sets) vs tokens, vs detailed FLOPs (upcycled runs "
+    blocks.append(Figure(fig, "Validation loss (per target token, sets pooled) vs tokens, vs detailed FLOPs (upcycled runs "
                               "shifted by their sunk dense FLOPs) and vs 6ND FLOPs. Seeds of a configuration "
                               "share a colour; dashed runs did not finish."))
     if c.valid_sets:

@@ -62,7 +62,9 @@ FINAL_METRICS = {
 # ``target_tokens_seen`` (positions with a loss) and ``valid/loss_se`` (standard error of
 # valid/loss) are absent from older runs: their cells read "-".
 CURVE_KEYS = ("tokens_seen", "target_tokens_seen", "flops", "flops_6nd", "budget_fraction", "train/loss")
-CURVE_PREFIXES = ("valid/", "epochs/", "moe/")
+# valid_subset/: intermediate evaluations on a fixed share of the validation sets
+# (trainer.eval_subset < 1); valid/ holds full-set evaluations only.
+CURVE_PREFIXES = ("valid/", "valid_subset/", "epochs/", "moe/")
 # x axes a validation point is placed on; logged every step, interpolated over the step where a
 # validation step has none of its own.
 X_AXES = ("tokens_seen", "flops", "flops_6nd")

@@ -85,22 +85,27 @@ def _draw_runs(ax, runs, series, colors) -> None:
 def loss_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], path: Path) -> Path | None:
     """Validation loss (per target token, all sets pooled) against tokens, detailed FLOPs (with sunk compute for
     upcycled runs) and 6ND FLOPs, every run overlaid; the corpus unigram entropy dotted (a run
-    learned when its loss is clearly below it)."""
+    learned when its loss is clearly below it). The drawn runs are full-set evaluations
+    (``valid/loss``); where a run evaluated a fixed subset in between (``valid_subset/loss``,
+    ``trainer.eval_subset`` < 1), that curve is thin and dotted in the run's colour."""
     axes_spec = [("tokens_seen", False, "tokens seen"),
                  ("flops", True, "training FLOPs, detailed count (incl. sunk dense FLOPs)"),
                  ("flops_6nd", False, "training FLOPs, 6 N_active D")]
-    panels = [(a, s, label, loss_series(runs, curves, a, add_sunk=s)) for a, s, label in axes_spec]
-    if not any(p[3] for p in panels):
+    panels = [(label, loss_series(runs, curves, a, add_sunk=s),
+               loss_series(runs, curves, a, add_sunk=s, loss_key="valid_subset/loss")) for a, s, label in axes_spec]
+    if not any(full for _, full, _ in panels):
         return None
     colors = group_colors(runs)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
-    for ax, (_, _, label, series) in zip(axes, panels):
+    for ax, (label, series, subset) in zip(axes, panels):
+        for rid, (x, y) in subset.items():
+            ax.plot(x, y, color=colors[runs.loc[rid, "group"]], lw=0.9, ls=":", alpha=0.8)
         _draw_runs(ax, runs, series, colors)
         _log_x(ax, label)
     axes[0].set_ylabel("validation loss (nats/target token, sets pooled)")
     # The y range is the curves'; the unigram entropy is drawn only when inside it (a first
     # validation at ~ln V = 9 nats puts it there), else named, so it cannot squash the curves.
-    ys = np.concatenate([y for p in panels for _, y in p[3].values()])
+    ys = np.concatenate([y for _, full, subset in panels for part in (full, subset) for _, y in part.values()])
     lo, hi = float(ys.min()), float(ys.max())
     pad = 0.05 * (hi - lo) if hi > lo else 0.1
     axes[0].set_ylim(lo - pad, hi + pad)
