@@ -34,7 +34,7 @@ elif int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and not any(
     run_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.environ.get("TORCHELASTIC_RUN_ID", "none"))
     sys.argv.append(f"hydra.run.dir=outputs/${{name}}/torchrun-{run_id}")
 
-from moe_morpheus.experiment import register_configs  # noqa: E402
+from moe_morpheus.config.experiment import register_configs  # noqa: E402
 
 register_configs()
 

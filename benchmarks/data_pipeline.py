@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from moe_morpheus.data.config import DataConfig
+from moe_morpheus.config.data import DataConfig
 from moe_morpheus.data.dataset import batch_iterator, build_data
-from moe_morpheus.data.tokenizer import blend_texts, train_tokenizer
+from moe_morpheus.data.tokenizer_training import blend_texts, train_tokenizer
 
 
 def stand_in_step_ms(batch: dict[str, torch.Tensor], vocab: int = 8192, hidden: int = 256, layers: int = 4,

@@ -253,9 +253,9 @@ def run_case(name: str, steps: int, out: Path) -> None:
     import torch
     import torch.distributed as dist
 
-    from moe_morpheus.budget import flops_per_token
+    from moe_morpheus.config.experiment import compose_experiment
     from moe_morpheus.data import batch_iterator
-    from moe_morpheus.experiment import compose_experiment
+    from moe_morpheus.planning.budget import flops_per_token
     from moe_morpheus.train.trainer import Trainer
 
     case = CASES[name]

@@ -13,7 +13,7 @@ DATA_SEQ_LENGTH = 256
 
 @pytest.fixture(scope="session")
 def demo_tokenizer():
-    from moe_morpheus.data.config import resolve_path
+    from moe_morpheus.config.data import resolve_path
     from moe_morpheus.data.tokenizer import Tokenizer
 
     return Tokenizer(resolve_path("data/tokenizer/demo_8k.model"))
@@ -21,7 +21,7 @@ def demo_tokenizer():
 
 @pytest.fixture(scope="session")
 def demo_data_cfg(tmp_path_factory):
-    from moe_morpheus.data.config import DataConfig
+    from moe_morpheus.config.data import DataConfig
 
     # A pinned data seed: build_data is called without a run to resolve it from.
     return DataConfig(cache_dir=str(tmp_path_factory.mktemp("data_cache")), seed=1234)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from moe_morpheus.budget import (
+from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig
+from moe_morpheus.planning.budget import (
     BudgetConfig,
     ParamCounts,
     chinchilla_tokens,
@@ -11,7 +12,6 @@ from moe_morpheus.budget import (
     param_counts,
     plan_run,
 )
-from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig
 
 
 def tiny():
@@ -177,7 +177,7 @@ def test_plan_run_errors():
 
 
 def test_budget_command_prints_the_30b_preset_without_building_it(capsys):
-    from moe_morpheus.budget import main
+    from moe_morpheus.planning.budget import main
 
     main(["+experiment=dense", "model=morpheus_30b"])
     out = capsys.readouterr().out
@@ -187,13 +187,13 @@ def test_budget_command_prints_the_30b_preset_without_building_it(capsys):
 
 # ---------------------------------------------------------------- expert width on every preset
 def _compose(*overrides):
-    from moe_morpheus.experiment import compose_experiment
+    from moe_morpheus.config.experiment import compose_experiment
 
     return compose_experiment(list(overrides))
 
 
 def _presets() -> list[str]:
-    from moe_morpheus.experiment import CONF_DIR
+    from moe_morpheus.config.experiment import CONF_DIR
 
     return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
@@ -250,7 +250,7 @@ def test_absolute_expert_width_and_its_conflicts():
 
 
 def test_cluster_trainer_comes_with_the_30b_preset_and_the_demo_batch_warns(capsys):
-    from moe_morpheus.budget import main
+    from moe_morpheus.planning.budget import main
 
     assert _compose("+experiment=dense").trainer.global_batch_size == 16  # cpu_demo
     cluster = _compose("+experiment=moe_64e", "model=morpheus_30b").trainer

@@ -165,11 +165,11 @@ def bad_inputs(directory: str) -> dict:
     from moe_morpheus.train.checkpoint import (
         Checkpointer,
         CheckpointError,
-        complete_checkpoints,
         load_model_weights,
         newest_valid,
         verify_checkpoint,
     )
+    from moe_morpheus.train.checkpoint.store import complete_checkpoints
     from moe_morpheus.train.guards import Guards
 
     root = Path(directory)
@@ -294,7 +294,7 @@ def test_an_old_recorded_config_merges_into_the_current_schema():
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigKeyError
 
-    from moe_morpheus.experiment import ExperimentConfig
+    from moe_morpheus.config.experiment import ExperimentConfig
     from moe_morpheus.train.checkpoint import recorded_config
 
     old = {"model": {"norm": "pre_ln"}, "moe": {"num_experts": 8, "expert_hidden_size": 192},

@@ -9,9 +9,10 @@ import warnings
 import numpy as np
 import pytest
 
-from moe_morpheus.data.config import SourceConfig
+from moe_morpheus.config.data import SourceConfig
 from moe_morpheus.data.corpus import Corpus, DataError, build_corpus
-from moe_morpheus.data.tokenizer import EOS_ID, train_tokenizer
+from moe_morpheus.data.tokenizer import EOS_ID
+from moe_morpheus.data.tokenizer_training import train_tokenizer
 
 DOCS = ["First document. 第一篇文档。", "Second one,\nwith two lines.", "三国演义 第一回"]
 

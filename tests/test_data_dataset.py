@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moe_morpheus.config import ConfigError
-from moe_morpheus.data.config import DataConfig, SourceConfig, resolve_path
+from moe_morpheus.config.data import DataConfig, SourceConfig, resolve_path
 from moe_morpheus.data.dataset import batch_iterator, build_data, unigram_cross_entropy
 from moe_morpheus.data.infilling import ROW_KEYS, attention_mask
 from moe_morpheus.data.mip import TEMPLATES
@@ -148,7 +148,7 @@ def _digest(data, indices):
 
 def test_same_rows_in_a_new_process(demo_data, demo_data_cfg):
     script = (
-        "from moe_morpheus.data.config import DataConfig\n"
+        "from moe_morpheus.config.data import DataConfig\n"
         "from moe_morpheus.data.dataset import build_data\n"
         "from tests.test_data_dataset import _digest\n"
         f"data = build_data(DataConfig(cache_dir={demo_data_cfg.cache_dir!r}, seed={demo_data_cfg.seed}), {SEQ}, "

@@ -9,8 +9,9 @@ import json
 import pytest
 import sentencepiece as spm
 
+from moe_morpheus.config.data import DataConfig, resolve_path
 from moe_morpheus.data import tokenizer as T
-from moe_morpheus.data.config import DataConfig, resolve_path
+from moe_morpheus.data import tokenizer_training as TT
 
 MIXED = [
     "话说天下大势，分久必合，合久必分。 Emma Woodhouse, handsome, clever, and rich.",
@@ -58,7 +59,7 @@ def test_chinese_is_compressed(demo_tokenizer):
 
 def test_train_small_tokenizer(tmp_path):
     texts = ["The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。"] * 50
-    tok = T.train_tokenizer(texts, tmp_path / "t.model", vocab_size=T.MIN_VOCAB_SIZE)
+    tok = TT.train_tokenizer(texts, tmp_path / "t.model", vocab_size=T.MIN_VOCAB_SIZE)
     assert [tok.id_to_piece(i) for i in range(8)] == list(T.SPECIAL_PIECES.values())
     assert tok.decode(tok.encode(texts[0])) == texts[0]
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically
@@ -66,10 +67,10 @@ def test_train_small_tokenizer(tmp_path):
 
 def test_vocab_too_small(tmp_path):
     with pytest.raises(T.TokenizerError, match=r"vocab_size=100 is too small.*special tokens.*byte"):
-        T.train_tokenizer(["some text"], tmp_path / "t.model", vocab_size=100)
+        TT.train_tokenizer(["some text"], tmp_path / "t.model", vocab_size=100)
     # Big enough for our check but more than SentencePiece can fill from 9 characters.
     with pytest.raises(T.TokenizerError, match="SentencePiece could not train a vocabulary of 5000"):
-        T.train_tokenizer(["some text"], tmp_path / "t.model", vocab_size=5000)
+        TT.train_tokenizer(["some text"], tmp_path / "t.model", vocab_size=5000)
 
 
 def test_foreign_model_and_missing_file(tmp_path):
@@ -87,7 +88,7 @@ def test_blend_follows_weights():
     cfg = DataConfig()
     shares = cfg.tokenizer_shares()
     assert shares == pytest.approx({"en": 0.45, "zh": 0.315, "parallel": 0.235})
-    texts = T.blend_texts(cfg, max_chars=200_000)
+    texts = TT.blend_texts(cfg, max_chars=200_000)
     assert 0.99 * 200_000 <= sum(map(len, texts)) <= 200_000
     zh = sum(len(t) for t in texts if any("\u4e00" <= c <= "\u9fff" for c in t[:50]))
     assert zh > 0.3 * 200_000  # Sanguo plus the Chinese halves of the pairs
@@ -95,10 +96,10 @@ def test_blend_follows_weights():
 
 def test_train_command(tmp_path, capsys):
     out = tmp_path / "cli.model"
-    T.main(["train", "--config", str(resolve_path("conf/data/demo.yaml")), "--vocab-size", "3000",
-            "--max-chars", "60000", "--output", str(out)])
+    TT.main(["--config", str(resolve_path("conf/data/demo.yaml")), "--vocab-size", "3000",
+             "--max-chars", "60000", "--output", str(out)])
     tok = T.Tokenizer(out)
     assert tok.vocab_size == 3000 and "vocab 3000" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        T.main(["train", "--vocab-size", "100", "--output", str(out)])
+        TT.main(["--vocab-size", "100", "--output", str(out)])
     assert "vocab_size=100 is too small" in capsys.readouterr().err

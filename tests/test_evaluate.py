@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moe_morpheus.data.tokenizer import GMASK_ID
-from moe_morpheus.evaluate import cloze_accuracy, cloze_items, segments, translation_scores
+from moe_morpheus.inference.evaluate import cloze_accuracy, cloze_items, segments, translation_scores
 
 
 def row_of(pairs: list[tuple[list[int], list[int]]], seq: int = 64) -> dict:
@@ -76,7 +76,7 @@ def test_cloze_items_and_accuracy(demo_tokenizer):
 
 def test_validation_losses_are_deterministic(demo_data):
     from moe_morpheus.config import ModelConfig, ParallelConfig
-    from moe_morpheus.evaluate import validation_losses
+    from moe_morpheus.inference.evaluate import validation_losses
     from moe_morpheus.model import build_model
     from moe_morpheus.parallel import initialize
 

@@ -25,7 +25,7 @@ def _save_and_logits(directory: str):
     from megatron.core import parallel_state
     from omegaconf import OmegaConf
 
-    from moe_morpheus.experiment import ExperimentConfig
+    from moe_morpheus.config.experiment import ExperimentConfig
     from moe_morpheus.model import build_model
     from moe_morpheus.moe import set_aux_loss_scale
     from moe_morpheus.parallel import initialize
@@ -56,8 +56,8 @@ def _save_and_logits(directory: str):
 
 
 def test_export_reproduces_training_logits(tmp_path):
-    from moe_morpheus.export import main
-    from moe_morpheus.reference_model import ReferenceGLM, read_safetensors
+    from moe_morpheus.inference.export import main
+    from moe_morpheus.inference.reference_model import ReferenceGLM, read_safetensors
 
     path, logits, batch = run_distributed(_save_and_logits, 2, str(tmp_path / "ckpt"))[0]
     out = tmp_path / "export"
@@ -80,7 +80,7 @@ def test_reference_refuses_a_post_ln_export_of_the_old_block_order():
     (the same block in both formats) are read."""
     import pytest
 
-    from moe_morpheus.reference_model import FORMAT, ReferenceGLM
+    from moe_morpheus.inference.reference_model import FORMAT, ReferenceGLM
 
     assert FORMAT == "moe_morpheus-glm-v2"
     for norm in ("deepnorm", "deepnet"):
@@ -91,8 +91,8 @@ def test_reference_refuses_a_post_ln_export_of_the_old_block_order():
 
 
 def test_safetensors_layout_follows_the_format(tmp_path):
-    from moe_morpheus.export import write_safetensors
-    from moe_morpheus.reference_model import read_safetensors
+    from moe_morpheus.inference.export import write_safetensors
+    from moe_morpheus.inference.reference_model import read_safetensors
 
     tensors = {"b": torch.arange(6, dtype=torch.float32).view(2, 3), "a": torch.tensor([7], dtype=torch.int64),
                "e": torch.zeros(0)}
@@ -115,7 +115,7 @@ def test_safetensors_layout_follows_the_format(tmp_path):
 
 
 def test_export_usage_and_bad_checkpoint(tmp_path, capsys):
-    from moe_morpheus.export import main
+    from moe_morpheus.inference.export import main
 
     assert main([]) == 2
     assert main([str(tmp_path), str(tmp_path / "out")]) == 1

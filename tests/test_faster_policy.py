@@ -15,7 +15,7 @@ from moe_morpheus.config import ConfigError, FasterMoEConfig
 from moe_morpheus.moe.faster import Costs, TopologyGate, decide_shadow, predict_latency, predict_schedule
 from moe_morpheus.moe.faster.policy import step_groups
 from moe_morpheus.moe.faster.stats import FasterStats
-from moe_morpheus.moe.gates import gate_class
+from moe_morpheus.moe.ffn import gate_class
 
 # D = F = 1024 GeGLU expert: 3 * D * F parameters, fp32.
 P = 3 * 1024 * 1024

@@ -8,7 +8,7 @@ import torch
 
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
 from moe_morpheus.data.tokenizer import EOP_ID, EOS_ID, GMASK_ID, MASK_ID
-from moe_morpheus.generate import GenerationError, Generator, Sampling, _filter
+from moe_morpheus.inference.generate import GenerationError, Generator, Sampling, _filter
 from tests.distributed import run_distributed
 
 MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=300, seq_length=96)

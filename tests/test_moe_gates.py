@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from moe_morpheus.moe.gates import GShardGate, NaiveGate, NoisyGate, SwitchGate, gate_class
+from moe_morpheus.moe.ffn import gate_class
+from moe_morpheus.moe.gates import GShardGate, NaiveGate, NoisyGate, SwitchGate
 
 
 def balance_formula(probs_TG, idx_TK):

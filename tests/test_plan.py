@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
-from moe_morpheus.plan import (
+from moe_morpheus.planning.plan import (
     GB,
     Layout,
     Workload,
@@ -38,7 +38,7 @@ def _measure(model_kwargs, moe, recompute):
     and the bytes of parameters, main_grad buffers and AdamW state."""
     from moe_morpheus.model import build_model
     from moe_morpheus.parallel import initialize
-    from moe_morpheus.plan import SavedActivations
+    from moe_morpheus.planning.plan import SavedActivations
     from moe_morpheus.train.optim import Optimizer
     from moe_morpheus.train.step import MODEL_INPUTS, forward_backward, wrap_ddp
 
@@ -77,7 +77,7 @@ def test_planner_matches_measured_memory(case):
 
 
 def _30b(moe: MoEConfig | None = None):
-    from moe_morpheus.experiment import compose_experiment
+    from moe_morpheus.config.experiment import compose_experiment
 
     exp = compose_experiment(["+experiment=dense", "model=morpheus_30b"])
     return exp.model, moe
@@ -140,7 +140,7 @@ def test_cli_reports_layout_and_fit(capsys):
 
 
 def test_saved_activations_excludes_parameters():
-    from moe_morpheus.plan import SavedActivations
+    from moe_morpheus.planning.plan import SavedActivations
 
     weight = torch.randn(3, 3, requires_grad=True)
     with SavedActivations(exclude=[weight]) as saved:
@@ -152,8 +152,8 @@ def test_saved_activations_excludes_parameters():
 def test_plan_counts_the_experiments_parameters_as_the_budget_does(experiment):
     # The planner's per-GPU inventory (one GPU, no split) against the budget's independent count:
     # both must build experts of the resolved width (granularity 2: 9600 on morpheus_30b).
-    from moe_morpheus.budget import param_counts
-    from moe_morpheus.experiment import compose_experiment
+    from moe_morpheus.config.experiment import compose_experiment
+    from moe_morpheus.planning.budget import param_counts
 
     exp = compose_experiment([f"+experiment={experiment}", "model=morpheus_30b"])
     moe = exp.moe if exp.moe.enabled else None

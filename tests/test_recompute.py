@@ -24,7 +24,7 @@ def _run(mode: str):
     from moe_morpheus.model import build_model
     from moe_morpheus.moe import collect_moe_stats, set_aux_loss_scale
     from moe_morpheus.parallel import initialize
-    from moe_morpheus.plan import SavedActivations
+    from moe_morpheus.planning.plan import SavedActivations
     from moe_morpheus.train.step import MODEL_INPUTS, forward_backward, wrap_ddp
 
     model_cfg = ModelConfig(**MODEL)
@@ -78,7 +78,7 @@ def test_recompute_keeps_less_activation_memory(results):
 
 
 def test_saved_activations_counts_each_storage_once():
-    from moe_morpheus.plan import SavedActivations
+    from moe_morpheus.planning.plan import SavedActivations
 
     weight = torch.randn(8, 8, requires_grad=True)
     x = torch.randn(4, 8, requires_grad=True)

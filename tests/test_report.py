@@ -176,7 +176,7 @@ def store(tmp_path_factory):
                                         "trainer.progress": str(s == 1)})
                         for s in SEEDS] for n in (20, 30)}
 
-    # The staged upcycling sweep (moe_morpheus/upcycle_sweep.py): per seed a dense stage, then per
+    # The staged upcycling sweep (moe_morpheus/upcycle/sweep.py): per seed a dense stage, then per
     # extra budget dense continued, upcycled, scratch (equal extra) and scratch (equal total). The
     # driver's role tags are on every run but the dense stages (older runs: read from the run name).
     exp = experiment("upcycle")
@@ -480,7 +480,7 @@ def test_rank_and_compare_pairs_the_best_with_each_rival():
 
 
 def test_upcycle_sweep_summary_uses_the_paired_rule():
-    from moe_morpheus.upcycle_sweep import format_summary, load_config, summarize
+    from moe_morpheus.upcycle.sweep import format_summary, load_config, summarize
 
     cfg = load_config(["seeds=[1,2,3,4]", "extra_fractions=[0.006]"])
     loss = {"dense_continued": 6.0, "upcycled": 5.9, "scratch_extra": 7.0, "scratch_total": 5.95}

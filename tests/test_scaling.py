@@ -7,7 +7,7 @@ import pytest
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
-from moe_morpheus.scaling import (
+from moe_morpheus.report.scaling import (
     CHINCHILLA_CSV,
     ChinchillaFit,
     fit_chinchilla,

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from moe_morpheus.config import ModelConfig, MoEConfig, TrainerConfig
+from moe_morpheus.config import ModelConfig, MoEConfig, TrainerConfig, UpcycleConfig, UpcycleError
+from moe_morpheus.config.experiment import ExperimentConfig, Seeds, compose_experiment
 from moe_morpheus.data.dataset import DataError, build_data
-from moe_morpheus.experiment import ExperimentConfig, Seeds, compose_experiment
-from moe_morpheus.upcycle import UpcycleConfig, UpcycleError, upcycle_ffn
+from moe_morpheus.upcycle.convert import upcycle_ffn
 from tests.conftest import DATA_SEQ_LENGTH
 
 MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
@@ -34,7 +34,7 @@ def test_trainer_seed_drives_every_seed_unless_pinned():
 def test_sweeps_vary_all_seeds_through_trainer_seed(tmp_path):
     """The shipped configs leave data.seed / upcycle.seed null, and the staged upcycling sweep
     passes only trainer.seed: a seed of any sweep changes all three."""
-    from moe_morpheus.upcycle_sweep import load_config, plan
+    from moe_morpheus.upcycle.sweep import load_config, plan
 
     for experiment in ("dense", "moe_8e", "upcycle_64e"):
         assert compose_experiment([f"+experiment={experiment}", "trainer.seed=3"]).seeds == Seeds(3, 3, 3)

@@ -25,22 +25,19 @@ from mlflow.protos.databricks_pb2 import (
 )
 from omegaconf import OmegaConf
 
-from moe_morpheus import tracking
-from moe_morpheus.tracking import (
+from moe_morpheus.tracking.names import (
     PARENT_RUN_ENV,
     PARENT_RUN_FILE,
     TRUNCATION_MARKER,
-    MLflowSweepCallback,
-    Tracker,
     TrackingUnreachableError,
     TrackingWarning,
-    check_reachable,
     flatten_config,
     git_commit,
-    parent_run_id,
     resolve_uri,
     run_tags,
 )
+from moe_morpheus.tracking.sweep_callback import MLflowSweepCallback, parent_run_id
+from moe_morpheus.tracking.tracker import Tracker, check_reachable, is_permanent
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -324,7 +321,8 @@ APP = """
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
-from moe_morpheus.tracking import Tracker, parent_run_id
+from moe_morpheus.tracking.sweep_callback import parent_run_id
+from moe_morpheus.tracking.tracker import Tracker
 
 @hydra.main(version_base="1.3", config_path=".", config_name="cfg")
 def main(cfg):
@@ -355,7 +353,7 @@ def test_hydra_multirun_with_failing_job_ends_parent_failed(tmp_path, store, exp
                 dir: {tmp_path / "multirun"}
               callbacks:
                 mlflow_sweep:
-                  _target_: moe_morpheus.tracking.MLflowSweepCallback
+                  _target_: moe_morpheus.tracking.sweep_callback.MLflowSweepCallback
                   name: fail_sweep
                   experiment: {experiment}
                   uri: {store}
@@ -393,8 +391,8 @@ def test_rejected_run_creation_drops_records_with_warning(tmp_path, store, exper
 
 
 def test_is_permanent_classifies_errors():
-    assert tracking._is_permanent(MlflowException("bad", error_code=INVALID_PARAMETER_VALUE))
-    assert tracking._is_permanent(MlflowException("deleted run", error_code=INVALID_STATE))
-    assert not tracking._is_permanent(MlflowException("down", error_code=INTERNAL_ERROR))
-    assert not tracking._is_permanent(MlflowException("slow", error_code=REQUEST_LIMIT_EXCEEDED))
-    assert not tracking._is_permanent(ConnectionError("down"))
+    assert is_permanent(MlflowException("bad", error_code=INVALID_PARAMETER_VALUE))
+    assert is_permanent(MlflowException("deleted run", error_code=INVALID_STATE))
+    assert not is_permanent(MlflowException("down", error_code=INTERNAL_ERROR))
+    assert not is_permanent(MlflowException("slow", error_code=REQUEST_LIMIT_EXCEEDED))
+    assert not is_permanent(ConnectionError("down"))

@@ -76,12 +76,12 @@ def test_moe_64e_three_steps_logs_an_mlflow_run(tmp_path):
 
     # The run's checkpoint generates in both languages and evaluates (issue 10's commands).
     checkpoints = outputs[0] / "checkpoints"
-    generated = module(tmp_path, "moe_morpheus.generate", "--checkpoint", str(checkpoints), "--max-new-tokens", "8",
+    generated = module(tmp_path, "moe_morpheus.inference.generate", "--checkpoint", str(checkpoints), "--max-new-tokens", "8",
                        "--prompt", "It is a truth universally acknowledged that", "--prompt", "天下大势，[MASK]久必合。")
     assert ">>> It is a truth universally acknowledged that" in generated and ">>> 天下大势" in generated
-    evaluated = module(tmp_path, "moe_morpheus.evaluate", "--checkpoint", str(checkpoints), "--items", "2")
+    evaluated = module(tmp_path, "moe_morpheus.inference.evaluate", "--checkpoint", str(checkpoints), "--items", "2")
     assert "valid/zh_gmask/perplexity" in evaluated and "eval/mip_heldout/chrf" in evaluated
-    missing = module(tmp_path, "moe_morpheus.generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x",
+    missing = module(tmp_path, "moe_morpheus.inference.generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x",
                      check=False)
     assert "does not exist: pass a run's checkpoints folder" in missing
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from moe_morpheus.budget import param_counts
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
+from moe_morpheus.planning.budget import param_counts
 from tests.distributed import run_distributed
 from tests.synthetic import micro_batches
 from tests.test_backbone_parallel import full_gradients, relative_error

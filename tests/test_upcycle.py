@@ -1,4 +1,4 @@
-"""Dense -> MoE upcycling (moe_morpheus/upcycle.py): function preservation of copy and
+"""Dense -> MoE upcycling (moe_morpheus/upcycle/convert.py): function preservation of copy and
 virtual_group (logits, relative 1e-5 fp32) in a world of one and across a layout change
 (dense TP=2 -> MoE TP=1 x EP=2), he_scaling's step-0 loss, Drop-Upcycling's exact fraction,
 and the bad inputs."""
@@ -11,14 +11,9 @@ import pytest
 import torch
 
 from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
-from moe_morpheus.upcycle import (
-    UpcycleConfig,
-    UpcycleError,
-    granularity,
-    load_dense,
-    resolve_source,
-    upcycle_ffn,
-)
+from moe_morpheus.config.upcycle import UpcycleConfig, UpcycleError, granularity
+from moe_morpheus.upcycle.convert import upcycle_ffn
+from moe_morpheus.upcycle.load import load_dense, resolve_source
 from tests.distributed import run_distributed
 from tests.synthetic import micro_batches
 from tests.test_backbone_parallel import relative_error
@@ -57,7 +52,7 @@ def _dense_checkpoint(directory: str, tp: int):
     """A dense model of seed 3 saved at TP=tp with a trainer state; returns (path, logits, batch)."""
     from omegaconf import OmegaConf
 
-    from moe_morpheus.experiment import ExperimentConfig
+    from moe_morpheus.config.experiment import ExperimentConfig
     from moe_morpheus.model import build_model
     from moe_morpheus.parallel import initialize
     from moe_morpheus.train.checkpoint import TrainState, layout, model_shape, save_checkpoint
@@ -77,10 +72,11 @@ def _dense_checkpoint(directory: str, tp: int):
 
 
 def _upcycled_logits(source, mode: str, parallel: ParallelConfig, batch):
-    from moe_morpheus.experiment import ExperimentConfig
+    from moe_morpheus.config import InitConfig
+    from moe_morpheus.config.experiment import ExperimentConfig
     from moe_morpheus.model import build_model
     from moe_morpheus.parallel import initialize
-    from moe_morpheus.upcycle import InitConfig, upcycle_into
+    from moe_morpheus.upcycle.load import upcycle_into
 
     moe, options = TARGETS[mode]
     exp = ExperimentConfig(model=ModelConfig(**MODEL), moe=MoEConfig(layer_freq=1, **moe), parallel=parallel,
@@ -136,7 +132,8 @@ def _decisions_of_an_upcycled_model():
     from moe_morpheus.parallel import initialize
     from moe_morpheus.parallel.gather import gather_full
     from moe_morpheus.train.optim import decay_decisions
-    from moe_morpheus.upcycle import load_whole, upcycle_tensors
+    from moe_morpheus.upcycle.convert import upcycle_tensors
+    from moe_morpheus.upcycle.load import load_whole
 
     model_cfg = ModelConfig(**{**MODEL, "num_layers": 4})
     moe_cfg = MoEConfig(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=None)
@@ -253,7 +250,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
 def test_sweep_plan_equal_extra_and_equal_total_compute(tmp_path):
     from moe_morpheus.config import ConfigError
-    from moe_morpheus.upcycle_sweep import load_config, plan
+    from moe_morpheus.upcycle.sweep import load_config, plan
 
     cfg = load_config([f"output_dir={tmp_path}", "seeds=[3]", "extra_fractions=[0.006]"])
     stages = {s.key: s.args for s in plan(cfg)}

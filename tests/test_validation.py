@@ -13,7 +13,7 @@ import pytest
 
 from moe_morpheus.data.tokenizer import MASK_ID
 from moe_morpheus.data.validation import STRATUM_SHIFT, unit_stratum
-from moe_morpheus.evaluate import cluster_se
+from moe_morpheus.inference.evaluate import cluster_se
 from tests.distributed import run_distributed
 
 SEQ = 64
@@ -78,7 +78,7 @@ def _validation_run(valid: dict, micro_batch_sizes: list[int], moe: dict | None,
     from megatron.core import parallel_state
 
     from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
-    from moe_morpheus.evaluate import validation_losses
+    from moe_morpheus.inference.evaluate import validation_losses
     from moe_morpheus.model import build_model
     from moe_morpheus.parallel import initialize
     from moe_morpheus.train.step import MODEL_INPUTS, wrap_ddp
@@ -145,7 +145,7 @@ def test_same_validation_at_dp1_and_dp2_and_any_micro_batch(small_valid, moe):
 def test_the_logged_unigram_baseline_is_pooled_like_valid_loss():
     from moe_morpheus.data.dataset import unigram_cross_entropy
     from moe_morpheus.data.validation import RowsDataset
-    from moe_morpheus.evaluate import pooled_unigram
+    from moe_morpheus.inference.evaluate import pooled_unigram
 
     rng = np.random.default_rng(0)
     unigram = rng.dirichlet(np.ones(50))
@@ -166,7 +166,7 @@ def test_the_logged_unigram_baseline_is_pooled_like_valid_loss():
 
 
 def test_subset_evaluations_have_their_own_metric_names():
-    from moe_morpheus.evaluate import Validation
+    from moe_morpheus.inference.evaluate import Validation
 
     valid = Validation(2.0, 0.01, 100, {"en_mask": (2.5, 0.02, 40), "zh_mask": (1.6, 0.02, 60)})
     full, subset = valid.metrics(), valid.metrics("valid_subset")

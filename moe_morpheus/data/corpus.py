@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from moe_morpheus.data.config import SourceConfig
+from moe_morpheus.config.data import SourceConfig
 from moe_morpheus.data.tokenizer import EOS_ID, Tokenizer
 
 # Bump when the on-disk layout or the reading rules change: old caches are then rebuilt.

@@ -36,7 +36,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from moe_morpheus.data.config import DataConfig, resolve_path
+from moe_morpheus.config.data import DataConfig, resolve_path
 from moe_morpheus.data.corpus import Corpus, DataError, build_corpus
 from moe_morpheus.data.infilling import ROW_KEYS
 from moe_morpheus.data.mip import MipTemplates
@@ -237,7 +237,7 @@ def batch_iterator(dataset, *, global_batch_size: int, micro_batch_size: int, dp
     start + (g + 1) * GBS); rank r reads its contiguous 1/dp_size of it, micro-batch by
     micro-batch, so the global stream does not depend on dp_size and ranks never overlap.
     ``start_sample`` = samples consumed so far (resume). Endless, as the training stream
-    (validation sets are evaluated by moe_morpheus.evaluate.validation_losses, whole)."""
+    (validation sets are evaluated by moe_morpheus.inference.evaluate.validation_losses, whole)."""
     if global_batch_size % (micro_batch_size * dp_size) != 0:
         raise ValueError(f"global_batch_size={global_batch_size} must be a multiple of "
                          f"micro_batch_size x dp_size = {micro_batch_size} x {dp_size}")

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from moe_morpheus.data.config import DataConfig
+from moe_morpheus.config.data import DataConfig
 from moe_morpheus.data.corpus import Corpus, DataError
 from moe_morpheus.data.infilling import (
     Sample,

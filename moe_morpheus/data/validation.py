@@ -20,7 +20,7 @@ evaluation cost, -4% standard error), because the targets of one text are correl
 **Units.** The [MASK] and [gMASK] sets of one source, and ``mip_heldout`` and the parallel
 source's sets, share text, and neighbouring tokens of one text are correlated. Each packed
 segment records its *unit*: the split chunk (``split_chunk_tokens`` of one document; a whole
-pair for parallel sources) its text starts in. moe_morpheus.evaluate computes standard errors
+pair for parallel sources) its text starts in. moe_morpheus.inference.evaluate computes standard errors
 with units, not tokens, as the independent draws (0.0083 nats for the sets above: about 1.7x
 the per-token figure).
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_morpheus.data.config import DataConfig
+from moe_morpheus.config.data import DataConfig
 from moe_morpheus.data.streams import GMASK, MASK, MIP, MipStream, Stream, TextStream, name_key, seeded_rng
 
 

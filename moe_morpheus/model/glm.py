@@ -249,7 +249,7 @@ class GLMModel(LanguageModule):
         ``targets`` are given, logits [b, s, vocab / tp] on the last stage otherwise, and the
         hidden states [s, b, h] on other stages.
 
-        Generation (moe_morpheus.generate) passes ``kv_caches``, one dict per layer: the new
+        Generation (moe_morpheus.inference.generate) passes ``kv_caches``, one dict per layer: the new
         tokens attend to the cached ones too. ``segment_ids`` None means every new token may
         attend to every cached token and to itself (a decoding step after the context)."""
         hidden = self.embedding(tokens) if self.pre_process else self.input_tensor

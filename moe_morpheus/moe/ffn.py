@@ -20,8 +20,19 @@ from torch import nn
 from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig
 from moe_morpheus.moe.experts import GeGLUExperts
 from moe_morpheus.moe.faster import FasterMoE
-from moe_morpheus.moe.gates import gate_class
+from moe_morpheus.moe.faster.gate import TopologyGate
+from moe_morpheus.moe.gates import BaseGate, GShardGate, NaiveGate, NoisyGate, SwitchGate
 from moe_morpheus.moe.layer import FMoE
+
+GATES = {"naive": NaiveGate, "noisy": NoisyGate, "gshard": GShardGate, "switch": SwitchGate,
+         "faster": TopologyGate}
+
+
+def gate_class(name: str) -> type[BaseGate]:
+    """The gate class of ``moe.gate`` (``faster``: FasterMoE's topology-aware gate)."""
+    if name not in GATES:
+        raise ValueError(f"moe.gate={name!r} has no native gate here; choose one of {sorted(GATES)}")
+    return GATES[name]
 
 
 class AuxLossInjector(torch.autograd.Function):

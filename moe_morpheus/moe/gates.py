@@ -221,19 +221,3 @@ class SwitchGate(NaiveGate):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.switch_eps, 1 + self.switch_eps)
         idx_TK, score_TK = self.route(self.gate(x_TD), scores_are_probs=True)
         return self.apply_capacity(idx_TK, score_TK), score_TK.to(x_TD.dtype)
-
-
-GATES = {"naive": NaiveGate, "noisy": NoisyGate, "gshard": GShardGate, "switch": SwitchGate}
-
-
-def gate_class(name: str) -> type[BaseGate]:
-    """The gate for ``moe.gate``; ``faster`` is FasterMoE's topology-aware gate
-    (:class:`moe_morpheus.moe.faster.TopologyGate`, imported here on demand: it builds on
-    this module)."""
-    if name == "faster":
-        from moe_morpheus.moe.faster.gate import TopologyGate
-
-        return TopologyGate
-    if name not in GATES:
-        raise ValueError(f"moe.gate={name!r} has no native gate here; choose one of {sorted(GATES) + ['faster']}")
-    return GATES[name]

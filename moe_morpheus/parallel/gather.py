@@ -17,6 +17,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model chunk inside a DDP wrapper (or the chunk itself)."""
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
 def global_name(module: torch.nn.Module, name: str) -> str:
     parts = name.split(".")
     if parts[0] == "layers":
@@ -37,7 +42,7 @@ def gather_full(chunks, tensor_of: Callable[[torch.nn.Parameter], torch.Tensor])
     tp, ep = dist.get_world_size(tp_group), dist.get_world_size(ep_group)
     out = {}
     for chunk in chunks:
-        module = chunk.module if hasattr(chunk, "module") else chunk
+        module = unwrap(chunk)
         for name, param in module.named_parameters():
             if name.startswith("output_layer"):
                 continue

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moe_morpheus.report.build import make_report
 from moe_morpheus.report.collect import SelectionError, collect
-from moe_morpheus.tracking import resolve_uri
+from moe_morpheus.tracking.names import resolve_uri
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

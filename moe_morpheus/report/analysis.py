@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from moe_morpheus.report.scaling import ChinchillaFit, fit_chinchilla
 from moe_morpheus.report.stats import PairedResult, rank_and_compare
-from moe_morpheus.scaling import ChinchillaFit, fit_chinchilla
 
 # Scaling-fit requirements (issue 9): five parameters need >= 5 runs, and alpha is only
 # identified when N varies over >= 3 distinct sizes.

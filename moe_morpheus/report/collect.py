@@ -256,7 +256,7 @@ def run_row(run: Run, curves: pd.DataFrame, valid_sets: list[str]) -> dict:
         series = curves.get(f"valid/{name}/loss", pd.Series(dtype=float)).dropna()
         row[f"final:{name}"] = series.iloc[-1] if len(series) else np.nan
         row[f"best:{name}"] = series.min() if len(series) else np.nan
-    # Zero-shot task metrics (moe_morpheus.evaluate) as of the run's last evaluation.
+    # Zero-shot task metrics (moe_morpheus.inference.evaluate) as of the run's last evaluation.
     row["eval"] = {k[len("eval/"):]: v for k, v in metrics.items() if k.startswith("eval/")}
     epochs = {k[len("epochs/"):]: curves[k].max() for k in curves if k.startswith("epochs/")}
     row["epochs"] = epochs

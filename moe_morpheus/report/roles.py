@@ -1,4 +1,4 @@
-"""The roles of the staged upcycling sweep (``moe_morpheus.upcycle_sweep``) and how their arms
+"""The roles of the staged upcycling sweep (``moe_morpheus.upcycle.sweep``) and how their arms
 are compared: shared by the sweep driver, which tags and summarises its runs, and by the report,
 which reads the tags back.
 

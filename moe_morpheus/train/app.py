@@ -55,7 +55,7 @@ def _torchrun(nproc: int, output_dir: Path, parent_run_id: str | None) -> float:
     ]
     env = dict(os.environ)
     if parent_run_id:
-        from moe_morpheus.tracking import PARENT_RUN_ENV
+        from moe_morpheus.tracking.names import PARENT_RUN_ENV
 
         env[PARENT_RUN_ENV] = parent_run_id
     print("launching: " + " ".join(command), flush=True)
@@ -67,8 +67,10 @@ def _torchrun(nproc: int, output_dir: Path, parent_run_id: str | None) -> float:
 def run(cfg: DictConfig) -> float:
     # Megatron-Core logs every parameter's bucket at INFO; keep the console for the run itself.
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    from moe_morpheus.experiment import to_experiment
-    from moe_morpheus.tracking import TrackingUnreachableError, check_reachable, parent_run_id, resolve_uri
+    from moe_morpheus.config.experiment import to_experiment
+    from moe_morpheus.tracking.names import TrackingUnreachableError, resolve_uri
+    from moe_morpheus.tracking.sweep_callback import parent_run_id
+    from moe_morpheus.tracking.tracker import check_reachable
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)

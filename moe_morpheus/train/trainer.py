@@ -1,8 +1,8 @@
 """The training loop: data, model, optimiser and schedule put together for one run.
 
 Side concerns stay outside the loop body: MLflow goes through
-:class:`~moe_morpheus.train.run_log.RunLogger` (rank 0 only), expert load through
-:class:`~moe_morpheus.train.run_log.MoELoad`,
+:class:`~moe_morpheus.tracking.run_log.RunLogger` (rank 0 only), expert load through
+:class:`~moe_morpheus.tracking.run_log.MoELoad`,
 throughput through :class:`Throughput`; the loop itself is ``_train_step`` + ``evaluate``.
 """
 
@@ -22,20 +22,20 @@ from megatron.core import parallel_state
 from omegaconf import OmegaConf
 
 from moe_morpheus import parallel as mm_parallel
-from moe_morpheus.budget import RunPlan, format_budget, param_counts, plan_run
 from moe_morpheus.config import ConfigError
+from moe_morpheus.config.experiment import ExperimentConfig
 from moe_morpheus.data import batch_iterator, build_data
-from moe_morpheus.experiment import ExperimentConfig
 from moe_morpheus.model import build_model
+from moe_morpheus.planning.budget import RunPlan, format_budget, param_counts, plan_run
+from moe_morpheus.tracking.run_log import MoELoad, RunLogger
 from moe_morpheus.train.checkpoint import Checkpointer, TrainState
 from moe_morpheus.train.guards import Guards
 from moe_morpheus.train.optim import Optimizer, lr_at
-from moe_morpheus.train.run_log import MoELoad, RunLogger
 from moe_morpheus.train.step import count_target_tokens, forward_backward, wrap_ddp
 from moe_morpheus.train.zero import ZeroOptimizer
 
 if TYPE_CHECKING:
-    from moe_morpheus.evaluate import Validation
+    from moe_morpheus.inference.evaluate import Validation
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,8 @@ class Trainer:
     def evaluate(self, full: bool = True) -> tuple[Validation, dict[str, float]]:
         """Validation loss, pooled and per set, with standard errors (the full sets, or
         ``trainer.eval_subset`` of each); with one pipeline stage also the zero-shot
-        translation and cloze metrics (moe_morpheus.evaluate; generation needs one chunk)."""
-        from moe_morpheus.evaluate import task_metrics, validation_losses
+        translation and cloze metrics (moe_morpheus.inference.evaluate; generation needs one chunk)."""
+        from moe_morpheus.inference.evaluate import task_metrics, validation_losses
         from moe_morpheus.moe import collect_moe_stats
 
         with self.autocast:
@@ -189,7 +189,7 @@ class Trainer:
         return losses, tasks
 
     def fit(self) -> TrainResult:
-        from moe_morpheus.evaluate import pooled_unigram
+        from moe_morpheus.inference.evaluate import pooled_unigram
         from moe_morpheus.moe import collect_moe_stats
 
         self.setup()
@@ -197,11 +197,11 @@ class Trainer:
         # Resume (train/checkpoint.py) before the MLflow run opens: a resumed run logs into its run.
         state = self.checkpointer.resume()
         if state is None and exp.init.from_dense is not None:
-            from moe_morpheus.upcycle import upcycle_into
+            from moe_morpheus.upcycle.load import upcycle_into
 
             state = upcycle_into(self.model, exp, exp.init.from_dense)
         state = state or TrainState(target_tokens=0)
-        # Sunk compute of a run started from a dense checkpoint (moe_morpheus/upcycle.py).
+        # Sunk compute of a run started from a dense checkpoint (moe_morpheus/upcycle/convert.py).
         sunk_tokens, sunk_flops = state.lineage.get("tokens", 0), state.lineage.get("flops", 0.0)
         # None: the dense checkpoint predates target counting (target_tokens_with_sunk not logged).
         sunk_targets = state.lineage.get("target_tokens") if state.lineage else 0

@@ -13,6 +13,20 @@ from omegaconf import OmegaConf
 log = logging.getLogger(__name__)
 
 
+def lineage_tags(lineage: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """(MLflow tags, params) of a run started from a dense checkpoint (report/collect.py reads
+    ``upcycled_from_run`` and ``sunk.*``)."""
+    prefix = "upcycled_from" if lineage["kind"] == "upcycled" else "continued_from"
+    tags = {f"{prefix}_checkpoint": lineage["from_checkpoint"], "init_mode": lineage["mode"]}
+    if lineage.get("from_run"):
+        tags[f"{prefix}_run"] = lineage["from_run"]
+    params = {"sunk.tokens": str(lineage["tokens"]), "sunk.flops": str(lineage["flops"]),
+              "sunk.steps": str(lineage["steps"])}
+    if lineage.get("target_tokens") is not None:
+        params["sunk.target_tokens"] = str(lineage["target_tokens"])
+    return tags, params
+
+
 class MoELoad:
     """Expert load per layer: (token, slot) assignments per global expert summed over training
     steps and every rank (``collect_moe_stats`` over the world, so every rank holds the same
@@ -44,8 +58,8 @@ class RunLogger:
     trainer imports this module)."""
 
     def __init__(self, trainer, resume_run_id: str | None = None, lineage: dict | None = None):
-        from moe_morpheus.tracking import Tracker, flatten_config, resolve_uri, run_tags
-        from moe_morpheus.upcycle import lineage_tags
+        from moe_morpheus.tracking.names import flatten_config, resolve_uri, run_tags
+        from moe_morpheus.tracking.tracker import Tracker
 
         exp = trainer.exp
         uri = resolve_uri(exp.tracking.uri)

@@ -48,12 +48,10 @@ from the files (moe_morpheus.train.safe_load).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -71,24 +69,30 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
-from moe_morpheus.config import CheckpointConfig, ModelConfig, MoEConfig, ParallelConfig
+from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
 from moe_morpheus.model.layer import BLOCK_FORMAT
+from moe_morpheus.parallel.gather import unwrap
 from moe_morpheus.train import safe_load
+from moe_morpheus.train.checkpoint.store import (
+    FORMAT_VERSION,
+    LATEST,
+    MANIFEST,
+    CheckpointError,
+    checkpoint_name,
+    complete_checkpoints,
+    fsync_dir,
+    gather_dicts,
+    gather_lists,
+    list_files,
+    my_share,
+    read_manifest,
+    remove_checkpoint,
+    sha256,
+    write_atomic,
+)
 from moe_morpheus.train.optim import MOMENTS
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-MANIFEST = "checkpoint.json"
-LATEST = "latest"
-_NAME = re.compile(r"^step_(\d+)$")
-# 1 MiB reads: hashing is disk-bound; larger buffers gain nothing measurable.
-_HASH_CHUNK = 1 << 20
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used here; the message names the path and what is wrong."""
-
 
 @dataclass
 class TrainState:
@@ -109,10 +113,6 @@ class TrainState:
     target_tokens: int | None = None
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
 def model_shape(model: ModelConfig, moe: MoEConfig | None) -> dict:
     """What must match for a checkpoint's tensors to fit a model (the layout may differ)."""
     shape = {f"model.{k}": getattr(model, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
@@ -130,15 +130,11 @@ def layout(parallel: ParallelConfig) -> dict:
 
 
 # ---------------------------------------------------------------------- sharded state dicts
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    return chunk.module if hasattr(chunk, "module") else chunk
-
-
 def model_entries(model: list[torch.nn.Module]) -> dict[str, ShardedTensor]:
     """This rank's model entries over all its pipeline chunks (keys are global already)."""
     entries: dict[str, ShardedTensor] = {}
     for chunk in model:
-        entries.update(_unwrap(chunk).sharded_state_dict())
+        entries.update(unwrap(chunk).sharded_state_dict())
     return entries
 
 
@@ -200,144 +196,6 @@ class _InProcessSave(TorchDistSaveShardedStrategy):
                                           flatten_state_dict=False))
 
 
-# ---------------------------------------------------------------------- files
-def _files(path: Path) -> list[str]:
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _my_share(items: list[str]) -> list[str]:
-    """Files this rank hashes: every world_size-th, so a save or check costs 1/world each."""
-    return items[dist.get_rank()::dist.get_world_size()]
-
-
-def _gather_lists(local: list) -> list[list]:
-    gathered: list[list | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    return gathered
-
-
-def _gather_dicts(local: dict) -> dict:
-    gathered: list[dict | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    merged = {}
-    for part in gathered:
-        merged.update(part)
-    return merged
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    """Rename to ``.trash-*`` first: a kill during rmtree then leaves no half checkpoint under a
-    name that resume would consider."""
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint folders (``step_*``, renamed into place after a complete write), newest first."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-# Config keys that older checkpoints record and this code no longer has; dropping them loses no
-# meaning: upcycle.granularity only restated model.ffn_hidden_size / moe.expert_hidden_size,
-# which the recorded moe section still holds (the width is now chosen by moe.granularity).
-REMOVED_CONFIG_KEYS = (("upcycle", "granularity"),)
-
-
-def recorded_config(manifest: dict) -> dict:
-    """The experiment config a checkpoint recorded, less the keys this code has removed."""
-    config = {section: dict(values) if isinstance(values, dict) else values
-              for section, values in manifest["config"].items()}
-    for section, key in REMOVED_CONFIG_KEYS:
-        if isinstance(config.get(section), dict):
-            config[section].pop(key, None)
-    return config
-
-
-def read_manifest(path: Path) -> dict:
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete moe_morpheus checkpoint")
-    try:
-        data = json.loads(manifest.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{manifest} is not valid JSON ({error}): the checkpoint is corrupt") from None
-    if data.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{manifest} has format {data.get('format')!r}; this code reads format {FORMAT_VERSION}")
-    return data
-
-
-def verify_checkpoint(path: Path, *, checksums: bool) -> list[str]:
-    """Problems with the checkpoint at ``path`` (empty: usable). Collective: every rank calls it
-    and gets the same answer; each rank hashes a share of the files."""
-    problems = []
-    try:
-        files = read_manifest(path)["files"]
-    except CheckpointError as error:
-        problems.append(str(error))
-        files = {}
-    for name in _my_share(sorted(files)):
-        expected, file = files[name], path / name
-        if not file.is_file():
-            problems.append(f"{file} is missing")
-        elif file.stat().st_size != expected["size"]:
-            problems.append(f"{file} has {file.stat().st_size} bytes, {MANIFEST} says {expected['size']} "
-                            f"(truncated or overwritten)")
-        elif checksums and expected.get("sha256") and _sha256(file) != expected["sha256"]:
-            problems.append(f"{file}: SHA-256 differs from {MANIFEST} (corrupt)")
-    return sorted({p for part in _gather_lists(problems) for p in part})
-
-
-def newest_valid(directory: Path, *, checksums: bool) -> Path | None:
-    """The newest checkpoint in ``directory`` that verifies; broken ones are skipped, with a
-    warning naming what is wrong. Collective."""
-    for path in complete_checkpoints(directory):
-        problems = verify_checkpoint(path, checksums=checksums)
-        if not problems:
-            return path
-        log.warning("skipping checkpoint %s: %s", path, "; ".join(problems))
-    return None
-
-
-def remove_partial(directory: Path) -> None:
-    """Remove what killed saves and removals left (``.tmp-*``, ``.trash-*``). Rank 0, at start,
-    when no save can be running."""
-    if dist.get_rank() == 0 and directory.is_dir():
-        for path in directory.iterdir():
-            if path.name.startswith((".tmp-", ".trash-")):
-                log.warning("removing %s, left by an interrupted save", path)
-                shutil.rmtree(path, ignore_errors=True)
-    dist.barrier()
-
-
 # ---------------------------------------------------------------------- save / load
 def save_checkpoint(directory: Path, state: TrainState, model: list[torch.nn.Module], optimizer, *,
                     manifest: dict, keep: int, checksums: bool, during_save=None) -> Path:
@@ -369,23 +227,23 @@ def save_checkpoint(directory: Path, state: TrainState, model: list[torch.nn.Mod
     dist.barrier()
     if during_save is not None:
         during_save(state.step)
-    names = _files(tmp)
-    hashes = _gather_dicts({n: _sha256(tmp / n) for n in _my_share(names)} if checksums else {})
+    names = list_files(tmp)
+    hashes = gather_dicts({n: sha256(tmp / n) for n in my_share(names)} if checksums else {})
     if dist.get_rank() == 0:
         files = {n: {"size": (tmp / n).stat().st_size, **({"sha256": hashes[n]} if checksums else {})}
                  for n in names}
         record = {"format": FORMAT_VERSION, "block_format": BLOCK_FORMAT, "step": state.step,
                   "consumed_samples": state.consumed_samples,
                   "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest, "files": files}
-        _write_atomic(tmp / MANIFEST, json.dumps(record, indent=1, default=str))
-        _fsync_dir(tmp)
+        write_atomic(tmp / MANIFEST, json.dumps(record, indent=1, default=str))
+        fsync_dir(tmp)
         if final.exists():  # an older, replaced attempt at the same step (after a rollback)
-            _remove(final)
+            remove_checkpoint(final)
         os.rename(tmp, final)
-        _fsync_dir(directory)
-        _write_atomic(directory / LATEST, name + "\n")
+        fsync_dir(directory)
+        write_atomic(directory / LATEST, name + "\n")
         for old in complete_checkpoints(directory)[keep:]:
-            _remove(old)
+            remove_checkpoint(old)
     dist.barrier()
     return final
 
@@ -416,7 +274,7 @@ def loadable_manifest(path: Path, model: list[torch.nn.Module]) -> dict:
     if "config" in manifest:
         norm = manifest["config"].get("model", {}).get("norm", ModelConfig.norm)
     else:
-        norm = _unwrap(model[0]).model_cfg.norm
+        norm = unwrap(model[0]).model_cfg.norm
     if norm != "pre_ln":
         raise CheckpointError(f"checkpoint {path} was written with the old DeepNorm order (LN after the residual, "
                               f"model.norm={norm}); it cannot be loaded into the GLM-130B block ({BLOCK_FORMAT}): "
@@ -443,7 +301,7 @@ def load_checkpoint(path: Path, model: list[torch.nn.Module], optimizer, *, shap
     key_of = {id(param): name for name, param in params.items()}
     # Megatron's naming: "unexpected" = requested here but absent from the checkpoint (per rank).
     loaded, _, unexpected = dist_checkpointing.load(request, str(path), strict=StrictHandling.RETURN_ALL)
-    absent = sorted(set().union(*_gather_lists(sorted(unexpected))))
+    absent = sorted(set().union(*gather_lists(sorted(unexpected))))
     if absent:
         raise CheckpointError(f"checkpoint {path} lacks {len(absent)} tensors this model needs, e.g. {absent[:3]}")
     with torch.no_grad():
@@ -475,53 +333,6 @@ def load_model_weights(path: Path, model: list[torch.nn.Module]) -> dict:
     return loaded.get("trainer", {})
 
 
-def find_checkpoint(path: str | Path, *, checksums: bool = True) -> Path:
-    """A checkpoint folder (``step_*``), or the newest valid one in a run's checkpoints folder."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist: pass a run's checkpoints folder or one step_* folder in it")
-    if (path / MANIFEST).is_file():
-        problems = verify_checkpoint(path, checksums=checksums)
-        if problems:
-            raise CheckpointError(f"checkpoint {path} is damaged: " + "; ".join(problems))
-        return path
-    found = newest_valid(path, checksums=checksums)
-    if found is None:
-        raise CheckpointError(f"{path} holds no complete checkpoint (step_*/{MANIFEST})")
-    return found
-
-
-def load_for_inference(checkpoint: str | Path, *, with_info: bool = False):
-    """(model chunk, tokenizer, experiment) of a checkpoint, as one process (TP = PP = EP = 1,
-    whatever layout wrote it); with ``with_info`` also {path, step, run_id}."""
-    from omegaconf import OmegaConf
-
-    from moe_morpheus.config import ParallelConfig
-    from moe_morpheus.data.config import resolve_path
-    from moe_morpheus.data.tokenizer import Tokenizer
-    from moe_morpheus.experiment import ExperimentConfig, to_experiment
-    from moe_morpheus.model import build_model
-    from moe_morpheus.parallel import initialize
-
-    initialize(ParallelConfig())  # a world of one: verifying and loading are collectives
-    path = find_checkpoint(checkpoint)
-    config = recorded_config(read_manifest(path))
-    config["parallel"] = {}  # one process reads any layout (the shards are resharded on load)
-    exp = to_experiment(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), config))
-    tokenizer_path = resolve_path(exp.data.tokenizer)
-    if not tokenizer_path.is_file():
-        raise CheckpointError(f"checkpoint {path} was trained with the tokenizer {exp.data.tokenizer}, which is not "
-                              f"at {tokenizer_path}: put it back or point data.tokenizer at a copy")
-    (chunk,) = build_model(exp.model, exp.moe if exp.moe.enabled else None, ParallelConfig())
-    state = load_model_weights(path, [chunk])
-    chunk.eval()
-    tokenizer = Tokenizer(tokenizer_path)
-    if with_info:
-        return chunk, tokenizer, exp, {"path": path, "step": int(state.get("step", 0)), "run_id": state.get("run_id")}
-    return chunk, tokenizer, exp
-
-
-# ---------------------------------------------------------------------- the trainer's side
 def recount_targets(state: TrainState, count) -> int | None:
     """Target tokens trained on up to a checkpoint written before they were counted, exactly or
     not at all. ``count(start, end)``: target tokens of training rows [start, end).
@@ -542,93 +353,3 @@ def recount_targets(state: TrainState, count) -> int | None:
     return total + (count(start, state.consumed_samples) if state.consumed_samples > start else 0)
 
 
-class Checkpointer:
-    """When to save, where, and resuming for one run (the trainer's interface).
-
-    ``trainer`` provides ``exp``, ``output_dir``, ``model``, ``optimizer``, ``dp``,
-    ``resolved_config`` and ``count_targets`` (for checkpoints without a target count);
-    ``guards`` is the run's :class:`~moe_morpheus.train.guards.Guards` (its fault injection, and
-    whether a rollback target exists).
-    """
-
-    def __init__(self, cfg: CheckpointConfig, trainer, guards):
-        self.cfg = cfg
-        self.trainer = trainer
-        self.guards = guards
-        self.dir = Path(cfg.dir) if cfg.dir else Path(trainer.output_dir) / "checkpoints"
-        exp = trainer.exp
-        self.shape = model_shape(exp.model, exp.moe)
-        self.layout = layout(exp.parallel)
-        self.last_save = time.monotonic()
-        self.guards.checkpoint_available = bool(complete_checkpoints(self.dir))
-
-    def _load(self, path: Path) -> TrainState:
-        state = load_checkpoint(path, self.trainer.model, self.trainer.optimizer, shape=self.shape,
-                                current_layout=self.layout)
-        if state.target_tokens is None:
-            state.target_tokens = recount_targets(state, self.trainer.count_targets)
-        self.guards.checkpoint_available = True
-        return state
-
-    def resume(self) -> TrainState | None:
-        """The state to continue from (``checkpoint.resume``), or None for a fresh start."""
-        if self.cfg.resume == "never":
-            return None
-        if self.cfg.resume == "auto":
-            remove_partial(self.dir)
-            path = newest_valid(self.dir, checksums=self.cfg.checksums)
-            if path is None:
-                return None
-        else:
-            path = self._explicit(Path(self.cfg.resume))
-        state = self._load(path)
-        self.guards.load_state_dict(state.guards)
-        if dist.get_rank() == 0:
-            print(f"resumed from {path} (step {state.step}, {state.consumed_samples} samples consumed)", flush=True)
-        return state
-
-    def _explicit(self, path: Path) -> Path:
-        if not path.exists():
-            raise CheckpointError(f"checkpoint.resume={path}: no such directory")
-        if (path / MANIFEST).exists() or _NAME.match(path.name):
-            problems = verify_checkpoint(path, checksums=self.cfg.checksums)
-            if problems:
-                raise CheckpointError(f"checkpoint.resume={path} cannot be used: " + "; ".join(problems))
-            return path
-        found = newest_valid(path, checksums=self.cfg.checksums)
-        if found is None:
-            raise CheckpointError(f"checkpoint.resume={path}: no valid checkpoint (step_*/{MANIFEST}) in it")
-        return found
-
-    def due(self, step: int, last: bool) -> bool:
-        """Save after completed step ``step``? Same answer on every rank (rank 0's clock decides)."""
-        if last or (self.cfg.interval_steps and step % self.cfg.interval_steps == 0):
-            return True
-        if not self.cfg.interval_minutes:
-            return False
-        flag = torch.tensor([time.monotonic() - self.last_save >= 60 * self.cfg.interval_minutes], dtype=torch.int32)
-        dist.broadcast(flag, src=0)
-        return bool(flag.item())
-
-    def save(self, state: TrainState) -> Path:
-        trainer = self.trainer
-        manifest = {"config": trainer.resolved_config, "layout": self.layout, "model_shape": self.shape}
-        path = save_checkpoint(self.dir, state, trainer.model, trainer.optimizer, manifest=manifest,
-                               keep=self.cfg.keep, checksums=self.cfg.checksums,
-                               during_save=self.guards.faults.during_save)
-        self.last_save = time.monotonic()
-        self.guards.checkpoint_available = True
-        return path
-
-    def roll_back(self, current: TrainState) -> TrainState:
-        """Reload the newest valid checkpoint and continue with the data after ``current``'s
-        position (the offending range is skipped)."""
-        path = newest_valid(self.dir, checksums=self.cfg.checksums)
-        if path is None:
-            raise CheckpointError(f"guards.spike_action=rollback: no valid checkpoint left in {self.dir}")
-        keep = self.guards.state_dict()
-        restored = self._load(path)
-        self.guards.load_state_dict(keep)
-        self.guards.rolled_back(restored.guards["window"], (restored.consumed_samples, current.consumed_samples))
-        return dataclasses.replace(restored, consumed_samples=current.consumed_samples, run_id=current.run_id,
-                                   guards=self.guards.state_dict())

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from moe_morpheus.config import _check
+from moe_morpheus.config.errors import check
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("text", "parallel")
@@ -43,15 +43,15 @@ class SourceConfig:
 
     def validate(self, name: str) -> None:
         where = f"data.sources.{name}"
-        _check(bool(self.path), f"{where}.path is empty: point it at a .jsonl(.gz) or .txt(.gz) file")
-        _check(self.kind in KINDS, f"{where}.kind={self.kind!r}: choose one of {KINDS}")
-        _check(self.format in FORMATS, f"{where}.format={self.format!r}: choose one of {FORMATS}")
-        _check(self.weight >= 0 and math.isfinite(self.weight),
-               f"{where}.weight={self.weight} must be a finite number >= 0 (0: not in the infilling blend)")
+        check(bool(self.path), f"{where}.path is empty: point it at a .jsonl(.gz) or .txt(.gz) file")
+        check(self.kind in KINDS, f"{where}.kind={self.kind!r}: choose one of {KINDS}")
+        check(self.format in FORMATS, f"{where}.format={self.format!r}: choose one of {FORMATS}")
+        check(self.weight >= 0 and math.isfinite(self.weight),
+              f"{where}.weight={self.weight} must be a finite number >= 0 (0: not in the infilling blend)")
         if self.kind == "parallel":
-            _check(self.resolved_format == "jsonl",
-                   f"{where}: parallel pairs must be JSONL records with {self.en_field!r} and "
-                   f"{self.zh_field!r} fields (got a {self.resolved_format} file {self.path})")
+            check(self.resolved_format == "jsonl",
+                  f"{where}: parallel pairs must be JSONL records with {self.en_field!r} and "
+                  f"{self.zh_field!r} fields (got a {self.resolved_format} file {self.path})")
 
     @property
     def resolved_path(self) -> Path:
@@ -118,49 +118,49 @@ class DataConfig:
     valid_rows: int | None = 1024
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.sources, Mapping) and len(self.sources) > 0,
-               "data.sources is empty: configure at least one corpus (see conf/data/demo.yaml)")
+        check(isinstance(self.sources, Mapping) and len(self.sources) > 0,
+              "data.sources is empty: configure at least one corpus (see conf/data/demo.yaml)")
         self.sources = {name: src if isinstance(src, SourceConfig) else SourceConfig(**dict(src))
                         for name, src in self.sources.items()}
         for name, src in self.sources.items():
-            _check(name.isidentifier(), f"data.sources: name {name!r} must be an identifier (it names "
+            check(name.isidentifier(), f"data.sources: name {name!r} must be an identifier (it names "
                                         f"validation sets and cache files)")
             src.validate(name)
-        _check(sum(s.weight for s in self.sources.values()) > 0,
-               "data.sources: every weight is 0; give at least one source a positive weight")
-        _check(bool(self.tokenizer), "data.tokenizer is empty: set the path of a .model file")
-        _check(bool(self.cache_dir), "data.cache_dir is empty: set a folder for tokenised corpora")
-        _check(0.0 <= self.mask_prob <= 1.0, f"data.mask_prob={self.mask_prob} must be in [0, 1]")
-        _check(0.0 < self.mask_ratio < 0.5,
-               f"data.mask_ratio={self.mask_ratio} must be in (0, 0.5): spans need unmasked gaps between them")
-        _check(self.span_lambda > 0, f"data.span_lambda={self.span_lambda} must be positive")
-        _check(self.max_span_length >= 1, f"data.max_span_length={self.max_span_length} must be >= 1")
-        _check(0.0 < self.gmask_min_ratio <= 1.0,
-               f"data.gmask_min_ratio={self.gmask_min_ratio} must be in (0, 1]")
-        _check(0.0 <= self.mip_ratio < 1.0, f"data.mip_ratio={self.mip_ratio} must be in [0, 1)")
-        _check(self.mip_ratio == 0.0 or any(s.kind == "parallel" for s in self.sources.values()),
-               f"data.mip_ratio={self.mip_ratio} needs a source with kind=parallel (or set mip_ratio=0)")
-        _check(self.window_tokens is None or self.window_tokens >= 8,
-               f"data.window_tokens={self.window_tokens} must be >= 8 or null (seq_length - 1)")
-        _check(self.split_chunk_tokens >= 16,
-               f"data.split_chunk_tokens={self.split_chunk_tokens} must be >= 16")
-        _check(0.0 < self.valid_fraction < 0.5,
-               f"data.valid_fraction={self.valid_fraction} must be in (0, 0.5)")
-        _check(self.valid_rows is None or self.valid_rows >= 1,
-               f"data.valid_rows={self.valid_rows} must be >= 1 or null (every held-out window)")
+        check(sum(s.weight for s in self.sources.values()) > 0,
+              "data.sources: every weight is 0; give at least one source a positive weight")
+        check(bool(self.tokenizer), "data.tokenizer is empty: set the path of a .model file")
+        check(bool(self.cache_dir), "data.cache_dir is empty: set a folder for tokenised corpora")
+        check(0.0 <= self.mask_prob <= 1.0, f"data.mask_prob={self.mask_prob} must be in [0, 1]")
+        check(0.0 < self.mask_ratio < 0.5,
+              f"data.mask_ratio={self.mask_ratio} must be in (0, 0.5): spans need unmasked gaps between them")
+        check(self.span_lambda > 0, f"data.span_lambda={self.span_lambda} must be positive")
+        check(self.max_span_length >= 1, f"data.max_span_length={self.max_span_length} must be >= 1")
+        check(0.0 < self.gmask_min_ratio <= 1.0,
+              f"data.gmask_min_ratio={self.gmask_min_ratio} must be in (0, 1]")
+        check(0.0 <= self.mip_ratio < 1.0, f"data.mip_ratio={self.mip_ratio} must be in [0, 1)")
+        check(self.mip_ratio == 0.0 or any(s.kind == "parallel" for s in self.sources.values()),
+              f"data.mip_ratio={self.mip_ratio} needs a source with kind=parallel (or set mip_ratio=0)")
+        check(self.window_tokens is None or self.window_tokens >= 8,
+              f"data.window_tokens={self.window_tokens} must be >= 8 or null (seq_length - 1)")
+        check(self.split_chunk_tokens >= 16,
+              f"data.split_chunk_tokens={self.split_chunk_tokens} must be >= 16")
+        check(0.0 < self.valid_fraction < 0.5,
+              f"data.valid_fraction={self.valid_fraction} must be in (0, 0.5)")
+        check(self.valid_rows is None or self.valid_rows >= 1,
+              f"data.valid_rows={self.valid_rows} must be >= 1 or null (every held-out window)")
 
     @classmethod
     def from_dict(cls, values: Mapping) -> DataConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
-        _check(not unknown, f"data: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        check(not unknown, f"data: unknown field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**dict(values))
 
     def window_for(self, seq_length: int) -> int:
         window = self.window_tokens if self.window_tokens is not None else seq_length - 1
-        _check(window <= seq_length - 1,
-               f"data.window_tokens={window} does not fit seq_length={seq_length}: a [gMASK] sample "
-               f"adds one token, so use at most {seq_length - 1} (or null)")
+        check(window <= seq_length - 1,
+              f"data.window_tokens={window} does not fit seq_length={seq_length}: a [gMASK] sample "
+              f"adds one token, so use at most {seq_length - 1} (or null)")
         return window
 
     def row_shares(self) -> dict[str, float]:

@@ -48,7 +48,7 @@ GRID = {
     "beta": np.arange(0.0, 2.0 + 1e-9, 0.5),
 }
 
-CHINCHILLA_CSV = Path(__file__).resolve().parent.parent / "data" / "chinchilla" / \
+CHINCHILLA_CSV = Path(__file__).resolve().parents[2] / "data" / "chinchilla" / \
     "chinchilla_fig4_epoch_svg_extracted.csv"
 
 

@@ -10,7 +10,7 @@
 - A cache of past keys and values makes each new token one step; ``use_cache=False`` runs the
   whole sequence each time (the reference the tests compare with).
 
-``python -m moe_morpheus.generate --checkpoint DIR --prompt "..."``: see ``main``.
+``python -m moe_morpheus.inference.generate --checkpoint DIR --prompt "..."``: see ``main``.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class Generator:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m moe_morpheus.generate --checkpoint CKPT [--prompt TEXT | --file F] [options]``.
+    """``python -m moe_morpheus.inference.generate --checkpoint CKPT [--prompt TEXT | --file F] [options]``.
 
     ``CKPT`` is a run's checkpoint folder (``outputs/<name>/<run>/checkpoints``, its newest valid
     checkpoint is used) or one ``step_*`` folder. Put ``[MASK]`` in the text to fill blanks;
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     import argparse
 
-    from moe_morpheus.train.checkpoint import load_for_inference
+    from moe_morpheus.inference.load import load_for_inference
 
     parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)

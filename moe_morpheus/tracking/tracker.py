@@ -25,166 +25,49 @@ break the spool's ordering and the "nothing is lost" promise.
 Resume: MLflow params are immutable. Re-logging an identical param is skipped; a param whose
 value changed is logged as the tag ``param_changed.<key>`` (the param keeps its first value) and
 a warning lists the changed keys.
-
-Sweeps: :class:`MLflowSweepCallback` creates the parent run in ``on_multirun_start`` (also the
-moment the SQLite database and the experiment are created, once, before any job could race on
-them) and publishes its id in the file ``<hydra.sweep.dir>/mlflow_parent_run_id`` (read by jobs
-in any process: basic launcher, joblib, submitit) and in the environment variable
-``MOE_MORPHEUS_PARENT_RUN_ID`` (inherited by processes a job spawns, e.g. torchrun ranks). Jobs
-get it with :func:`parent_run_id`.
 """
+
 
 from __future__ import annotations
 
-import atexit
-import hashlib
 import json
 import logging
 import os
-import re
-import subprocess
 import time
 import urllib.error
 import urllib.request
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_STATE
 from mlflow.utils.validation import (
-    MAX_ENTITY_KEY_LENGTH,
     MAX_METRICS_PER_BATCH,
-    MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
-from omegaconf import DictConfig
+
+from moe_morpheus.tracking.names import (
+    LOCAL_SUBDIR,
+    PARENT_TAG,
+    RUN_STATUSES,
+    TrackingUnreachableError,
+    TrackingWarning,
+    batched,
+    fit_key,
+    fit_value,
+    flatten_config,
+    resolve_uri,
+)
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_ENV = "MOE_MORPHEUS_PARENT_RUN_ID"
-PARENT_RUN_FILE = "mlflow_parent_run_id"
-PARENT_TAG = "mlflow.parentRunId"
-TRUNCATION_MARKER = "...[truncated]"
-VARIANTS = ("dense", "moe", "upcycled")
-RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-# The folder inside a run's local_dir that holds the spool and the staged config artifact.
-LOCAL_SUBDIR = "mlflow"
-
-# MLflow accepts only these characters in param, metric and tag keys (on POSIX); one bad key
-# would get a whole batch of 100 params rejected, so keys are sanitised instead.
-_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
-
-
-class TrackingWarning(UserWarning):
-    """Tracking degraded (server unreachable, record rejected); training goes on."""
-
-
-class TrackingUnreachableError(RuntimeError):
-    """The tracking store cannot be reached; raised only by :func:`check_reachable` (strict mode)."""
-
-
-def resolve_uri(uri: str | None) -> str:
-    """The tracking URI with any SQLite path made absolute against the current directory.
-
-    None means MLflow's default, ``mlflow.db`` in the launch directory (the current directory
-    under Hydra's ``hydra.job.chdir=False``). Resolving once, up front, keeps every job and
-    rank on the same database even if something changes directory later.
-    """
-    if uri is None:
-        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return f"{prefix}{(Path.cwd() / uri[len(prefix):]).resolve()}"
-    return uri
-
-
-def _fit_key(key: str) -> str:
-    """A valid MLflow key: bad characters replaced, over-long keys shortened with a hash so two
-    long keys sharing a prefix stay distinct."""
-    key = _BAD_KEY_CHARS.sub("_", key)
-    if len(key) <= MAX_ENTITY_KEY_LENGTH:
-        return key
-    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-    return f"{key[: MAX_ENTITY_KEY_LENGTH - 9]}-{digest}"
-
-
-def _fit_value(value: str, limit: int) -> str:
-    if len(value) <= limit:
-        return value
-    return value[: limit - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
-
-
-def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested mappings as dotted keys with string values, within MLflow's param limits.
-
-    Lists are stringified whole (a list index is not a config key a researcher filters on).
-    Keys longer than 250 characters are shortened with a hash suffix, values longer than
-    6000 characters end in ``...[truncated]``.
-    """
-    flat: dict[str, str] = {}
-    for key, value in cfg.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten_config(value, dotted))
-        else:
-            flat[_fit_key(dotted)] = _fit_value(str(value), MAX_PARAM_VAL_LENGTH)
-    return flat
-
-
-def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def git_commit(repo_dir: str | Path | None = None) -> str | None:
-    """``git rev-parse HEAD`` of the checkout holding this package (or ``repo_dir``); None when
-    git or the repository is missing, so it never fails a run."""
-    cwd = Path(repo_dir) if repo_dir is not None else Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def run_tags(
-    variant: str,
-    experiment: str,
-    sweep: str | None,
-    parallel_layout: str,
-    extra: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """The tags every training run carries (reports group and filter on them)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"run_tags: variant={variant!r} is not one of {VARIANTS}")
-    tags = {"variant": variant, "experiment": experiment, "parallel_layout": parallel_layout}
-    if sweep is not None:
-        tags["sweep"] = sweep
-    commit = git_commit()
-    if commit is not None:
-        # MLflow's own key, so the UI links the commit; set explicitly because MLflow only
-        # fills it in for fluent runs started from a script inside the checkout.
-        tags["mlflow.source.git.commit"] = commit
-    tags.update(extra or {})
-    return tags
-
-
-def _limit_http_retries() -> None:
+def limit_http_retries() -> None:
     # setdefault: a user who exported their own values keeps them.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -199,7 +82,7 @@ def check_reachable(uri: str | None, timeout: float = 5.0) -> None:
     creates the database.
     """
     uri = resolve_uri(uri)
-    _limit_http_retries()
+    limit_http_retries()
     try:
         if uri.startswith(("http://", "https://")):
             try:
@@ -216,7 +99,7 @@ def check_reachable(uri: str | None, timeout: float = 5.0) -> None:
         ) from exc
 
 
-def _is_permanent(exc: Exception) -> bool:
+def is_permanent(exc: Exception) -> bool:
     """True for errors about the request itself, which no retry can fix: MLflow's 4xx codes
     (except 429, rate limiting) and INVALID_STATE (e.g. a deleted run), which MLflow maps to
     HTTP 500 although retrying it would block the spool forever."""
@@ -226,7 +109,7 @@ def _is_permanent(exc: Exception) -> bool:
     return (400 <= status < 500 and status != 429) or exc.error_code == "INVALID_STATE"
 
 
-def _ensure_experiment(client: MlflowClient, name: str) -> str:
+def ensure_experiment(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
@@ -297,7 +180,7 @@ class Tracker:
         self.spool_path = self._dir / "spool.jsonl"
         if not self._active:
             return
-        _limit_http_retries()
+        limit_http_retries()
         if self.spool_path.exists():
             with self.spool_path.open() as f:
                 self._pending = [json.loads(line) for line in f if line.strip()]
@@ -436,7 +319,7 @@ class Tracker:
         try:
             self._execute(record)
         except Exception as exc:
-            if not _is_permanent(exc):
+            if not is_permanent(exc):
                 raise
             reason = f"{record['op']}:{exc.error_code}"
             if reason not in self._warned:
@@ -457,7 +340,7 @@ class Tracker:
         client = self._client
         op = record["op"]
         if op == "create":
-            exp_id = _ensure_experiment(client, record["experiment"])
+            exp_id = ensure_experiment(client, record["experiment"])
             tags = {PARENT_TAG: record["parent"]} if record["parent"] else {}
             run = client.create_run(
                 exp_id, start_time=record["time"], tags=tags, run_name=record["run_name"]
@@ -476,17 +359,17 @@ class Tracker:
             self._log_params(client, run_id, record["params"])
         elif op == "metrics":
             metrics = [
-                Metric(_fit_key(k), v, record["time"], record["step"])
+                Metric(fit_key(k), v, record["time"], record["step"])
                 for k, v in record["metrics"].items()
             ]
-            for batch in _chunks(metrics, MAX_METRICS_PER_BATCH):
+            for batch in batched(metrics, MAX_METRICS_PER_BATCH):
                 client.log_batch(run_id, metrics=batch)
         elif op == "tags":
             tags = [
-                RunTag(_fit_key(k), _fit_value(str(v), MAX_TAG_VAL_LENGTH))
+                RunTag(fit_key(k), fit_value(str(v), MAX_TAG_VAL_LENGTH))
                 for k, v in record["tags"].items()
             ]
-            for batch in _chunks(tags, MAX_PARAMS_TAGS_PER_BATCH):
+            for batch in batched(tags, MAX_PARAMS_TAGS_PER_BATCH):
                 client.log_batch(run_id, tags=batch)
         elif op == "artifact":
             client.log_artifact(run_id, record["path"])
@@ -499,112 +382,13 @@ class Tracker:
         existing = client.get_run(run_id).data.params
         new = [Param(k, v) for k, v in params.items() if k not in existing]
         changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
-        for batch in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
+        for batch in batched(new, MAX_PARAMS_TAGS_PER_BATCH):
             client.log_batch(run_id, params=batch)
         if changed:
-            tags = [RunTag(_fit_key(f"param_changed.{k}"), v) for k, v in changed.items()]
-            for batch in _chunks(tags, MAX_PARAMS_TAGS_PER_BATCH):
+            tags = [RunTag(fit_key(f"param_changed.{k}"), v) for k, v in changed.items()]
+            for batch in batched(tags, MAX_PARAMS_TAGS_PER_BATCH):
                 client.log_batch(run_id, tags=batch)
             self._warn(
                 f"run {run_id} resumed with changed params {sorted(changed)}; MLflow params are "
                 "immutable, so the new values are logged as tags param_changed.<key>"
             )
-
-
-def parent_run_id(sweep_dir: str | Path | None) -> str | None:
-    """The sweep's parent run id for a job: the file in ``sweep_dir`` written by
-    :class:`MLflowSweepCallback`, else ``MOE_MORPHEUS_PARENT_RUN_ID``, else None (not a sweep).
-    The file wins because it belongs to this sweep; the variable reaches processes a job
-    spawns without a sweep directory (torchrun ranks)."""
-    if sweep_dir is not None:
-        path = Path(sweep_dir) / PARENT_RUN_FILE
-        if path.exists():
-            return path.read_text().strip()
-    return os.environ.get(PARENT_RUN_ENV) or None
-
-
-class MLflowSweepCallback(Callback):
-    """Hydra callback: one parent MLflow run per multirun, every job a nested child.
-
-    Configure in the sweep config::
-
-        hydra:
-          callbacks:
-            mlflow_sweep:
-              _target_: moe_morpheus.tracking.MLflowSweepCallback
-              name: dense_vs_moe
-              experiment: ${tracking.experiment}
-              uri: ${tracking.uri}
-
-    The parent ends FINISHED when no child FAILED or was KILLED, else FAILED. When a job raises,
-    Hydra re-raises before ``on_multirun_end``; an exit handler then ends the parent FAILED
-    rather than leaving it RUNNING forever.
-    """
-
-    def __init__(self, name: str, experiment: str, uri: str | None = None) -> None:
-        self.name = name
-        self.experiment = experiment
-        self.uri = uri
-        self.run_id: str | None = None
-        self._client: MlflowClient | None = None
-        self._experiment_id: str | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        self.uri = resolve_uri(self.uri)
-        _limit_http_retries()
-        tags = {"sweep": self.name, "sweep_dir": str(sweep_dir)}
-        overrides = config.hydra.overrides.get("task")
-        if overrides:
-            tags["sweep_overrides"] = _fit_value(" ".join(overrides), MAX_TAG_VAL_LENGTH)
-        commit = git_commit()
-        if commit is not None:
-            tags["mlflow.source.git.commit"] = commit
-        try:
-            self._client = MlflowClient(tracking_uri=self.uri)
-            self._experiment_id = _ensure_experiment(self._client, self.experiment)
-            run = self._client.create_run(self._experiment_id, run_name=self.name, tags=tags)
-        except Exception as exc:
-            warnings.warn(
-                f"could not create the sweep's parent MLflow run at {self.uri} ({exc}); jobs are "
-                "logged as separate top-level runs",
-                TrackingWarning,
-                stacklevel=2,
-            )
-            return
-        self.run_id = run.info.run_id
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PARENT_RUN_FILE).write_text(self.run_id)
-        os.environ[PARENT_RUN_ENV] = self.run_id
-        atexit.register(self._end, "FAILED")
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.run_id is None:
-            return
-        atexit.unregister(self._end)
-        try:
-            children = self._client.search_runs(
-                [self._experiment_id], filter_string=f"tags.{PARENT_TAG} = '{self.run_id}'"
-            )
-            failed = any(run.info.status in ("FAILED", "KILLED") for run in children)
-        except Exception as exc:
-            warnings.warn(
-                f"could not read the sweep's child runs at {self.uri} ({exc}); ending it FINISHED",
-                TrackingWarning,
-                stacklevel=2,
-            )
-            failed = False
-        self._end("FAILED" if failed else "FINISHED")
-
-    def _end(self, status: str) -> None:
-        try:
-            self._client.set_terminated(self.run_id, status)
-        except Exception as exc:
-            warnings.warn(
-                f"could not end the sweep's parent MLflow run {self.run_id} at {self.uri} ({exc})",
-                TrackingWarning,
-                stacklevel=2,
-            )
-        if os.environ.get(PARENT_RUN_ENV) == self.run_id:
-            del os.environ[PARENT_RUN_ENV]
-        self.run_id = None

@@ -13,21 +13,15 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from moe_morpheus.budget import BudgetConfig
-from moe_morpheus.config import (
-    CheckpointConfig,
-    ConfigError,
-    FaultConfig,
-    GuardConfig,
-    LaunchConfig,
-    ModelConfig,
-    MoEConfig,
-    ParallelConfig,
-    TrackingConfig,
-    TrainerConfig,
-)
-from moe_morpheus.data.config import DataConfig
-from moe_morpheus.upcycle import InitConfig, UpcycleConfig, granularity
+from moe_morpheus.config.budget import BudgetConfig
+from moe_morpheus.config.data import DataConfig
+from moe_morpheus.config.errors import ConfigError
+from moe_morpheus.config.model import ModelConfig
+from moe_morpheus.config.moe import MoEConfig
+from moe_morpheus.config.parallel import ParallelConfig
+from moe_morpheus.config.tracking import LaunchConfig, TrackingConfig
+from moe_morpheus.config.trainer import CheckpointConfig, FaultConfig, GuardConfig, TrainerConfig
+from moe_morpheus.config.upcycle import InitConfig, UpcycleConfig, granularity
 
 
 @dataclass(frozen=True)
@@ -63,7 +57,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
-    # init.from_dense: start from a dense checkpoint converted per `upcycle` (moe_morpheus/upcycle.py).
+    # init.from_dense: start from a dense checkpoint converted per `upcycle` (moe_morpheus/upcycle/convert.py).
     init: InitConfig = field(default_factory=InitConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
 
@@ -137,7 +131,7 @@ def to_experiment(cfg: DictConfig) -> ExperimentConfig:
     return experiment
 
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def compose_experiment(overrides: list[str]) -> ExperimentConfig:

@@ -2,7 +2,7 @@
 templates, and a last-word cloze task in English and Chinese. Always with dropless routing.
 
 Used by the trainer at every evaluation interval and by
-``python -m moe_morpheus.evaluate --checkpoint DIR`` (see ``main``).
+``python -m moe_morpheus.inference.evaluate --checkpoint DIR`` (see ``main``).
 
 - Loss / perplexity: mean cross entropy per target token of each fixed validation set
   (moe_morpheus/data/validation.py), and over all sets pooled (``valid/loss``, every target
@@ -31,7 +31,7 @@ from megatron.core import parallel_state
 from moe_morpheus.data.infilling import ROW_KEYS
 from moe_morpheus.data.tokenizer import GMASK_ID
 from moe_morpheus.data.validation import unit_stratum
-from moe_morpheus.generate import Generator, Sampling
+from moe_morpheus.inference.generate import Generator, Sampling
 from moe_morpheus.train.step import forward_per_token
 
 _LAST_WORD = {"en": re.compile(r"([A-Za-z']+)[^A-Za-z']*$"), "zh": re.compile(r"([\u4e00-\u9fff])[^\u4e00-\u9fff]*$")}
@@ -239,14 +239,14 @@ def task_metrics(model_chunk, data, seq_length: int, max_items: int = 16) -> dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m moe_morpheus.evaluate --checkpoint DIR [--items N] [--mlflow]``: loss and
+    """``python -m moe_morpheus.inference.evaluate --checkpoint DIR [--items N] [--mlflow]``: loss and
     perplexity per validation set, translation chrF / exact match, cloze accuracy; with
     ``--mlflow`` the numbers are also logged to the checkpoint's MLflow run at its step."""
     import argparse
     import json
 
     from moe_morpheus.data import build_data
-    from moe_morpheus.train.checkpoint import load_for_inference
+    from moe_morpheus.inference.load import load_for_inference
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--checkpoint", required=True)
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.mlflow and info.get("run_id"):
         from mlflow.tracking import MlflowClient
 
-        from moe_morpheus.tracking import resolve_uri
+        from moe_morpheus.tracking.names import resolve_uri
 
         client = MlflowClient(tracking_uri=resolve_uri(exp.tracking.uri))
         for key, value in results.items():

@@ -2,7 +2,7 @@
 or training the MoE from scratch? (reference/scaling.md sec. 5; Komatsuzaki et al. 2022 find
 upcycling ahead until about 100-120% extra compute.)
 
-``python -m moe_morpheus.upcycle_sweep [key=value ...]`` (keys: :class:`SweepConfig`, defaults
+``python -m moe_morpheus.upcycle.sweep [key=value ...]`` (keys: :class:`SweepConfig`, defaults
 in ``conf/upcycle/upcycle_vs_scratch.yaml``; ``overrides=[...]`` go to every ``train.py`` job).
 Hydra's basic sweeper runs independent jobs; these depend on each other, so this driver runs the
 graph, one ``train.py`` process per stage, in order. Per seed:
@@ -35,41 +35,20 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from moe_morpheus.config import ConfigError
+from mlflow import MlflowClient
+
+from moe_morpheus.config import ConfigError, SweepConfig
 from moe_morpheus.report.roles import EQUAL_EXTRA, EQUAL_TOTAL, ROLES, compare_per_extra, stage_tags
 from moe_morpheus.report.stats import interval_text, verdict_text
+from moe_morpheus.tracking.names import git_commit, resolve_uri
+from moe_morpheus.tracking.tracker import ensure_experiment
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULTS = REPO_ROOT / "conf" / "upcycle" / "upcycle_vs_scratch.yaml"
 VARIANTS = ("dense_continued", "upcycled", "scratch_extra", "scratch_total")
-
-
-@dataclass
-class SweepConfig:
-    name: str = "upcycle_vs_scratch"
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    dense_experiment: str = "dense"
-    moe_experiment: str = "upcycle_64e"
-    scratch_experiment: str = "moe_64e"
-    dense_fraction: float = 0.012
-    extra_fractions: list[float] = field(default_factory=lambda: [0.006, 0.012])
-    # Every stage exactly this many steps instead of the budget fractions (tests, smoke runs).
-    stage_steps: int | None = None
-    output_dir: str = "outputs/upcycle_vs_scratch"
-    tracking_uri: str | None = None
-    tracking_experiment: str = "moe_morpheus"
-    overrides: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.seeds or not self.extra_fractions:
-            raise ConfigError("upcycle_sweep: seeds and extra_fractions must not be empty")
-        if self.dense_fraction <= 0 or min(self.extra_fractions) <= 0:
-            raise ConfigError("upcycle_sweep: dense_fraction and extra_fractions must be positive")
-        if self.stage_steps is not None and self.stage_steps < 1:
-            raise ConfigError(f"upcycle_sweep: stage_steps={self.stage_steps} must be >= 1 (or null)")
 
 
 @dataclass
@@ -122,14 +101,10 @@ class Driver:
     """Runs the stages of one sweep folder against one MLflow store."""
 
     def __init__(self, cfg: SweepConfig):
-        from mlflow import MlflowClient
-
-        from moe_morpheus.tracking import _ensure_experiment, resolve_uri
-
         self.cfg = cfg
         self.uri = resolve_uri(cfg.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = _ensure_experiment(self.client, cfg.tracking_experiment)
+        self.experiment_id = ensure_experiment(self.client, cfg.tracking_experiment)
         self.out = Path(cfg.output_dir).resolve()
 
     def parent(self) -> str:
@@ -141,8 +116,6 @@ class Driver:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        from moe_morpheus.tracking import git_commit
-
         tags = {"sweep": self.cfg.name, "sweep_dir": str(self.out), "sweep_driver": "upcycle_sweep"}
         if commit := git_commit():
             tags["mlflow.source.git.commit"] = commit

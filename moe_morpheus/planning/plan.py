@@ -1,6 +1,6 @@
 """Memory planner: bytes per GPU of a parallel layout, and the layouts that fit a GPU.
 
-``python -m moe_morpheus.plan +experiment=NAME model=PRESET parallel.tp=.. parallel.pp=..
+``python -m moe_morpheus.planning.plan +experiment=NAME model=PRESET parallel.tp=.. parallel.pp=..
 parallel.ep=.. [trainer.recompute=..] [trainer.zero1=..] [plan.gpus=N] [plan.gpu_memory_gb=80]``
 prints the breakdown of the given layout on the given number of GPUs (default: tp * pp, dp = 1)
 and then the layouts of ``plan.gpus`` GPUs that fit ``plan.gpu_memory_gb``.
@@ -9,7 +9,7 @@ What is counted, per GPU, on the most loaded pipeline stage (the first: it holds
 micro-batches in flight under 1F1B, Korthikanti et al. 2022 sec. 4.2.3; the last stage holds one,
 plus the logits; both are computed and the larger is reported):
 
-- parameters: the exact inventory of :mod:`moe_morpheus.budget` split by TP (column/row
+- parameters: the exact inventory of :mod:`moe_morpheus.planning.budget` split by TP (column/row
   parallel matrices and their biases / tp; LayerNorms, row-parallel biases and the router
   replicated) and EP (experts / ep, never TP-split: expert_tensor_parallel_size = 1); the first
   stage holds the embedding V h / tp, the last (PP > 1) its tied copy. 4 bytes: parameters stay
@@ -167,7 +167,7 @@ def stage_layers(model: ModelConfig, pp: int, stage: int) -> range:
 
 def stage_params(model: ModelConfig, moe: MoEConfig | None, layout: Layout, stage: int) -> tuple[int, int]:
     """(dense, expert) parameters on one GPU of pipeline stage ``stage`` (inventory of
-    :mod:`moe_morpheus.budget`, split as the layers split them)."""
+    :mod:`moe_morpheus.planning.budget`, split as the layers split them)."""
     h, f, v, t = model.hidden_size, model.ffn_hidden_size, model.padded_vocab_size, layout.tp
     # QKV (3h^2 + 3h) and the output matrix h^2 column/row-split; output bias and 2 LayerNorms replicated.
     attention = (4 * h * h + 3 * h) // t + h + 4 * h
@@ -343,9 +343,9 @@ def activation_table(model: ModelConfig, moe: MoEConfig | None, layout: Layout, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m moe_morpheus.plan`` (module docstring)."""
-    from moe_morpheus.budget import demo_batch_warning
-    from moe_morpheus.experiment import compose_experiment
+    """``python -m moe_morpheus.planning.plan`` (module docstring)."""
+    from moe_morpheus.config.experiment import compose_experiment
+    from moe_morpheus.planning.budget import demo_batch_warning
 
     args = sys.argv[1:] if argv is None else argv
     options = {"gpus": None, "gpu_memory_gb": None, "top": 8}

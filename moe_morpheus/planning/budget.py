@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig
+from moe_morpheus.config import BudgetConfig, ConfigError, ModelConfig, MoEConfig
 
 # Which parameter count sizes the Chinchilla budget. Hoffmann et al. (2022) counted embeddings,
 # so the default is active parameters including the embedding (DESIGN.md).
-BUDGET_PARAMS = ("active", "active_non_embedding", "total")
 # A model of a billion parameters or more trained on fewer tokens per step than this is on the CPU
 # demo trainer by mistake: GPT-3 trained even its 125M model on 0.5M-token batches (Brown et al.
 # 2020, Table 2.1), and conf/trainer/cluster.yaml takes 2.1M.
@@ -108,28 +107,6 @@ def chinchilla_tokens(n_params: float, tokens_per_param: float = 20.0) -> float:
     if n_params <= 0 or tokens_per_param <= 0:
         raise ValueError(f"n_params={n_params} and tokens_per_param={tokens_per_param} must be positive")
     return float(n_params) * float(tokens_per_param)
-
-
-@dataclass
-class BudgetConfig:
-    """How a run is sized against the Chinchilla budget ``tokens_per_param x budget params``."""
-
-    # Run length as a fraction of the budget (0.1 = a tenth of 20 tokens/param); None: the run
-    # length comes from steps or tokens instead.
-    chinchilla_fraction: float | None = None
-    tokens_per_param: float = 20.0
-    # Which count is "N": active (with embeddings, as Chinchilla), active_non_embedding, total.
-    params: str = "active"
-
-    def __post_init__(self) -> None:
-        if self.chinchilla_fraction is not None and not self.chinchilla_fraction > 0:
-            raise ConfigError(f"budget.chinchilla_fraction={self.chinchilla_fraction} must be positive "
-                              f"(or null to size the run by steps or tokens)")
-        if not self.tokens_per_param > 0:
-            raise ConfigError(f"budget.tokens_per_param={self.tokens_per_param} must be positive "
-                              f"(Chinchilla: 20)")
-        if self.params not in BUDGET_PARAMS:
-            raise ConfigError(f"budget.params={self.params!r}: choose one of {BUDGET_PARAMS}")
 
 
 @dataclass(frozen=True)
@@ -228,11 +205,11 @@ def demo_batch_warning(model_cfg: ModelConfig, moe_cfg: MoEConfig | None, global
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m moe_morpheus.budget +experiment=NAME [model=PRESET] [overrides]``: the run plan
+    """``python -m moe_morpheus.planning.budget +experiment=NAME [model=PRESET] [overrides]``: the run plan
     (parameters, Chinchilla budget, FLOPs) of a configuration, without building the model."""
     import sys
 
-    from moe_morpheus.experiment import compose_experiment
+    from moe_morpheus.config.experiment import compose_experiment
 
     try:
         exp = compose_experiment(sys.argv[1:] if argv is None else argv)

@@ -1,10 +1,10 @@
 """A stand-alone GLM forward in plain PyTorch (no Megatron-Core, no moe_morpheus imports) that
-loads a consolidated export (``python -m moe_morpheus.export``; docs/export_format.md) and
+loads a consolidated export (``python -m moe_morpheus.inference.export``; docs/export_format.md) and
 computes the training model's logits.
 
 Usage::
 
-    from moe_morpheus.reference_model import ReferenceGLM
+    from moe_morpheus.inference.reference_model import ReferenceGLM
     model = ReferenceGLM.load("export_dir")
     logits = model(tokens, position_ids, block_position_ids, segment_ids, prefix_mask, gmask)  # [b, s, V]
 
@@ -67,7 +67,7 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tens
     return x * angles.cos() + rotated * angles.sin()
 
 
-# The export format this forward computes (written by moe_morpheus.export). v2: post-LN layers in
+# The export format this forward computes (written by moe_morpheus.inference.export). v2: post-LN layers in
 # GLM-130B's order; v1 normalised after the residual sum.
 FORMAT = "moe_morpheus-glm-v2"
 

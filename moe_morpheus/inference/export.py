@@ -1,9 +1,9 @@
 """Consolidated export: a distributed checkpoint of any layout -> one safetensors file, a JSON
 config and the tokenizer (docs/export_format.md), loadable without Megatron-Core by
-:mod:`moe_morpheus.reference_model`.
+:mod:`moe_morpheus.inference.reference_model`.
 
-``python -m moe_morpheus.export CHECKPOINT OUT_DIR`` where CHECKPOINT is a ``step_*`` folder
-written by the trainer (moe_morpheus/train/checkpoint.py). The checkpoint's keys name global
+``python -m moe_morpheus.inference.export CHECKPOINT OUT_DIR`` where CHECKPOINT is a ``step_*`` folder
+written by the trainer (moe_morpheus/train/checkpoint/). The checkpoint's keys name global
 tensors, so loading it into a world of one (tp = pp = ep = 1) through ``dist_checkpointing``
 reassembles every TP, PP and EP shard; the tensors are then written under their parameter names
 in that model. The ``safetensors`` package is not a dependency: the format (a little-endian u64
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from moe_morpheus.config import ModelConfig, MoEConfig
-from moe_morpheus.reference_model import FORMAT  # the reader decides which exports it computes
+from moe_morpheus.inference.reference_model import FORMAT  # the reader decides which exports it computes
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                 torch.int64: "I64", torch.int32: "I32"}
@@ -50,7 +50,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 
 
 def export_config(model: ModelConfig, moe: MoEConfig | None, tokenizer_file: str | None) -> dict:
-    """What :class:`~moe_morpheus.reference_model.ReferenceGLM` needs (docs/export_format.md)."""
+    """What :class:`~moe_morpheus.inference.reference_model.ReferenceGLM` needs (docs/export_format.md)."""
     config = {
         "format": FORMAT,
         "num_layers": model.num_layers, "hidden_size": model.hidden_size,
@@ -88,7 +88,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     ``out_dir``. Runs as a world of one (call it outside any other process group)."""
 
     from moe_morpheus.config import ParallelConfig
-    from moe_morpheus.data.config import resolve_path
+    from moe_morpheus.config.data import resolve_path
     from moe_morpheus.model import build_model
     from moe_morpheus.parallel import initialize
     from moe_morpheus.train.checkpoint import load_model_weights, read_manifest
@@ -112,10 +112,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m moe_morpheus.export CHECKPOINT OUT_DIR``."""
+    """``python -m moe_morpheus.inference.export CHECKPOINT OUT_DIR``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m moe_morpheus.export CHECKPOINT_DIR OUT_DIR  (CHECKPOINT_DIR: a step_* folder)",
+        print("usage: python -m moe_morpheus.inference.export CHECKPOINT_DIR OUT_DIR  (CHECKPOINT_DIR: a step_* folder)",
               file=sys.stderr)
         return 2
     from moe_morpheus.train.checkpoint import CheckpointError

@@ -1,0 +1,116 @@
+"""Upcycling: how a dense FFN becomes a MoE layer, where a run's weights come from, and the
+staged upcycle-vs-scratch sweep (moe_morpheus/upcycle/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe_morpheus.config.errors import ConfigError
+from moe_morpheus.config.model import ModelConfig
+from moe_morpheus.config.moe import MoEConfig
+
+MODES = ("copy", "virtual_group", "he_scaling", "drop")
+ROUTER_INITS = ("tied", "untied")
+class UpcycleError(ConfigError):
+    """A source or target that cannot be upcycled; the message names the field or the path."""
+
+
+@dataclass
+class UpcycleConfig:
+    """How a dense FFN becomes a MoE layer (module docstring)."""
+
+    mode: str = "virtual_group"
+    drop_fraction: float = 0.5  # Nakamura et al.'s best r
+    router_init: str = "tied"
+    # None: model.init_std.
+    router_std: float | None = None
+    # Seed of the router rows and Drop-Upcycling's draws. None: the run's trainer.seed (resolved
+    # by ExperimentConfig.seeds); set it to pin the conversion across seeds.
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UpcycleError(f"upcycle.mode={self.mode!r}: choose one of {MODES}")
+        if self.router_init not in ROUTER_INITS:
+            raise UpcycleError(f"upcycle.router_init={self.router_init!r}: choose one of {ROUTER_INITS}")
+        if not 0.0 <= self.drop_fraction <= 1.0:
+            raise UpcycleError(f"upcycle.drop_fraction={self.drop_fraction} must be in [0, 1]")
+        if self.router_std is not None and self.router_std <= 0:
+            raise UpcycleError(f"upcycle.router_std={self.router_std} must be positive (or null)")
+
+
+@dataclass
+class InitConfig:
+    """Where a run's weights come from: None = random init (or its own checkpoints)."""
+
+    # A dense checkpoint (step_* folder or checkpoints folder) converted per ``upcycle``.
+    from_dense: str | None = None
+
+
+def divisors_near(n: int, target: float, count: int = 3) -> list[int]:
+    """The ``count`` divisors of ``n`` closest to ``target``, ascending (granularities to suggest)."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return sorted(sorted(divisors, key=lambda d: abs(d - target))[:count])
+
+
+def granularity(model: ModelConfig, moe: MoEConfig, cfg: UpcycleConfig) -> int:
+    """g = dense FFN / expert width (the target's ``moe.expert_hidden``), checked against the FFN
+    size, the experts and the routing; raises UpcycleError."""
+    ffn = model.ffn_hidden_size
+    expert = moe.expert_hidden(model)
+    if ffn % expert:
+        raise UpcycleError(f"moe.expert_hidden_size={expert} does not divide model.ffn_hidden_size={ffn}: each "
+                           f"expert takes ffn / g of the dense FFN's hidden units; set moe.expert_hidden_size=null "
+                           f"and moe.granularity to one of {divisors_near(ffn, ffn / expert)} instead")
+    g = ffn // expert
+    if moe.num_experts % g:
+        raise UpcycleError(f"moe.num_experts={moe.num_experts} is not divisible by the granularity {g}: "
+                           f"every group holds one copy of each of the g shards")
+    if cfg.mode == "copy" and g != 1:
+        raise UpcycleError(f"upcycle.mode=copy makes every expert the whole dense FFN (granularity 1) but "
+                           f"the experts are {expert} wide (granularity {g}): use mode=virtual_group or "
+                           f"moe.granularity=1")
+    if cfg.mode in ("copy", "virtual_group"):
+        if moe.softmax_before_topk:
+            raise UpcycleError(f"upcycle.mode={cfg.mode} is function-preserving only with renormalised top-k "
+                               f"scores; moe.softmax_before_topk=true leaves them summing to < 1: set it false "
+                               f"(or use mode=he_scaling)")
+        if moe.capacity_factor is not None:
+            raise UpcycleError(f"upcycle.mode={cfg.mode} is function-preserving only without dropped tokens: "
+                               f"set moe.capacity_factor=null (dropless)")
+        if moe.top_k % g:
+            raise UpcycleError(f"moe.top_k={moe.top_k} is not a multiple of the granularity {g}: the top-k must "
+                               f"take whole groups (one copy of every shard) to reproduce the dense FFN")
+    if g > 1 and cfg.router_init != "tied" and cfg.mode == "virtual_group":
+        raise UpcycleError("upcycle.mode=virtual_group needs upcycle.router_init=tied: untied rows would route "
+                           "to shards of different groups")
+    if moe.gate not in ("naive", "switch") and cfg.mode in ("copy", "virtual_group"):
+        # Noisy / GShard / FasterMoE gates perturb or redistribute the top-k in training.
+        raise UpcycleError(f"upcycle.mode={cfg.mode} is function-preserving with moe.gate=naive; "
+                           f"moe.gate={moe.gate} perturbs the routing")
+    return g
+
+
+@dataclass
+class SweepConfig:
+    name: str = "upcycle_vs_scratch"
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    dense_experiment: str = "dense"
+    moe_experiment: str = "upcycle_64e"
+    scratch_experiment: str = "moe_64e"
+    dense_fraction: float = 0.012
+    extra_fractions: list[float] = field(default_factory=lambda: [0.006, 0.012])
+    # Every stage exactly this many steps instead of the budget fractions (tests, smoke runs).
+    stage_steps: int | None = None
+    output_dir: str = "outputs/upcycle_vs_scratch"
+    tracking_uri: str | None = None
+    tracking_experiment: str = "moe_morpheus"
+    overrides: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.seeds or not self.extra_fractions:
+            raise ConfigError("upcycle_sweep: seeds and extra_fractions must not be empty")
+        if self.dense_fraction <= 0 or min(self.extra_fractions) <= 0:
+            raise ConfigError("upcycle_sweep: dense_fraction and extra_fractions must be positive")
+        if self.stage_steps is not None and self.stage_steps < 1:
+            raise ConfigError(f"upcycle_sweep: stage_steps={self.stage_steps} must be >= 1 (or null)")

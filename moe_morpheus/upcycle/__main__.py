@@ -1,0 +1,70 @@
+"""``python -m moe_morpheus.upcycle SOURCE OUTPUT_DIR [overrides]``: convert a dense checkpoint into
+a MoE checkpoint that ``train.py ... checkpoint.resume=OUTPUT_DIR/step_00000000`` trains from."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from moe_morpheus.config import ConfigError
+from moe_morpheus.config.upcycle import UpcycleError
+from moe_morpheus.upcycle.load import upcycle_into
+
+
+def convert(source: str | Path, output_dir: str | Path, overrides: list[str]) -> Path:
+    """``python -m moe_morpheus.upcycle``: write the converted checkpoint ``output_dir/step_00000000``
+    (zero AdamW moments, step 0). Collective over the processes torchrun started (or one)."""
+    from omegaconf import OmegaConf
+
+    from moe_morpheus import parallel as mm_parallel
+    from moe_morpheus.config.experiment import compose_experiment
+    from moe_morpheus.model import build_model
+    from moe_morpheus.train.checkpoint import layout, model_shape, save_checkpoint
+    from moe_morpheus.train.guards import Guards
+    from moe_morpheus.train.optim import Optimizer
+    from moe_morpheus.train.step import wrap_ddp
+
+    exp = compose_experiment(overrides)
+    exp.validate_world(int(os.environ.get("WORLD_SIZE", "1")))
+    if not exp.moe.enabled:
+        raise UpcycleError("the target has no MoE layer (moe.layer_freq=0): pick a MoE target, e.g. "
+                           "+experiment=upcycle_64e")
+    mm_parallel.initialize(exp.parallel, exp.model, seed=exp.trainer.seed)
+    t = exp.trainer
+    chunks = wrap_ddp(build_model(exp.model, exp.moe, exp.parallel, seed=t.seed))
+    optimizer = Optimizer(chunks, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.eps,
+                          grad_clip=t.grad_clip)
+    state = upcycle_into(chunks, exp, source)
+    # A fresh run's guard state (empty spike window), which resuming from this checkpoint restores.
+    state.guards = Guards(exp.guards, exp.faults, chunks, exp.model.embedding_grad_shrink).state_dict()
+    manifest = {"config": OmegaConf.to_container(OmegaConf.structured(exp)), "layout": layout(exp.parallel),
+                "model_shape": model_shape(exp.model, exp.moe)}
+    return save_checkpoint(Path(output_dir), state, chunks, optimizer, manifest=manifest, keep=1,
+                           checksums=exp.checkpoint.checksums)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moe_morpheus.upcycle SOURCE OUTPUT_DIR [hydra overrides]``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or args[0].startswith("-"):
+        print("usage: python -m moe_morpheus.upcycle SOURCE_CHECKPOINT OUTPUT_DIR [overrides, e.g. "
+              "+experiment=upcycle_64e upcycle.mode=copy moe.granularity=1]", file=sys.stderr)
+        return 2
+    from moe_morpheus import parallel as mm_parallel
+    from moe_morpheus.train.checkpoint import CheckpointError
+
+    try:
+        path = convert(args[0], args[1], args[2:])
+    except (ConfigError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        mm_parallel.destroy()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"upcycled {args[0]} -> {path}; train from it with checkpoint.resume={path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
