@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
@@ -54,8 +55,8 @@ class SelfAttention(MegatronModule):
         tokens seen so far; the new ones are appended and the queries attend to all of them,
         so each new token costs one step instead of a forward over the whole sequence."""
         qkv, _ = self.qkv(hidden_SBH)
-        seq, batch = qkv.shape[:2]  # the whole sequence: under sequence parallelism qkv gathered it
-        qkv = qkv.view(seq, batch, self.heads_local, 3, self.head_dim)
+        # The whole sequence (under sequence parallelism qkv gathered it); fused rows head by head.
+        qkv = rearrange(qkv, "s b (n three d) -> s b n three d", n=self.heads_local, three=3, d=self.head_dim)
         # Queries and keys rotated in one pass: [s, b, n, 2, d] against [s, b, 1, 1, d] tables.
         query_key = rotate(qkv[:, :, :, :2], rope_cos[:, :, None, None], rope_sin[:, :, None, None],
                            self.model_cfg.rope)
@@ -85,13 +86,12 @@ class SelfAttention(MegatronModule):
         arithmetic: q is divided by sqrt(d) * l before the product and the scores multiplied
         by l inside the kernel, whose accumulation and softmax are fp32."""
         cfg = self.model_cfg
-        seq, batch = query.shape[:2]
-        # [b, n, s, d] views; the kernel takes strided inputs.
-        query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        # Views; the kernel takes strided inputs.
+        query, key, value = (rearrange(t, "s b n d -> b n s d") for t in (query, key, value))
         coeff = float(self.layer_number) if cfg.query_layer_scaling else 1.0
         query = query / (math.sqrt(self.head_dim) * coeff)
         dropout = cfg.attention_dropout if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                      dropout_p=dropout, scale=coeff)
-        return context.permute(2, 0, 1, 3).reshape(seq, batch, self.heads_local * self.head_dim)
+        return rearrange(context, "b n s d -> s b (n d)")
