@@ -24,6 +24,7 @@ from moe_morpheus.model import init
 from moe_morpheus.model.layer import GLMLayer, mark_sequence_parallel
 from moe_morpheus.model.mask import glm_attention_mask
 from moe_morpheus.model.rope import rope_tables
+from moe_morpheus.moe.layer import FMoE
 
 
 def _backend() -> str | None:
@@ -133,13 +134,13 @@ def _run_counted_once(layer: GLMLayer, *inputs):
     Megatron's checkpoint) its MoE routing statistics are not recorded again: the first pass,
     which ran without grad, already counted this micro-batch."""
     moe = getattr(layer.ffn, "moe", None)
-    if not (torch.is_grad_enabled() and hasattr(moe, "_record_stats")):
+    if not (torch.is_grad_enabled() and isinstance(moe, FMoE)):  # FastMoE's own layer keeps no stats
         return layer(*inputs)
-    moe._record_stats = lambda *args: None  # instance attribute shadows FMoE._record_stats
+    moe.record_stats = False
     try:
         return layer(*inputs)
     finally:
-        del moe._record_stats
+        moe.record_stats = True
 
 
 class GLMModel(LanguageModule):

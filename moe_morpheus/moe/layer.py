@@ -120,6 +120,10 @@ class FMoE(nn.Module):
         self.mark_parallel_comm()
         # FasterMoE (moe_morpheus.moe.faster.FasterMoE): smart schedule / dynamic shadowing.
         self.faster = None
+        # Whether a forward adds its routing statistics (:meth:`take_stats`). The model turns it
+        # off for the recompute pass of full activation recomputation, which repeats a forward
+        # that was already counted.
+        self.record_stats = True
         self.reset_stats()
 
     def mark_parallel_comm(self) -> None:
@@ -159,7 +163,8 @@ class FMoE(nn.Module):
         y_TD, kept_G = self._dispatch_combine(x_TD, route_TK, score_TK)
         if mask_T is not None:
             y_TD = y_TD + self._masked_rows(mask_T, score_TK, y_TD)
-        self._record_stats(idx_TK, mask_T, kept_G)
+        if self.record_stats:
+            self._record_stats(idx_TK, mask_T, kept_G)
         if self.slice_size > 1:
             y_TD = AllGather.apply(y_TD, num_tokens, self.slice_group)
         return y_TD.reshape(inp.shape)
