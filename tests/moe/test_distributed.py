@@ -14,7 +14,7 @@ import torch.distributed as dist
 from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
 from moe_morpheus.moe import FMoE, GeGLUExperts, MoEFeedForward, set_aux_loss_scale
 from tests.distributed import run_distributed
-from tests.test_moe_layer import EXPERT_PARAMS, rel_err
+from tests.moe.test_layer import EXPERT_PARAMS, rel_err
 
 D, F_HIDDEN = 16, 24
 BALANCE_COEFF = 0.1

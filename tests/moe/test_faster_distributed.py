@@ -16,8 +16,8 @@ from torch import nn
 from moe_morpheus.moe import FMoE, GeGLUExperts
 from moe_morpheus.moe.faster import FasterMoE
 from tests.distributed import run_distributed
-from tests.test_moe_distributed import F_HIDDEN, _problem
-from tests.test_moe_layer import EXPERT_PARAMS, rel_err
+from tests.moe.test_distributed import F_HIDDEN, _problem
+from tests.moe.test_layer import EXPERT_PARAMS, rel_err
 
 D = 16
 G = 8

@@ -1,6 +1,6 @@
 """MoEFeedForward: auxiliary-loss injection, statistics for the trainer, the fastmoe backend.
 
-(Its TP=2 / EP=2 / sequence-parallel equality with TP=1 is in test_moe_distributed.py.)
+(Its TP=2 / EP=2 / sequence-parallel equality with TP=1 is in tests/moe/test_distributed.py.)
 Shape legend: s sequence, b batch, h hidden.
 """
 
@@ -17,7 +17,7 @@ from torch import nn
 from moe_morpheus.config import ModelConfig, MoEConfig
 from moe_morpheus.moe import FMoE, GeGLUExperts, MoEFeedForward, collect_moe_stats, gates, set_aux_loss_scale
 from moe_morpheus.moe.ffn import AuxLossInjector
-from tests.test_moe_layer import rel_err
+from tests.moe.test_layer import rel_err
 
 H, F_HIDDEN = 16, 24
 MODEL = ModelConfig(num_layers=2, hidden_size=H, num_attention_heads=2, ffn_hidden_size=F_HIDDEN)

@@ -1,17 +1,17 @@
 """Training the GLM with FasterMoE's smart schedule and dynamic shadowing switched on gives the
 same losses and parameters as with both off (relative 1e-5): 2 processes, EP=2, three clipped
-AdamW steps (tests/test_train_parallel.py's ``clipped_update``).
+AdamW steps (tests/train/test_parallel_updates.py's ``clipped_update``).
 
 The decision is replaced by "shadow the hottest expert" (the policy itself is tested in
-test_faster_policy.py), so that every step of every MoE layer shadows one expert.
+tests/moe/test_faster_policy.py), so that every step of every MoE layer shadows one expert.
 """
 
 from __future__ import annotations
 
 from moe_morpheus.config import FasterMoEConfig
 from tests.distributed import run_distributed
-from tests.test_backbone_parallel import relative_error
-from tests.test_train_parallel import MOE, clipped_update
+from tests.parallel.test_backbone_parallel import relative_error
+from tests.train.test_parallel_updates import MOE, clipped_update
 
 FASTER = FasterMoEConfig(schedule=True, group_size=1, shadow=True, net_bandwidth=1e9, flops=1e9)
 

@@ -150,7 +150,7 @@ def test_same_rows_in_a_new_process(demo_data, demo_data_cfg):
     script = (
         "from moe_morpheus.config.data import DataConfig\n"
         "from moe_morpheus.data.dataset import build_data\n"
-        "from tests.test_data_dataset import _digest\n"
+        "from tests.data.test_dataset import _digest\n"
         f"data = build_data(DataConfig(cache_dir={demo_data_cfg.cache_dir!r}, seed={demo_data_cfg.seed}), {SEQ}, "
         f"progress=False)\n"
         # reversed: row i must not depend on which rows were made before it in the process

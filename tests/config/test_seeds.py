@@ -1,7 +1,7 @@
 """A run's trainer.seed drives all of its randomness: initialisation, the training data (blend,
 order, objectives, spans) and the upcycling draws (router rows, dropped units), unless data.seed
 or upcycle.seed pins one; the validation sets are the same for every seed. Resolved in one place,
-ExperimentConfig.seeds (the logged params are checked end to end in tests/test_train_app.py)."""
+ExperimentConfig.seeds (the logged params are checked end to end in tests/train/test_app.py)."""
 
 from __future__ import annotations
 

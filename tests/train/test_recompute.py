@@ -9,8 +9,8 @@ import torch
 
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
 from tests.distributed import run_distributed
+from tests.parallel.test_backbone_parallel import relative_error
 from tests.synthetic import micro_batches
-from tests.test_backbone_parallel import relative_error
 
 MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32,
              hidden_dropout=0.1, attention_dropout=0.1)

@@ -12,8 +12,8 @@ import torch
 
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
 from tests.distributed import run_distributed
+from tests.parallel.test_backbone_parallel import relative_error
 from tests.synthetic import micro_batches
-from tests.test_backbone_parallel import relative_error
 
 MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
 MOE = dict(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=96)
@@ -32,7 +32,7 @@ def _build(moe: dict | None, ep: int, zero: bool):
     parallel = ParallelConfig(ep=ep)
     dp = initialize(parallel, model_cfg)
     chunks = wrap_ddp(build_model(model_cfg, MoEConfig(**moe) if moe else None, parallel, seed=5))
-    # Clip below the gradient norm and eps 1e-3: see tests/test_train_parallel.py::clipped_update.
+    # Clip below the gradient norm and eps 1e-3: see tests/train/test_parallel_updates.py::clipped_update.
     kind = ZeroOptimizer if zero else Optimizer
     optimizer = kind(chunks, lr=LR, weight_decay=WD, betas=(0.9, 0.95), eps=1e-3, grad_clip=0.05)
     return model_cfg, dp, chunks, optimizer

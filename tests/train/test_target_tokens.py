@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from moe_morpheus.train import checkpoint
 from moe_morpheus.train.checkpoint import Checkpointer, TrainState
-from tests.test_train_app import SMALL, train
+from tests.train.test_app import SMALL, train
 
 # SMALL: sequence 64, 4 rows per step (micro-batches of 2: two per step at DP=1, one per rank at DP=2).
 RUN = ["+experiment=dense", "trainer.steps=4", "checkpoint.interval_steps=2", "trainer.eval_interval=0",

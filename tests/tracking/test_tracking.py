@@ -39,7 +39,7 @@ from moe_morpheus.tracking.names import (
 from moe_morpheus.tracking.sweep_callback import MLflowSweepCallback, parent_run_id
 from moe_morpheus.tracking.tracker import Tracker, check_reachable, is_permanent
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

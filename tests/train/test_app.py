@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # A few steps of a small model: the mechanics, not the quality.
 SMALL = [
     "model.num_layers=2", "model.hidden_size=64", "model.seq_length=64", "trainer.global_batch_size=4",

@@ -40,7 +40,7 @@ def _setup(tp: int, pp: int, ep: int, moe: dict | None, model: dict = MODEL):
     parallel = ParallelConfig(tp=tp, pp=pp, ep=ep)
     dp = initialize(parallel, model_cfg)
     chunks = wrap_ddp(build_model(model_cfg, moe_cfg, parallel, seed=5))
-    # eps 1e-3: updates a smooth function of the gradient (tests/test_train_parallel.py says why).
+    # eps 1e-3: updates a smooth function of the gradient (tests/train/test_parallel_updates.py says why).
     optimizer = Optimizer(chunks, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-3, grad_clip=1.0)
     return SimpleNamespace(model_cfg=model_cfg, moe_cfg=moe_cfg, parallel=parallel, dp=dp, chunks=chunks,
                            optimizer=optimizer)

@@ -766,7 +766,7 @@ def test_moe_panels_plot_what_training_logs(captured, tmp_path):
     from torch import nn
 
     from moe_morpheus.moe import MoEFeedForward, collect_moe_stats
-    from tests.test_moe_ffn import MODEL, H, moe_cfg
+    from tests.moe.test_ffn import MODEL, H, moe_cfg
 
     torch.manual_seed(0)
     model = nn.Sequential(MoEFeedForward(MODEL, moe_cfg()), MoEFeedForward(MODEL, moe_cfg()))

@@ -15,8 +15,8 @@ from moe_morpheus.config.upcycle import UpcycleConfig, UpcycleError, granularity
 from moe_morpheus.upcycle.convert import upcycle_ffn
 from moe_morpheus.upcycle.load import load_dense, resolve_source
 from tests.distributed import run_distributed
+from tests.parallel.test_backbone_parallel import relative_error
 from tests.synthetic import micro_batches
-from tests.test_backbone_parallel import relative_error
 
 # hidden 64: dense FFN 192 (8/3 h rounded up to 64); granularity 2 -> experts of 96.
 MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
