@@ -119,7 +119,7 @@ def megatron_moe_layer(num_experts: int, *, hidden: int = HIDDEN, expert_hidden:
     from moe_morpheus.config import ParallelConfig
     from moe_morpheus.parallel import initialize
 
-    initialize(ParallelConfig())  # a world of one; enables the CPU redirections (DESIGN.md)
+    initialize(ParallelConfig())  # a world of one; enables the CPU redirections (docs/design.md#cpu-compatibility)
     config = TransformerConfig(
         num_layers=1, hidden_size=hidden, num_attention_heads=4, num_moe_experts=num_experts,
         moe_router_topk=TOP_K, moe_ffn_hidden_size=expert_hidden, ffn_hidden_size=TOP_K * expert_hidden,

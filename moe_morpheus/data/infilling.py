@@ -1,9 +1,9 @@
 """GLM autoregressive blank infilling: one sample, span sampling, packing, attention rule.
 
 A sample is Part A (the text with each span replaced by its mask token) followed by Part B
-(the spans, each behind a ``<sop>``). DESIGN.md "Samples and packing", "Positions" and
-"[gMASK] spans" define it; reference/glm.md section 1 has the paper's Figure 2, which
-``tests/test_data_infilling.py`` checks shifted to 0-based positions:
+(the spans, each behind a ``<sop>``). docs/design.md#blank-infilling, #packing and #positions
+define it; the paper's Figure 2 (Du et al. 2022), which ``tests/data/test_infilling.py`` checks,
+shifted to 0-based positions:
 
     input      x1 x2 [M] x4 [M] | [S] x5 x6 [S] x3
     position   0  1  2   3  4   | 4   4  4  2   2
@@ -53,7 +53,7 @@ def _i64(values) -> np.ndarray:
 
 def build_sample(tokens, spans, *, mask_id: int, sop_id: int, eop_id: int, span_order=None,
                  rng: np.random.Generator | None = None) -> Sample:
-    """A ``[MASK]`` sample (DESIGN.md contract): each half-open ``(start, end)`` span of
+    """A ``[MASK]`` sample (docs/design.md#public-contracts): each half-open ``(start, end)`` span of
     ``tokens`` becomes one ``mask_id`` in Part A and ``[sop] + span`` / ``span + [eop]`` in
     Part B. ``span_order`` lists indices into ``spans`` in their Part-B order; when None the
     order is a random permutation from ``rng`` (GLM shuffles: removing the shuffle hurts)."""
@@ -104,7 +104,7 @@ def build_sample(tokens, spans, *, mask_id: int, sop_id: int, eop_id: int, span_
 def build_gmask_sample(tokens, start: int, *, gmask_id: int, sop_id: int) -> Sample:
     """A ``[gMASK]`` sample: the suffix ``tokens[start:]`` is the one span. Part A is
     ``tokens[:start] + [gMASK]``; Part B input is ``[sop] + suffix[:-1]`` and its targets are
-    ``suffix`` (no ``<eop>``; DESIGN.md "[gMASK] spans"), positions (start, 1..len)."""
+    ``suffix`` (no ``<eop>``; docs/design.md#blank-infilling), positions (start, 1..len)."""
     text = _i64(tokens)
     start = int(start)
     if not 0 <= start < len(text):
@@ -177,7 +177,7 @@ def sample_gmask_start(length: int, rng: np.random.Generator, *, min_ratio: floa
 
 
 # ``gmask``: 1 on every token of a [gMASK] sample (MIP included), which 1D RoPE (GLM-130B) needs:
-# its Part B continues the positions linearly, a [MASK] sample's stays at the mask (DESIGN.md).
+# its Part B continues the positions linearly, a [MASK] sample's stays at the mask (docs/design.md#rope).
 ROW_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "block_position_ids", "segment_ids", "prefix_mask",
             "gmask")
 

@@ -1,4 +1,4 @@
-"""Blank filling and continuation with a trained GLM (reference/glm.md, section 4).
+"""Blank filling and continuation with a trained GLM (Du et al. 2022; docs/design.md#inference).
 
 - ``[gMASK]``: the input is ``text [gMASK] <sop>``; the context up to the mask is bidirectional
   (Part A); generated tokens take (mask position, 1, 2, ...) as 2D positions, or continue the

@@ -10,7 +10,7 @@ Usage::
 
 It reads ``model.safetensors`` with :func:`read_safetensors` (the format is a JSON header and raw
 little-endian tensors; the ``safetensors`` package reads the same file) and ``config.json``.
-Inputs are GLM's [b, s] batch tensors (DESIGN.md, "Samples and packing", "Positions").
+Inputs are GLM's [b, s] batch tensors (docs/design.md#packing, #positions).
 Routing is dropless top-k of the router logits (the ``naive`` gate; ``softmax_before_topk``
 honoured), which is what the training model does at evaluation without a capacity factor.
 """
@@ -160,7 +160,7 @@ class ReferenceGLM:
         cfg = self.cfg
         if cfg["rope"] == "2d":
             pos, block = position_ids, block_position_ids
-        else:  # 1D RoPE: [gMASK] rows continue linearly into Part B (DESIGN.md, "Positions")
+        else:  # 1D RoPE: [gMASK] rows continue linearly into Part B (docs/design.md#rope)
             if gmask is None:
                 raise ValueError("1D RoPE needs the per-token gmask flag")
             pos, block = position_ids + block_position_ids * gmask.to(position_ids.dtype), None

@@ -54,7 +54,7 @@ def megatron_config(model_cfg: ModelConfig, parallel: ParallelConfig, dtype: tor
         num_attention_heads=model_cfg.num_attention_heads,
         ffn_hidden_size=model_cfg.ffn_hidden_size,
         tensor_model_parallel_size=parallel.tp,
-        # Needed for correct layer offsets and checkpoint keys under PP (DESIGN.md).
+        # Needed for correct layer offsets and checkpoint keys under PP (docs/design.md#cpu-compatibility).
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.virtual_pp if (parallel.virtual_pp or 1) > 1 else None,
         # Activations between the TP regions (LayerNorms, dropout, residual, MoE routing) are split
@@ -225,7 +225,7 @@ class GLMModel(LanguageModule):
         self.input_tensor = input_tensor
 
     def rope_positions(self, position_ids, block_position_ids, gmask):
-        """Position ids for RoPE (DESIGN.md, "Positions")."""
+        """Position ids for RoPE (docs/design.md#positions)."""
         if self.model_cfg.rope == "2d":
             return position_ids, block_position_ids
         if gmask is None:

@@ -1,4 +1,4 @@
-"""GLM's attention mask for packed rows (DESIGN.md, "Samples and packing").
+"""GLM's attention mask for packed rows (docs/design.md#attention-mask, #packing).
 
 Query q may attend to key k iff they are in the same segment and the key is in that segment's
 Part A (bidirectional context) or k <= q (causal Part B, which also sees earlier spans).

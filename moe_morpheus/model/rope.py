@@ -1,4 +1,4 @@
-"""Rotary position embeddings in GLM's two modes (reference/glm.md, section 2).
+"""Rotary position embeddings in GLM's two modes (Du et al. 2022; GLM-130B, Zeng et al. 2022; docs/design.md#rope).
 
 - ``1d`` (GLM-130B): the whole head dimension rotates by one position id per token.
 - ``2d`` (GLM / ChatGLM-6B): the first half of each head rotates by ``position_ids`` (the
@@ -21,7 +21,7 @@ def rope_tables(position_ids: torch.Tensor, block_position_ids: torch.Tensor | N
     every layer (and by queries and keys), instead of per layer and per tensor.
 
     In ``1d`` mode ``position_ids`` are the final 1D ids (the caller adds block positions for
-    ``[gMASK]`` rows, DESIGN.md "Positions"); in ``2d`` mode both id tensors are required, the
+    ``[gMASK]`` rows, docs/design.md#positions); in ``2d`` mode both id tensors are required, the
     first half of the head dimension taking ``position_ids``, the second ``block_position_ids``."""
     if mode == "1d":
         parts = [(position_ids, head_dim)]

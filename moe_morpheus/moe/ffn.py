@@ -2,10 +2,10 @@
 
 Shape legend: s sequence, b batch, h hidden (= D), F expert hidden.
 
-Groups come from Megatron-Core's ``parallel_state`` (DESIGN.md, "Parallel layout of the MoE
-layer"): ``moe_group`` is the expert-parallel group, ``slice_group`` the tensor-parallel group
+Groups come from Megatron-Core's ``parallel_state`` (docs/design.md#parallel-layout):
+``moe_group`` is the expert-parallel group, ``slice_group`` the tensor-parallel group
 when TP > 1 (all TP ranks hold the same tokens after attention). Auxiliary losses reach the final
-loss from any pipeline stage through :class:`AuxLossInjector` (DESIGN.md, "Auxiliary losses").
+loss from any pipeline stage through :class:`AuxLossInjector` (docs/design.md#aux-losses).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def set_aux_loss_scale(scale: float) -> None:
 
 
 def _fastmoe_gate(gate: str, capacity_factor: float | None):
-    """FastMoE's gate class for ``moe.gate`` (its own loss formulas, reference/fastmoe.md sec. 2)."""
+    """FastMoE's gate class for ``moe.gate`` (its own loss formulas; docs/design.md#fastmoe-compatibility)."""
     from fmoe import gates as fmoe_gates
 
     classes = {"naive": fmoe_gates.NaiveGate, "noisy": fmoe_gates.NoisyGate,

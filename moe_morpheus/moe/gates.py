@@ -7,7 +7,7 @@ signature; ``num_expert`` is experts per rank) and called on [T, D]; it returns
 ``(idx [T, K] long, score [T, K])``. ``idx == -1`` marks an assignment the gate dropped
 (capacity, GShard random routing): it contributes zero to the output.
 
-One balance-loss formula for every gate (DESIGN.md, Definitions), not FastMoE's per-gate ones
+One balance-loss formula for every gate (docs/design.md#losses), not FastMoE's per-gate ones
 (GShard: local E and top-1 counts; Switch: kept tokens only):
 
     balance = G * sum_i f_i * P_i,
@@ -18,7 +18,7 @@ f_i = P_i = 1 / G, so balance = G * G / G^2 = 1 for any K. Router z-loss (ST-MoE
 2022, eq. 5): mean_t logsumexp(logits_t)^2. Both are computed on every call (a softmax and a
 logsumexp over [T, G]); the layer's coefficients decide whether they reach the loss.
 
-Capacity (DESIGN.md): per sending rank and expert, ceil(capacity_factor * T * K / G)
+Capacity (docs/design.md#capacity): per sending rank and expert, ceil(capacity_factor * T * K / G)
 assignments; beyond it, the lowest-score assignments are dropped (ties: the later (token, slot)
 is dropped), so drops are deterministic, unlike FastMoE's first-come atomic grants.
 """

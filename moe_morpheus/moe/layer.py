@@ -1,4 +1,4 @@
-"""FMoE: FastMoE's layer (reference/fastmoe.md sec. 1) in PyTorch, on any torch.distributed backend.
+"""FMoE: FastMoE's layer (He et al. 2021; docs/design.md#moe-layer) in PyTorch, on any torch.distributed backend.
 
 Shape legend: T tokens, D model dim, K top-k, G experts in total, E local experts (``num_expert``),
 W ranks of the expert-parallel group, N rows of an expert-sorted buffer (kept assignments).
@@ -53,7 +53,7 @@ def _group_size(group) -> int:
 
 
 class FMoE(nn.Module):
-    """FastMoE-compatible MoE layer (DESIGN.md, Public contracts).
+    """FastMoE-compatible MoE layer (docs/design.md#fastmoe-compatibility, #public-contracts).
 
     ``num_expert``: experts on this rank (the gate scores ``num_expert * world_size``).
     ``expert``: an ``nn.Module`` of batched experts called as ``expert(x_ND, counts_E)`` (e.g.

@@ -8,7 +8,7 @@ Megatron-Core assumes CUDA in a handful of places. When ``torch.cuda.is_availabl
 2. Factory functions called with ``device="cuda"`` (or a CUDA index) allocate on the CPU: the
    schedules create ``total_num_tokens = torch.zeros(..., device="cuda")`` in three places. This
    is a :class:`torch.overrides.TorchFunctionMode` that only rewrites a ``device`` keyword; it
-   costs no measurable time on a 256-wide layer (DESIGN.md, measured).
+   costs no measurable time on a 256-wide layer (measured; docs/design.md#cpu-compatibility).
 3. ``Tensor.cuda()`` returns the tensor itself: ``LanguageModule.setup_embeddings_and_output_layer``
    moves the tied output weight with ``.cuda()`` before all-reducing it under PP.
 4. ``torch.cuda.synchronize`` becomes a no-op and ``torch.cuda.Stream`` a stand-in whose

@@ -1,7 +1,7 @@
 """Parameter counts, model FLOPs per token and Chinchilla token budgets, from the config alone.
 
 Nothing here builds a model: a ``morpheus_30b`` plan is printed on a laptop in microseconds. The
-counts follow the GLM model's exact parameter inventory (DESIGN.md, "Parameters and budgets"), so
+counts follow the GLM model's exact parameter inventory (docs/design.md#budgets), so
 a test can compare them with ``sum(p.numel())`` of the built module.
 
 Inventory, with h = hidden size, V = padded vocabulary (padded as the model pads it, independent
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from moe_morpheus.config import BudgetConfig, ConfigError, ModelConfig, MoEConfig
 
 # Which parameter count sizes the Chinchilla budget. Hoffmann et al. (2022) counted embeddings,
-# so the default is active parameters including the embedding (DESIGN.md).
+# so the default is active parameters including the embedding (docs/design.md#budgets).
 # A model of a billion parameters or more trained on fewer tokens per step than this is on the CPU
 # demo trainer by mistake: GPT-3 trained even its 125M model on 0.5M-token batches (Brown et al.
 # 2020, Table 2.1), and conf/trainer/cluster.yaml takes 2.1M.
@@ -76,7 +76,7 @@ def param_counts(model_cfg: ModelConfig, moe_cfg: MoEConfig | None = None) -> Pa
 
 
 def flops_per_token(model_cfg: ModelConfig, seq_len: int, moe_cfg: MoEConfig | None = None) -> int:
-    """Training model FLOPs per token (DESIGN.md; Megatron-Core's model-FLOP convention).
+    """Training model FLOPs per token (docs/design.md#budgets; Megatron-Core's model-FLOP convention).
 
     3 x forward (forward, weight gradient, input gradient), 2 FLOPs per multiply-add::
 

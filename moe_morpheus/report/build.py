@@ -173,7 +173,7 @@ def matched_section(c: Collection, out: Path) -> list[Block]:
 
 def flops_section(c: Collection) -> list[Block]:
     """Detailed vs 6ND FLOPs per configuration: for tiny models attention and logits make the
-    detailed count several times 6N (DESIGN.md), so an equal-6ND comparison is not equal compute."""
+    detailed count several times 6N (docs/design.md#budgets), so an equal-6ND comparison is not equal compute."""
     rows = []
     for group, sub in c.runs.groupby("group", sort=False):
         r = sub.iloc[0]

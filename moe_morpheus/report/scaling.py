@@ -1,7 +1,7 @@
 """Chinchilla approach-3 scaling-law fits: L(N, D) = E + A / N^alpha + B / D^beta.
 
-The procedure is Hoffmann et al. (2022) as written in reference/scaling.md, with nothing changed:
-minimise the **summed** Huber(delta = 1e-3) loss of
+The procedure is Hoffmann et al. (2022) as they describe it, with nothing changed
+(docs/design.md#scaling-fits): minimise the **summed** Huber(delta = 1e-3) loss of
 
     r_i = LSE(a - alpha log N_i, b - beta log D_i, e) - log L_i,    A, B, E = exp(a), exp(b), exp(e)
 
@@ -10,7 +10,7 @@ the grid alpha, beta in {0, 0.5, ..., 2}, e in {-1, -0.5, ..., 1}, a, b in {0, 5
 (5 * 5 * 5 * 6 * 6 = 4500 starts), keeping the lowest loss. The summed loss matters: averaged
 over the runs it is 240x smaller (~4e-6 at the optimum), and L-BFGS-B's ftol test (a change
 <= 2.2e-9 * max(|f|, 1), absolute once f < 1) then ends runs early, near their starting points
-(reference/scaling.md: how the published values came out off). On
+(Besiroglu et al. 2024: how the published values came out off). On
 Epoch AI's 240 runs this gives E = 1.817, A = 477.8, B = 2143, alpha = 0.347, beta = 0.367.
 
 Speed: one ``scipy.optimize.minimize`` per start costs ~50 evaluations of ~100 us, so the grid
@@ -39,7 +39,7 @@ from threadpoolctl import threadpool_limits
 
 PARAM_NAMES = ("a", "b", "e", "alpha", "beta")
 
-# Hoffmann et al.'s grid of L-BFGS starts (reference/scaling.md).
+# Hoffmann et al.'s grid of L-BFGS starts (docs/design.md#scaling-fits).
 GRID = {
     "a": np.arange(0.0, 25.0 + 1e-9, 5.0),
     "b": np.arange(0.0, 25.0 + 1e-9, 5.0),

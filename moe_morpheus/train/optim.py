@@ -3,7 +3,7 @@ counts every parameter exactly once.
 
 One path on CPU and GPU (Megatron-Core's own optimizer wrappers assert CUDA tensors): the
 finalised fp32 ``main_grad`` of each parameter is handed to ``torch.optim.AdamW`` (its fused
-kernel on both). Which copies count towards the norm (DESIGN.md, parallel layout):
+kernel on both). Which copies count towards the norm (docs/design.md#gradient-norm):
 
 - dense parameters sharded by tensor parallelism (``tensor_model_parallel``) count on every TP
   rank; replicated ones (LayerNorms, row-parallel biases, gates) only on TP rank 0; the sum

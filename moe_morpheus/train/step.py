@@ -43,7 +43,7 @@ def wrap_ddp(chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
 
 
 def finalize_grads(model: list[torch.nn.Module], num_tokens=None, **kwargs) -> None:
-    """Megatron's gradient finalisation plus the MoE gate rule (DESIGN.md, parallel layout).
+    """Megatron's gradient finalisation plus the MoE gate rule (docs/design.md#gradient-reduction).
 
     Gate parameters are marked ``sequence_parallel = True``: each tensor-parallel rank routes a
     different 1/tp slice of the tokens, so their gradients are *summed* over the TP group.

@@ -1,4 +1,4 @@
-"""Dense -> MoE conversion ("sparse upcycling", reference/scaling.md sec. 5).
+"""Dense -> MoE conversion ("sparse upcycling", Komatsuzaki et al. 2022; docs/design.md#upcycling).
 
 Two ways in:
 

@@ -1,5 +1,5 @@
 """Staged sweep ``upcycle_vs_scratch``: does upcycling a trained dense model beat continuing it,
-or training the MoE from scratch? (reference/scaling.md sec. 5; Komatsuzaki et al. 2022 find
+or training the MoE from scratch? (docs/design.md#upcycle-sweep; Komatsuzaki et al. 2022 find
 upcycling ahead until about 100-120% extra compute.)
 
 ``python -m moe_morpheus.upcycle.sweep [key=value ...]`` (keys: :class:`SweepConfig`, defaults

@@ -1,7 +1,7 @@
 """FasterMoE (He et al., PPoPP'22) on the project's FMoE: smart schedule (``schedule.py``),
 dynamic shadowing (``shadow.py``) decided by the performance model (``policy.py``), the
 topology-aware gate (``gate.py``) and their statistics (``stats.py``); ``runtime.py`` attaches
-them to a layer. reference/fastmoe.md, section 3."""
+them to a layer (He et al., PPoPP'22; docs/design.md#fastermoe)."""
 
 from moe_morpheus.moe.faster.gate import TopologyGate
 from moe_morpheus.moe.faster.policy import Costs, decide_shadow, predict_latency, predict_schedule

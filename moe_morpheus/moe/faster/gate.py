@@ -1,5 +1,5 @@
 """FasterMoE's topology-aware gate (congestion-avoiding expert selection; FasterMoE, PPoPP'22,
-sec. 6; FastMoE's ``FasterGate``, reference/fastmoe.md sec. 2).
+sec. 6; FastMoE's ``FasterGate``; docs/design.md#fastermoe).
 
 Shape legend: T tokens, D model dim, G experts in total, K top-k.
 

@@ -1,5 +1,5 @@
 """FasterMoE's performance model: which experts to shadow, and what shadowing and the smart
-schedule are predicted to save (FasterMoE, PPoPP'22, sec. 4; reference/fastmoe.md sec. 3).
+schedule are predicted to save (FasterMoE, PPoPP'22, sec. 4; docs/design.md#fastermoe).
 
 Shape legend: W ranks of the expert-parallel group, E local experts, G = W * E experts.
 ``load_WG[w, g]`` = assignments rank w sends to global expert g this step (all-gathered, so

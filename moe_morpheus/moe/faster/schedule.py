@@ -1,6 +1,6 @@
 """FasterMoE's smart schedule: the token exchange split into group-wise steps, each step's
 transfer overlapped with the previous step's expert computation, in forward and backward
-(FasterMoE, PPoPP'22, sec. 5; reference/fastmoe.md sec. 3).
+(FasterMoE, PPoPP'22, sec. 5; docs/design.md#fastermoe).
 
 Shape legend: N rows this rank sends (sorted by destination rank, then local expert), R rows it
 receives (by source rank, then local expert: the plain all-to-all's layout), D model dim,

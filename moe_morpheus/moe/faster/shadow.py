@@ -1,5 +1,5 @@
 """FasterMoE's dynamic shadowing: replicate hot experts instead of sending their tokens
-(FasterMoE, PPoPP'22, sec. 4; reference/fastmoe.md sec. 3).
+(FasterMoE, PPoPP'22, sec. 4; docs/design.md#fastermoe).
 
 Shape legend: S shadowed experts, P parameters of one expert, N rows, D model dim, E local
 experts.
