@@ -6,7 +6,7 @@
 
 Every case is a fresh process (``torchrun --nproc_per_node=2`` for the 2-process ones) that
 builds the run exactly as ``train.py`` does (``Trainer.setup``: demo data, model, Megatron DDP,
-AdamW, guards) and times ``Trainer._train_step``, the loop body itself, after two warm-up steps.
+AdamW, guards) and times ``Trainer.train_step``, the loop body itself, after two warm-up steps.
 Cases run round-robin ``--rounds`` times and the best round of each is kept: on a shared 2-core
 machine other work steals time in bursts, and interleaving exposes every case to the same bursts.
 
@@ -285,7 +285,7 @@ def run_case(name: str, steps: int, out: Path) -> None:
             with timer.region("data"):
                 micro = [next(batches) for _ in range(trainer.num_microbatches)]
             with timer.region("backward"):  # what forward_backward spends outside forward and grad sync
-                loss, _, _ = trainer._train_step(step, micro)
+                loss = trainer.train_step(step, micro).loss
             losses.append(loss)
         seconds = time.perf_counter() - start
     tokens = steps * trainer.tokens_per_step

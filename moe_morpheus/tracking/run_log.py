@@ -1,14 +1,21 @@
-"""What a run records besides the loop itself: the MLflow side (:class:`RunLogger`, rank 0 only) and
-the expert load accumulated over training (:class:`MoELoad`, written as moe_load.json at the end)."""
+"""A training run's MLflow side (:class:`RunLogger`, rank 0 only): params, tags, metrics, the
+summary and the expert-load artifact; what it logs is assembled in
+:mod:`moe_morpheus.tracking.metrics`."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 from omegaconf import OmegaConf
+
+if TYPE_CHECKING:
+    from moe_morpheus.config.experiment import ExperimentConfig
+    from moe_morpheus.planning.budget import ParamCounts, RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -27,66 +34,39 @@ def lineage_tags(lineage: dict) -> tuple[dict[str, str], dict[str, str]]:
     return tags, params
 
 
-class MoELoad:
-    """Expert load per layer: (token, slot) assignments per global expert summed over training
-    steps and every rank (``collect_moe_stats`` over the world, so every rank holds the same
-    totals); saved in checkpoints, and as fractions in moe_load.json for the report's heatmap."""
-
-    def __init__(self):
-        self.totals: dict[str, list[float]] = {}
-
-    def add(self, stats: dict) -> dict[str, float]:
-        """Accumulate the per-expert loads; return the scalar statistics for logging."""
-        scalars = {}
-        for key, value in stats.items():
-            if key.endswith("/load"):
-                layer = key.split("/")[1]
-                total = self.totals.setdefault(layer, [0.0] * len(value))
-                for i, v in enumerate(value):
-                    total[i] += float(v)
-            else:
-                scalars[key] = float(value)
-        return scalars
-
-    def fractions(self) -> dict[str, list[float]]:
-        return {layer: [v / max(sum(t), 1e-12) for v in t] for layer, t in self.totals.items()}
-
-
 class RunLogger:
-    """The run's MLflow side (rank 0): params, tags, metrics, summary and artifacts, for
-    ``trainer``, a set-up :class:`~moe_morpheus.train.trainer.Trainer` (not imported here: the
-    trainer imports this module)."""
+    """The run's MLflow side (rank 0) for ``exp`` and its resolved ``config``: ``plan`` and
+    ``counts`` (planning.budget), ``dp`` data-parallel ranks, ``planned_epochs`` per data source
+    over the whole plan; ``resume_run_id`` continues a run, ``lineage`` is a dense start's."""
 
-    def __init__(self, trainer, resume_run_id: str | None = None, lineage: dict | None = None):
+    def __init__(self, exp: ExperimentConfig, config: dict, *, plan: RunPlan, counts: ParamCounts, dp: int,
+                 planned_epochs: dict[str, float], output_dir: Path, parent_run_id: str | None = None,
+                 resume_run_id: str | None = None, lineage: dict | None = None):
         from moe_morpheus.tracking.names import flatten_config, resolve_uri, run_tags
         from moe_morpheus.tracking.tracker import Tracker
 
-        exp = trainer.exp
         uri = resolve_uri(exp.tracking.uri)
         # A converted checkpoint trained via checkpoint.resume is an upcycled run too.
         variant = "upcycled" if lineage and lineage["kind"] == "upcycled" else exp.variant
         lineage_tag, lineage_params = lineage_tags(lineage) if lineage else ({}, {})
-        tags = run_tags(variant, exp.name, exp.sweep, f"{exp.layout}-dp{trainer.dp}", extra=lineage_tag)
-        if any(v > 1 for v in trainer.data.epochs(trainer.plan.steps * exp.trainer.global_batch_size).values()):
+        tags = run_tags(variant, exp.name, exp.sweep, f"{exp.layout}-dp{dp}", extra=lineage_tag)
+        if any(v > 1 for v in planned_epochs.values()):
             tags["data_repeated"] = "true"
-            log.warning("this run repeats data: planned epochs per source %s",
-                        trainer.data.epochs(trainer.plan.steps * exp.trainer.global_batch_size))
+            log.warning("this run repeats data: planned epochs per source %s", planned_epochs)
         self.tracker = Tracker(uri, exp.tracking.experiment, exp.tracking.run_name or exp.name, rank=0, tags=tags,
-                               parent_run_id=trainer.parent_run_id, resume_run_id=resume_run_id,
-                               local_dir=trainer.output_dir)
-        counts, plan = trainer.counts, trainer.plan
-        params = flatten_config(trainer.resolved_config)
+                               parent_run_id=parent_run_id, resume_run_id=resume_run_id, local_dir=output_dir)
+        params = flatten_config(config)
         params.update({
             "count.total_params": counts.total, "count.active_params": counts.active,
             "count.embedding_params": counts.embedding, "count.non_embedding_params": counts.non_embedding,
             "budget.chinchilla_tokens": plan.budget_tokens, "budget.planned_tokens": plan.tokens,
             "budget.planned_steps": plan.steps, "flops_per_token": plan.flops_per_token,
-            "world_size": dist.get_world_size(), "dp": trainer.dp, **lineage_params,
+            "world_size": dist.get_world_size(), "dp": dp, **lineage_params,
             # The effective seeds, not the config's None for "follows trainer.seed".
             **exp.seeds.params(),
         })
-        self.tracker.start({k: str(v) for k, v in params.items()}, OmegaConf.to_yaml(trainer.resolved_config))
-        self.output_dir = trainer.output_dir
+        self.tracker.start({k: str(v) for k, v in params.items()}, OmegaConf.to_yaml(config))
+        self.output_dir = output_dir
 
     @property
     def run_id(self) -> str | None:

@@ -1,17 +1,20 @@
-"""Training-stability guards and fault injection (reference/glm.md section 3: GLM-130B's spikes,
-NaNs and embedding-gradient explosions).
+"""Training-stability guards and fault injection (GLM-130B, Zeng et al. 2022, section 3: loss
+spikes, NaNs and embedding-gradient explosions).
 
-Per step the trainer calls :meth:`Guards.begin_step` (faults that crash, the embedding-gradient
-shrink schedule) and, once the loss of the step is known and before any parameter moves,
-:meth:`Guards.update`, which decides:
+The guards decide, the trainer acts. Per step the trainer calls :meth:`Guards.begin_step` (faults
+that crash, the embedding-gradient shrink schedule); once the loss of the step is known and before
+any parameter moves, :meth:`Guards.decide` returns a :class:`Decision`:
 
-- a NaN / Inf loss, or a non-finite gradient norm (:class:`~moe_morpheus.train.optim.Optimizer`
-  already refuses those), skips the update; counted in ``guards/skipped``;
+- a NaN / Inf loss skips the update; so does a non-finite gradient norm, which
+  :class:`~moe_morpheus.train.optim.Optimizer` refuses by itself; counted in ``guards/skipped``;
 - a loss spike (:class:`SpikeDetector`) is counted in ``guards/spikes`` and handled by
   ``guards.spike_action``: ``skip`` the update; ``lower_lr`` (the update runs at the lowered LR
-  and every later one too); ``rollback``: no update, and :attr:`Guards.rollback_requested` tells
-  the trainer to reload the last checkpoint and go on with the data *after* the spiking batch
+  and every later one too); ``rollback``: no update, and the trainer reloads the last checkpoint
+  and goes on with the data *after* the spiking batch, then calls :meth:`Guards.rolled_back`
   (``guards/rollbacks``; the skipped sample range is kept in :attr:`Guards.skipped_ranges`).
+
+The trainer then steps the optimizer or not and reports the gradient norms to
+:meth:`Guards.record`, which counts skipped updates and keeps the window of accepted losses.
 
 Every rank sees the same loss (``forward_backward`` reduces it over all ranks) and the same
 global gradient norm, so every rank takes the same decision without extra communication.
@@ -29,12 +32,13 @@ import math
 import os
 import signal
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from moe_morpheus.config import FaultConfig, GuardConfig
-from moe_morpheus.train.optim import GradNorms, Optimizer, grad_norms
+from moe_morpheus.train.optim import GradNorms
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +107,17 @@ class Faults:
         return loss
 
 
+@dataclass(frozen=True)
+class Decision:
+    """The guards' verdict on one step, taken before any parameter moves; the trainer acts on it."""
+
+    loss: float  # as the guards saw it: fault injection may have replaced the measured one
+    lr: float  # the scheduled LR times the guards' LR scale
+    update: bool  # step the optimizer (which still refuses a non-finite gradient norm)
+    rollback: bool = False  # no update: reload the last checkpoint, go on after this batch
+    spike: bool = False  # the loss spiked (never enters the spike window, even when updated)
+
+
 class Guards:
     """NaN/Inf skips, loss-spike actions, the EGS schedule and fault injection for one run.
 
@@ -122,9 +137,6 @@ class Guards:
         self.rollbacks = 0
         self.lr_scale = 1.0
         self.skipped_ranges: list[list[int]] = []
-        self.rollback_requested = False
-        # Set by the Checkpointer: whether a checkpoint exists to roll back to.
-        self.checkpoint_available = False
 
     # ------------------------------------------------------------------ per step
     def egs_alpha(self, step: int) -> float:
@@ -138,47 +150,46 @@ class Guards:
         for embedding in self.embeddings:
             embedding.grad_shrink = alpha
 
-    def update(self, step: int, loss: float, lr: float, optimizer: Optimizer) -> tuple[float, GradNorms, float]:
-        """Decide on this step's update and apply it (or not); returns (loss, norms, lr used)."""
+    def decide(self, step: int, loss: float, lr: float, *, can_roll_back: bool) -> Decision:
+        """This step's update, from its loss and scheduled ``lr``; ``can_roll_back``: a checkpoint
+        exists to return to (without one a rollback becomes a skip)."""
         loss = self.faults.loss(step + 1, loss)
-        finite = math.isfinite(loss)
-        action = None
-        if finite and self.detector.is_spike(loss):
-            self.spikes += 1
-            action = self.cfg.spike_action
-            if action == "rollback" and not self.checkpoint_available:
-                log.warning("no checkpoint to roll back to yet: the update is skipped instead")
-                action = "skip"
-            if action == "rollback" and self.rollbacks >= self.cfg.max_rollbacks:
-                raise RuntimeError(f"loss spike at step {step + 1} after {self.rollbacks} rollbacks "
-                                   f"(guards.max_rollbacks={self.cfg.max_rollbacks}): the run keeps diverging; "
-                                   f"lower the learning rate or the embedding gradient shrink and resume")
-            log.warning("loss spike at step %d: %.4f against a window mean of %.4f; action %s", step + 1, loss,
-                        sum(self.detector.losses) / len(self.detector.losses), action)
-            if action == "lower_lr":
-                self.lr_scale *= self.cfg.lr_factor
-        lr *= self.lr_scale
-        optimizer.set_lr(lr)
-        if finite and action not in ("skip", "rollback"):
-            norms = optimizer.step()
-        else:
-            norms = grad_norms(optimizer.params, optimizer.embedding_params)
-        applied = finite and norms.finite and action not in ("skip", "rollback")
-        if not applied and action != "rollback":
+        if not math.isfinite(loss):
+            return Decision(loss, lr * self.lr_scale, update=False)
+        if not self.detector.is_spike(loss):
+            return Decision(loss, lr * self.lr_scale, update=True)
+        self.spikes += 1
+        action = self.cfg.spike_action
+        if action == "rollback" and not can_roll_back:
+            log.warning("no checkpoint to roll back to yet: the update is skipped instead")
+            action = "skip"
+        if action == "rollback" and self.rollbacks >= self.cfg.max_rollbacks:
+            raise RuntimeError(f"loss spike at step {step + 1} after {self.rollbacks} rollbacks "
+                               f"(guards.max_rollbacks={self.cfg.max_rollbacks}): the run keeps diverging; "
+                               f"lower the learning rate or the embedding gradient shrink and resume")
+        log.warning("loss spike at step %d: %.4f against a window mean of %.4f; action %s", step + 1, loss,
+                    sum(self.detector.losses) / len(self.detector.losses), action)
+        if action == "lower_lr":
+            self.lr_scale *= self.cfg.lr_factor
+        return Decision(loss, lr * self.lr_scale, update=action == "lower_lr", rollback=action == "rollback",
+                        spike=True)
+
+    def record(self, step: int, decision: Decision, norms: GradNorms) -> None:
+        """After the trainer acted on ``decision``: count a skipped update, keep an accepted loss."""
+        applied = decision.update and norms.finite
+        if not applied and not decision.rollback:
             self.skipped += 1
+            finite = math.isfinite(decision.loss)
             if not (finite and norms.finite):
                 log.warning("non-finite %s at step %d: update skipped", "loss" if not finite else "gradient norm",
                             step + 1)
-        if applied and action is None:
-            self.detector.accept(loss)
-        self.rollback_requested = action == "rollback"
-        return loss, norms, lr
+        if applied and not decision.spike:
+            self.detector.accept(decision.loss)
 
     def rolled_back(self, window: list[float], samples: tuple[int, int]) -> None:
         """After the trainer restored a checkpoint: its loss window; ``samples`` = the skipped
         [first, end) sample range. Counters and the LR scale stay (module docstring)."""
         self.rollbacks += 1
-        self.rollback_requested = False
         self.detector.losses = deque(window, maxlen=self.detector.losses.maxlen)
         self.skipped_ranges.append(list(samples))
         log.warning("rolled back; samples [%d, %d) are skipped (GLM-130B-style data skip)", *samples)

@@ -1,14 +1,15 @@
 """The training loop: data, model, optimiser and schedule put together for one run.
 
-Side concerns stay outside the loop body: MLflow goes through
-:class:`~moe_morpheus.tracking.run_log.RunLogger` (rank 0 only), expert load through
-:class:`~moe_morpheus.tracking.run_log.MoELoad`,
-throughput through :class:`Throughput`; the loop itself is ``_train_step`` + ``evaluate``.
+:meth:`Trainer.train` is the loop and :meth:`Trainer.train_step` one update; what surrounds them is
+built in train/build.py (optimizer, guards, checkpointer, the run's metrics) and decides for itself:
+the guards judge each step (train/guards.py), the checkpointer when to save
+(train/checkpoint/policy.py), and the numbers logged are assembled in tracking/metrics.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -27,12 +28,11 @@ from moe_morpheus.config.experiment import ExperimentConfig
 from moe_morpheus.data import batch_iterator, build_data
 from moe_morpheus.model import build_model
 from moe_morpheus.planning.budget import RunPlan, format_budget, param_counts, plan_run
-from moe_morpheus.tracking.run_log import MoELoad, RunLogger
-from moe_morpheus.train.checkpoint import Checkpointer, TrainState
-from moe_morpheus.train.guards import Guards
-from moe_morpheus.train.optim import Optimizer, lr_at
+from moe_morpheus.tracking.metrics import RunMetrics
+from moe_morpheus.train.build import build_run_metrics, build_training, checkpoint_dir
+from moe_morpheus.train.checkpoint import TrainState
+from moe_morpheus.train.optim import GradNorms, grad_norms, lr_at
 from moe_morpheus.train.step import count_target_tokens, forward_backward, wrap_ddp
-from moe_morpheus.train.zero import ZeroOptimizer
 
 if TYPE_CHECKING:
     from moe_morpheus.inference.evaluate import Validation
@@ -53,26 +53,20 @@ class TrainResult:
     skipped_steps: int = 0
 
 
+@dataclass
+class StepResult:
+    """One :meth:`Trainer.train_step`: the loss as the guards saw it, the LR and gradient norms,
+    the global batch's target tokens, and whether the guards asked for a rollback."""
+
+    loss: float
+    lr: float
+    norms: GradNorms
+    targets: int
+    rollback: bool
+
+
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-class Throughput:
-    """Tokens per second of training steps only (evaluation and logging excluded)."""
-
-    def __init__(self):
-        self.tokens = 0
-        self.seconds = 0.0
-        self.last = 0.0
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.tokens += tokens
-        self.seconds += seconds
-        self.last = tokens / max(seconds, 1e-9)
-
-    @property
-    def mean(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
 
 
 class Trainer:
@@ -122,17 +116,11 @@ class Trainer:
         self.setup_optimizer()
 
     def setup_optimizer(self) -> None:
-        """AdamW, stability guards and checkpoints for ``self.model`` (benchmarks/train_step.py
-        calls it again after swapping in a reference model)."""
-        exp, trainer = self.exp, self.exp.trainer
-        # ZeRO-1 (train/zero.py) shards AdamW's moments over the data-parallel group; the same API.
-        optimizer_class = ZeroOptimizer if trainer.zero1 else Optimizer
-        self.optimizer = optimizer_class(self.model, lr=trainer.lr, weight_decay=trainer.weight_decay,
-                                         betas=(trainer.beta1, trainer.beta2), eps=trainer.eps,
-                                         grad_clip=trainer.grad_clip)
-        # Stability guards and checkpoints (train/guards.py, train/checkpoint.py).
-        self.guards = Guards(exp.guards, exp.faults, self.model, exp.model.embedding_grad_shrink)
-        self.checkpointer = Checkpointer(exp.checkpoint, self, self.guards)
+        """AdamW, stability guards and checkpoints for ``self.model`` (train/build.py;
+        benchmarks/train_step.py calls it again after swapping in a reference model)."""
+        parts = build_training(self.exp, self.model, directory=checkpoint_dir(self.exp.checkpoint, self.output_dir),
+                               config=self.resolved_config, count_targets=self.count_targets)
+        self.optimizer, self.guards, self.checkpointer = parts.optimizer, parts.guards, parts.checkpointer
 
     def _plan(self) -> RunPlan:
         exp, trainer = self.exp, self.exp.trainer
@@ -148,22 +136,34 @@ class Trainer:
                             steps=steps, tokens=tokens)
         return plan_run(exp.model, exp.moe if exp.moe.enabled else None, budget, self.tokens_per_step)
 
-    # ------------------------------------------------------------------ loop
-    def _train_step(self, step: int, micro_batches: list[dict], targets: float | None = None) -> tuple[float, object]:
-        """One update; ``targets``: the global batch's target tokens (count_target_tokens) when
-        the caller counted them already (one all-reduce per step either way)."""
+    # ------------------------------------------------------------------ one step
+    def train_step(self, step: int, micro_batches: list[dict]) -> StepResult:
+        """One update at 0-based ``step`` from the global batch's ``micro_batches``: forward and
+        backward, then the guards decide and the update is applied or skipped (a rollback is the
+        caller's: :meth:`train`)."""
         from moe_morpheus.moe import set_aux_loss_scale
 
+        t = self.exp.trainer
+        self.guards.begin_step(step)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         # Each micro-batch's aux loss enters once; DDP sums over data-parallel ranks: the mean.
         set_aux_loss_scale(1.0 / (self.num_microbatches * self.dp))
-        lr = lr_at(step, lr=self.exp.trainer.lr, min_lr=self.exp.trainer.lr * self.exp.trainer.min_lr_ratio,
-                   warmup_steps=self.warmup_steps, total_steps=self.plan.steps)
+        # Supervised target tokens of the global batch: the loss's own denominator, counted here
+        # once (one all-reduce) and logged as target_tokens_seen.
+        targets = float(count_target_tokens(micro_batches))
         with self.autocast:
             loss = forward_backward(self.model, micro_batches, denominator=targets)
-        # The guards set the (possibly lowered) LR, then update or skip (train/guards.py).
-        return self.guards.update(step, loss, lr, self.optimizer)
+        lr = lr_at(step, lr=t.lr, min_lr=t.lr * t.min_lr_ratio, warmup_steps=self.warmup_steps,
+                   total_steps=self.plan.steps)
+        decision = self.guards.decide(step, loss, lr, can_roll_back=self.checkpointer.available)
+        self.optimizer.set_lr(decision.lr)
+        if decision.update:
+            norms = self.optimizer.step()  # clips; refuses a non-finite norm
+        else:  # measured all the same: logged, and judged by the guards
+            norms = grad_norms(self.optimizer.params, self.optimizer.embedding_params)
+        self.guards.record(step, decision, norms)
+        return StepResult(decision.loss, decision.lr, norms, int(targets), decision.rollback)
 
     def count_targets(self, start: int, end: int) -> int:
         """Target tokens (loss-mask positions) of training rows [start, end)."""
@@ -188,155 +188,137 @@ class Trainer:
         collect_moe_stats(self.model)  # evaluation routing is not training load
         return losses, tasks
 
-    def fit(self) -> TrainResult:
-        from moe_morpheus.inference.evaluate import pooled_unigram
-        from moe_morpheus.moe import collect_moe_stats
-
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        """Set up, start (fresh, resumed, or from a dense checkpoint) and train to ``plan.steps``:
+        each step logged, evaluated and saved when due; a rollback returns to the last checkpoint."""
         self.setup()
-        exp, trainer, plan = self.exp, self.exp.trainer, self.plan
-        # Resume (train/checkpoint.py) before the MLflow run opens: a resumed run logs into its run.
-        state = self.checkpointer.resume()
-        if state is None and exp.init.from_dense is not None:
-            from moe_morpheus.upcycle.load import upcycle_into
-
-            state = upcycle_into(self.model, exp, exp.init.from_dense)
-        state = state or TrainState(target_tokens=0)
-        # Sunk compute of a run started from a dense checkpoint (moe_morpheus/upcycle/convert.py).
-        sunk_tokens, sunk_flops = state.lineage.get("tokens", 0), state.lineage.get("flops", 0.0)
-        # None: the dense checkpoint predates target counting (target_tokens_with_sunk not logged).
-        sunk_targets = state.lineage.get("target_tokens") if state.lineage else 0
-        logger = RunLogger(self, resume_run_id=state.run_id, lineage=state.lineage) if is_rank0() else None
-        if logger:
-            print(format_budget(plan), flush=True)
-        if state.lineage and state.step == 0:
-            # The loss at the handoff, before any update: equal to the dense run's for a
-            # function-preserving conversion; what he_scaling / drop cost.
-            valid, _ = self.evaluate()
-            if logger:
-                logger.log({**valid.metrics(), "flops_with_sunk": sunk_flops, "tokens_with_sunk": sunk_tokens,
-                            **({} if sunk_targets is None else {"target_tokens_with_sunk": sunk_targets})}, 0)
-
-        def batches(start_sample: int):
-            return batch_iterator(self.data.train, global_batch_size=trainer.global_batch_size,
-                                  micro_batch_size=trainer.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp,
-                                  start_sample=start_sample)
-
-        train_iter = batches(state.consumed_samples)
-        throughput, load = Throughput(), MoELoad()
-        load.totals = state.moe_load
-        losses, valid_history = [], []
-        valid = None
-        progress = _progress(plan.steps, enabled=bool(logger) and trainer.progress)
-        progress.update(state.step)
-        status = "FAILED"
-        try:
-            step = state.step
-            while step < plan.steps:
-                self.guards.begin_step(step)
+        t = self.exp.trainer
+        state = self._start_state()
+        run = self._open_run(state)
+        train_iter = self._batches(state.consumed_samples)
+        with run.recording(), _progress(self.plan.steps, state.step, enabled=is_rank0() and t.progress) as progress:
+            while state.step < self.plan.steps:
+                step = state.step
                 micro_batches = [next(train_iter) for _ in range(self.num_microbatches)]
                 start = time.perf_counter()
-                # Supervised target tokens of the global batch: the loss's own denominator, so
-                # counting them costs no extra collective.
-                targets = float(count_target_tokens(micro_batches))
-                loss, norms, lr = self._train_step(step, micro_batches, targets)
-                throughput.add(self.tokens_per_step, time.perf_counter() - start)
-                state.consumed_samples += trainer.global_batch_size
-                if self.guards.rollback_requested:
-                    # Back to the last checkpoint, on with the data after this batch (GLM-130B).
-                    state = self.checkpointer.roll_back(state)
-                    if logger:
-                        logger.log(self.guards.metrics(), step + 1)
-                    train_iter = batches(state.consumed_samples)
-                    step = state.step
-                    progress.n = step
+                result = self.train_step(step, micro_batches)
+                run.throughput.add(self.tokens_per_step, time.perf_counter() - start)
+                if result.rollback:
+                    state = self._roll_back(state, run)
+                    train_iter, progress.n = self._batches(state.consumed_samples), state.step
                     continue
-                losses.append(loss)
-                consumed = state.consumed_samples
-                tokens = (step + 1) * self.tokens_per_step
-                # None: resumed from a checkpoint without the count that could not be recounted
-                # exactly (Checkpointer._load); then no target_tokens_* are logged.
-                target_tokens = None if state.target_tokens is None else state.target_tokens + int(targets)
-                metrics = {
-                    "train/loss": loss, "train/lr": lr, "train/grad_norm": norms.total,
-                    "train/grad_norm_embedding": norms.embedding, "train/grad_norm_rest": norms.rest,
-                    **self.guards.metrics(),
-                    "tokens_seen": tokens, "flops": tokens * plan.flops_per_token,
-                    "flops_6nd": 6 * plan.n_params * tokens,
-                    "flops_with_sunk": tokens * plan.flops_per_token + sunk_flops,
-                    "tokens_with_sunk": tokens + sunk_tokens,
-                    # Positions with loss; "tokens" (budgets, FLOPs) are positions processed.
-                    **({} if target_tokens is None else {"target_tokens_seen": target_tokens}),
-                    **({} if target_tokens is None or sunk_targets is None
-                       else {"target_tokens_with_sunk": target_tokens + sunk_targets}),
-                    "budget_fraction": tokens / plan.budget_tokens,
-                    "throughput/tokens_per_s": throughput.last,
-                }
-                metrics.update({f"epochs/{k}": v for k, v in self.data.epochs(consumed).items()})
-                if exp.moe.enabled:
-                    # Summed over every rank (one all-reduce): rank 0 logs, saves and plots the
-                    # global load, and every rank saves the same checkpoint state (moe/stats.py).
-                    metrics.update(load.add(collect_moe_stats(self.model, dist.group.WORLD,
-                                                              num_layers=exp.model.num_layers,
-                                                              num_experts=exp.moe.num_experts)))
-                last = step == plan.steps - 1
-                evaluated = last or bool(trainer.eval_interval and (step + 1) % trainer.eval_interval == 0)
-                if evaluated:
-                    # Intermediate evaluations may use a subset (trainer.eval_subset), logged as
-                    # valid_subset/*: only full-set losses (valid/*) are comparable with each
-                    # other and count for best/valid_loss (a minimum over noisier subset points
-                    # would be biased low).
-                    full = last or trainer.eval_subset == 1.0
-                    valid, tasks = self.evaluate(full=full)
-                    if full:
-                        valid_history.append(valid.loss)
-                    metrics.update(valid.metrics("valid" if full else "valid_subset"))
-                    metrics.update(tasks)
-                if logger and (last or step % trainer.log_interval == 0 or evaluated):
-                    logger.log(metrics, step + 1)
-                state = TrainState(step=step + 1, consumed_samples=consumed, tokens=tokens,
-                                   flops=tokens * plan.flops_per_token, run_id=logger.run_id if logger else None,
-                                   guards=self.guards.state_dict(), moe_load=load.totals, lineage=state.lineage,
-                                   target_tokens=target_tokens)
-                if self.checkpointer.due(step + 1, last):
-                    self.checkpointer.save(state)
+                state = self._advance(state, result, run)
+                metrics = run.step(state, loss=result.loss, lr=result.lr, norms=result.norms,
+                                   guards=self.guards.metrics(), moe_stats=self._moe_stats())
+                last = state.step == self.plan.steps
+                evaluation = self._scheduled_evaluation(step, last, run)
+                metrics.update(evaluation or {})
+                if last or step % t.log_interval == 0 or evaluation is not None:
+                    run.log(metrics, state.step)
+                self.checkpointer.maybe_save(state, last)
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{throughput.last:,.0f}",
+                progress.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{run.throughput.last:,.0f}",
                                      budget=f"{metrics['budget_fraction']:.1%}", refresh=False)
-                step += 1
-            if not valid_history:  # resumed from the final checkpoint: nothing left to train
-                valid, _ = self.evaluate()
-                valid_history.append(valid.loss)
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            progress.close()
-            # Pooled over every target of the full sets, as valid/loss is (comparable on one axis).
-            entropy = pooled_unigram(self.data.unigram_entropy, self.data.valid)
-            if logger:
-                summary = {"final/tokens": plan.steps * self.tokens_per_step,
-                           "final/flops": plan.steps * self.tokens_per_step * plan.flops_per_token,
-                           "final/flops_with_sunk": plan.steps * self.tokens_per_step * plan.flops_per_token
-                           + sunk_flops,
-                           "final/tokens_per_s": throughput.mean, "final/unigram_entropy": entropy}
-                if valid_history:
-                    summary.update({"final/valid_loss": valid_history[-1], "best/valid_loss": min(valid_history)})
-                logger.finish(status, summary, load.fractions())
+            if not run.valid_history:  # resumed from the final checkpoint: nothing left to train
+                run.validation(*self.evaluate(), full=True)
+        return self._result(run)
+
+    fit = train  # the name train/app.py calls
+
+    def _start_state(self) -> TrainState:
+        """Resume (``checkpoint.resume``), else start from a dense checkpoint (``init.from_dense``,
+        moe_morpheus/upcycle), else from scratch; before the MLflow run opens, so that a resumed run
+        logs into its own run."""
+        state = self.checkpointer.resume()
+        if state is not None:
+            self.guards.load_state_dict(state.guards)
+            return state
+        if self.exp.init.from_dense is not None:
+            from moe_morpheus.upcycle.load import upcycle_into
+
+            return upcycle_into(self.model, self.exp, self.exp.init.from_dense)
+        return TrainState(target_tokens=0)
+
+    def _open_run(self, state: TrainState) -> RunMetrics:
+        """The run's metrics and (rank 0) its MLflow run; a dense start logs its handoff loss."""
+        from moe_morpheus.inference.evaluate import pooled_unigram
+
+        # Pooled over every target of the full sets, as valid/loss is (comparable on one axis).
+        entropy = pooled_unigram(self.data.unigram_entropy, self.data.valid)
+        run = build_run_metrics(self.exp, self.resolved_config, state, plan=self.plan, counts=self.counts,
+                                dp=self.dp, epochs=self.data.epochs, unigram_entropy=entropy,
+                                output_dir=self.output_dir, parent_run_id=self.parent_run_id, rank0=is_rank0())
+        if is_rank0():
+            print(format_budget(self.plan), flush=True)
+        if state.lineage and state.step == 0:
+            run.handoff(self.evaluate()[0])
+        return run
+
+    def _batches(self, start_sample: int):
+        t = self.exp.trainer
+        return batch_iterator(self.data.train, global_batch_size=t.global_batch_size,
+                              micro_batch_size=t.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp,
+                              start_sample=start_sample)
+
+    def _advance(self, state: TrainState, result: StepResult, run: RunMetrics) -> TrainState:
+        """The state after ``state.step`` completed with ``result`` (what a checkpoint saves)."""
+        step, tokens = state.step + 1, (state.step + 1) * self.tokens_per_step
+        # None: resumed from a checkpoint without the count that could not be recounted exactly
+        # (checkpoint.recount_targets); then no target_tokens_* are logged.
+        target_tokens = None if state.target_tokens is None else state.target_tokens + result.targets
+        return TrainState(step=step, consumed_samples=state.consumed_samples + self.exp.trainer.global_batch_size,
+                          tokens=tokens, flops=tokens * self.plan.flops_per_token, run_id=run.run_id,
+                          guards=self.guards.state_dict(), moe_load=run.load.totals, lineage=state.lineage,
+                          target_tokens=target_tokens)
+
+    def _roll_back(self, state: TrainState, run: RunMetrics) -> TrainState:
+        """Back to the last checkpoint, on with the data after the batch of ``state.step`` that
+        spiked (GLM-130B's data skip)."""
+        end = state.consumed_samples + self.exp.trainer.global_batch_size
+        restored = self.checkpointer.newest()
+        self.guards.rolled_back(restored.guards["window"], (restored.consumed_samples, end))
+        run.log(self.guards.metrics(), state.step + 1)
+        return dataclasses.replace(restored, consumed_samples=end, run_id=state.run_id,
+                                   guards=self.guards.state_dict())
+
+    def _moe_stats(self) -> dict | None:
+        """This step's routing statistics summed over every rank (one all-reduce): rank 0 logs,
+        saves and plots the global load, and every rank saves the same checkpoint state."""
+        from moe_morpheus.moe import collect_moe_stats
+
+        moe = self.exp.moe
+        if not moe.enabled:
+            return None
+        return collect_moe_stats(self.model, dist.group.WORLD, num_layers=self.exp.model.num_layers,
+                                 num_experts=moe.num_experts)
+
+    def _scheduled_evaluation(self, step: int, last: bool, run: RunMetrics) -> dict[str, float] | None:
+        """The evaluation due after 0-based ``step`` (every ``trainer.eval_interval`` steps and
+        after the last), or None. Intermediate ones may use a subset (``trainer.eval_subset``)."""
+        t = self.exp.trainer
+        if not (last or (t.eval_interval and (step + 1) % t.eval_interval == 0)):
+            return None
+        full = last or t.eval_subset == 1.0
+        return run.validation(*self.evaluate(full=full), full=full)
+
+    def _result(self, run: RunMetrics) -> TrainResult:
+        tokens, entropy = self.plan.steps * self.tokens_per_step, run.unigram_entropy
         result = TrainResult(
-            steps=plan.steps, tokens=plan.steps * self.tokens_per_step,
-            final_train_loss=losses[-1] if losses else float("nan"),
-            valid_losses=valid.losses(), best_valid_loss=min(valid_history), unigram_entropy=entropy,
-            run_id=logger.run_id if logger else None, losses=losses, skipped_steps=self.guards.skipped,
+            steps=self.plan.steps, tokens=tokens, final_train_loss=run.losses[-1] if run.losses else float("nan"),
+            valid_losses=run.valid.losses(), best_valid_loss=min(run.valid_history), unigram_entropy=entropy,
+            run_id=run.run_id, losses=run.losses, skipped_steps=self.guards.skipped,
         )
-        if logger:
+        if is_rank0():
             verdict = "below" if result.valid_losses["mean"] < entropy else "NOT below"
             print(f"validation loss {result.valid_losses['mean']:.3f} nats/token is {verdict} the corpus's "
-                  f"unigram entropy {entropy:.3f}; {throughput.mean:,.0f} tokens/s", flush=True)
+                  f"unigram entropy {entropy:.3f}; {run.throughput.mean:,.0f} tokens/s", flush=True)
         return result
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, done: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+    progress = tqdm(total=total, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+    progress.update(done)
+    return progress

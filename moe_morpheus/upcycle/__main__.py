@@ -3,6 +3,7 @@ a MoE checkpoint that ``train.py ... checkpoint.resume=OUTPUT_DIR/step_00000000`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -20,9 +21,7 @@ def convert(source: str | Path, output_dir: str | Path, overrides: list[str]) ->
     from moe_morpheus import parallel as mm_parallel
     from moe_morpheus.config.experiment import compose_experiment
     from moe_morpheus.model import build_model
-    from moe_morpheus.train.checkpoint import layout, model_shape, save_checkpoint
-    from moe_morpheus.train.guards import Guards
-    from moe_morpheus.train.optim import Optimizer
+    from moe_morpheus.train.build import build_training
     from moe_morpheus.train.step import wrap_ddp
 
     exp = compose_experiment(overrides)
@@ -31,17 +30,14 @@ def convert(source: str | Path, output_dir: str | Path, overrides: list[str]) ->
         raise UpcycleError("the target has no MoE layer (moe.layer_freq=0): pick a MoE target, e.g. "
                            "+experiment=upcycle_64e")
     mm_parallel.initialize(exp.parallel, exp.model, seed=exp.trainer.seed)
-    t = exp.trainer
-    chunks = wrap_ddp(build_model(exp.model, exp.moe, exp.parallel, seed=t.seed))
-    optimizer = Optimizer(chunks, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.eps,
-                          grad_clip=t.grad_clip)
+    chunks = wrap_ddp(build_model(exp.model, exp.moe, exp.parallel, seed=exp.trainer.seed))
+    # keep=1: the converted checkpoint is the only one the output folder needs.
+    parts = build_training(exp, chunks, directory=Path(output_dir), config=OmegaConf.to_container(
+        OmegaConf.structured(exp)), checkpoint=dataclasses.replace(exp.checkpoint, keep=1))
     state = upcycle_into(chunks, exp, source)
     # A fresh run's guard state (empty spike window), which resuming from this checkpoint restores.
-    state.guards = Guards(exp.guards, exp.faults, chunks, exp.model.embedding_grad_shrink).state_dict()
-    manifest = {"config": OmegaConf.to_container(OmegaConf.structured(exp)), "layout": layout(exp.parallel),
-                "model_shape": model_shape(exp.model, exp.moe)}
-    return save_checkpoint(Path(output_dir), state, chunks, optimizer, manifest=manifest, keep=1,
-                           checksums=exp.checkpoint.checksums)
+    state.guards = parts.guards.state_dict()
+    return parts.checkpointer.save(state)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""Stability guards in one process, with a stand-in optimizer: NaN skips, spike detection and
-its three actions, the EGS schedule, fault switches, state round trip, config checks."""
+"""Stability guards in one process: the decision on each step (NaN skips, spike detection and its
+three actions), what is recorded after the trainer acted, the EGS schedule, fault switches, state
+round trip, config checks."""
 
 from __future__ import annotations
 
@@ -9,28 +10,8 @@ import pytest
 import torch
 
 from moe_morpheus.config import ConfigError, FaultConfig, GuardConfig
-from moe_morpheus.train import guards as guards_module
-from moe_morpheus.train.guards import Faults, Guards, SpikeDetector
+from moe_morpheus.train.guards import Decision, Faults, Guards, SpikeDetector
 from moe_morpheus.train.optim import GradNorms
-
-
-class StubOptimizer:
-    """Records LRs and applied updates; the gradient norm is whatever the test sets."""
-
-    def __init__(self):
-        self.params, self.embedding_params = [], set()
-        self.lrs, self.updates, self.norm = [], 0, 1.0
-
-    def set_lr(self, lr):
-        self.lrs.append(lr)
-
-    def norms(self):
-        return GradNorms(total=self.norm, embedding=0.0, finite=math.isfinite(self.norm), rest=self.norm)
-
-    def step(self):
-        norms = self.norms()
-        self.updates += norms.finite
-        return norms
 
 
 class Embedding(torch.nn.Module):
@@ -39,22 +20,24 @@ class Embedding(torch.nn.Module):
         self.grad_shrink = 0.1
 
 
-@pytest.fixture
-def stub(monkeypatch):
-    optimizer = StubOptimizer()
-    monkeypatch.setattr(guards_module, "grad_norms", lambda params, embedding: optimizer.norms())
-    return optimizer
-
-
 def make(cfg: GuardConfig | None = None, faults: FaultConfig | None = None) -> tuple[Guards, Embedding]:
     embedding = Embedding()
     guards = Guards(cfg or GuardConfig(spike_window=4), faults or FaultConfig(), [embedding], 0.1)
     return guards, embedding
 
 
-def warm(guards: Guards, optimizer, steps: int = 4, loss: float = 3.0) -> None:
+def act(guards: Guards, step: int, loss: float, *, lr: float = 1e-3, norm: float = 1.0,
+        can_roll_back: bool = False) -> Decision:
+    """One step as the trainer takes it: the guards decide, the optimizer would update (or not)
+    with gradient norm ``norm``, the guards record the outcome."""
+    decision = guards.decide(step, loss, lr, can_roll_back=can_roll_back)
+    guards.record(step, decision, GradNorms(total=norm, embedding=0.0, finite=math.isfinite(norm), rest=norm))
+    return decision
+
+
+def warm(guards: Guards, steps: int = 4, loss: float = 3.0) -> None:
     for step in range(steps):
-        guards.update(step, loss + 0.01 * step, 1e-3, optimizer)
+        assert act(guards, step, loss + 0.01 * step).update
 
 
 def test_spike_detector_needs_a_full_window_and_both_thresholds():
@@ -70,47 +53,46 @@ def test_spike_detector_needs_a_full_window_and_both_thresholds():
     assert not SpikeDetector(window=0, ratio=1.5, zscore=6.0).is_spike(1e9)
 
 
-def test_non_finite_loss_or_norm_skips_the_update_and_counts(stub):
+def test_non_finite_loss_or_norm_skips_the_update_and_counts():
     guards, _ = make()
-    loss, norms, lr = guards.update(0, float("nan"), 1e-3, stub)
-    assert math.isnan(loss) and stub.updates == 0 and guards.skipped == 1 and lr == 1e-3
-    stub.norm = float("inf")
-    guards.update(1, 3.0, 1e-3, stub)
-    assert stub.updates == 0 and guards.skipped == 2
-    stub.norm = 1.0
-    guards.update(2, 3.0, 1e-3, stub)
-    assert stub.updates == 1 and guards.skipped == 2 and list(guards.detector.losses) == [3.0]
+    decision = act(guards, 0, float("nan"))
+    assert math.isnan(decision.loss) and not decision.update and guards.skipped == 1 and decision.lr == 1e-3
+    assert act(guards, 1, 3.0, norm=float("inf")).update  # the optimizer refuses it: counted as skipped
+    assert guards.skipped == 2 and not guards.detector.losses
+    act(guards, 2, 3.0)
+    assert guards.skipped == 2 and list(guards.detector.losses) == [3.0]
 
 
-def test_spike_skip(stub):
+def test_spike_skip():
     guards, _ = make()
-    warm(guards, stub)
-    guards.update(4, 30.0, 1e-3, stub)
-    assert (guards.spikes, guards.skipped, stub.updates) == (1, 1, 4)
-    assert 30.0 not in guards.detector.losses and not guards.rollback_requested
+    warm(guards)
+    decision = act(guards, 4, 30.0, can_roll_back=True)
+    assert decision == Decision(30.0, 1e-3, update=False, rollback=False, spike=True)
+    assert (guards.spikes, guards.skipped) == (1, 1) and 30.0 not in guards.detector.losses
 
 
-def test_spike_lower_lr_applies_the_update_at_the_lower_rate_from_then_on(stub):
+def test_spike_lower_lr_applies_the_update_at_the_lower_rate_from_then_on():
     guards, _ = make(GuardConfig(spike_window=4, spike_action="lower_lr", lr_factor=0.5))
-    warm(guards, stub)
-    _, _, lr = guards.update(4, 30.0, 1e-3, stub)
-    assert lr == 5e-4 and stub.updates == 5 and guards.skipped == 0 and guards.spikes == 1
-    assert guards.update(5, 3.0, 2e-3, stub)[2] == 1e-3
+    warm(guards)
+    decision = act(guards, 4, 30.0)
+    assert decision.lr == 5e-4 and decision.update and guards.skipped == 0 and guards.spikes == 1
+    assert 30.0 not in guards.detector.losses  # a spike never enters the window
+    assert act(guards, 5, 3.0, lr=2e-3).lr == 1e-3
     assert guards.metrics()["guards/lr_scale"] == 0.5
 
 
-def test_spike_rollback_requests_a_rollback_and_falls_back_to_skip_without_a_checkpoint(stub):
+def test_spike_rollback_is_decided_and_falls_back_to_skip_without_a_checkpoint():
     guards, _ = make(GuardConfig(spike_window=4, spike_action="rollback", max_rollbacks=1))
-    warm(guards, stub)
-    guards.update(4, 30.0, 1e-3, stub)
-    assert not guards.rollback_requested and guards.skipped == 1  # no checkpoint yet
-    guards.checkpoint_available = True
-    guards.update(5, 30.0, 1e-3, stub)
-    assert guards.rollback_requested and stub.updates == 4 and guards.skipped == 1
+    warm(guards)
+    decision = act(guards, 4, 30.0)
+    assert not decision.rollback and not decision.update and guards.skipped == 1  # no checkpoint yet
+    decision = act(guards, 5, 30.0, can_roll_back=True)
+    assert decision.rollback and not decision.update and guards.skipped == 1  # a rollback is no skip
     guards.rolled_back([3.0, 3.0, 3.0, 3.0], (40, 56))
-    assert guards.rollbacks == 1 and not guards.rollback_requested and guards.skipped_ranges == [[40, 56]]
+    assert guards.rollbacks == 1 and guards.skipped_ranges == [[40, 56]]
+    assert list(guards.detector.losses) == [3.0] * 4
     with pytest.raises(RuntimeError, match="after 1 rollbacks"):
-        guards.update(6, 30.0, 1e-3, stub)
+        act(guards, 6, 30.0, can_roll_back=True)
 
 
 def test_embedding_grad_shrink_follows_the_schedule():
@@ -122,7 +104,7 @@ def test_embedding_grad_shrink_follows_the_schedule():
     assert alphas == [0.1, 0.1, 0.5, 0.5, 0.5, 1.0, 1.0]  # 1-based steps 3 and 6
 
 
-def test_faults_fire_once_and_not_after_a_torchelastic_restart(monkeypatch, stub):
+def test_faults_fire_once_and_not_after_a_torchelastic_restart(monkeypatch):
     faults = Faults(FaultConfig(nan_step=2, spike_step=3, spike_factor=4.0), rank=0)
     assert faults.loss(1, 2.0) == 2.0 and math.isnan(faults.loss(2, 2.0)) and faults.loss(3, 2.0) == 8.0
     assert faults.loss(2, 2.0) == 2.0  # once per process (a rollback replays the step)

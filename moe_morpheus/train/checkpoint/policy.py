@@ -1,9 +1,9 @@
-"""When a run saves, what it resumes from, and rollback: the trainer's interface to checkpoints."""
+"""When a run saves, what it resumes from, and the checkpoint a rollback returns to."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,9 +12,7 @@ import torch.distributed as dist
 from moe_morpheus.config import CheckpointConfig
 from moe_morpheus.train.checkpoint.state import (
     TrainState,
-    layout,
     load_checkpoint,
-    model_shape,
     recount_targets,
     save_checkpoint,
 )
@@ -30,31 +28,35 @@ from moe_morpheus.train.checkpoint.store import (
 
 
 class Checkpointer:
-    """When to save, where, and resuming for one run (the trainer's interface).
+    """Saving, resuming and rollback for one run's ``model`` and ``optimizer`` in ``directory``.
 
-    ``trainer`` provides ``exp``, ``output_dir``, ``model``, ``optimizer``, ``dp``,
-    ``resolved_config`` and ``count_targets`` (for checkpoints without a target count);
-    ``guards`` is the run's :class:`~moe_morpheus.train.guards.Guards` (its fault injection, and
-    whether a rollback target exists).
+    ``manifest``: what every checkpoint records besides the tensors (``config``, ``layout``,
+    ``model_shape``; a loaded checkpoint must match the shape, the layout may differ).
+    ``count_targets(start, end)``: target tokens of training rows [start, end), to recount a
+    checkpoint written before they were counted (None: such a checkpoint loads without a count).
+    ``during_save(step)``: called while a checkpoint is half written (fault injection).
+    :attr:`available` tells whether a checkpoint exists to roll back to.
     """
 
-    def __init__(self, cfg: CheckpointConfig, trainer, guards):
+    def __init__(self, cfg: CheckpointConfig, model: list[torch.nn.Module], optimizer, *, directory: Path,
+                 manifest: dict, count_targets: Callable[[int, int], int] | None = None,
+                 during_save: Callable[[int], None] | None = None):
         self.cfg = cfg
-        self.trainer = trainer
-        self.guards = guards
-        self.dir = Path(cfg.dir) if cfg.dir else Path(trainer.output_dir) / "checkpoints"
-        exp = trainer.exp
-        self.shape = model_shape(exp.model, exp.moe)
-        self.layout = layout(exp.parallel)
+        self.model = model
+        self.optimizer = optimizer
+        self.dir = Path(directory)
+        self.manifest = manifest
+        self.count_targets = count_targets
+        self.during_save = during_save
         self.last_save = time.monotonic()
-        self.guards.checkpoint_available = bool(complete_checkpoints(self.dir))
+        self.available = bool(complete_checkpoints(self.dir))
 
     def _load(self, path: Path) -> TrainState:
-        state = load_checkpoint(path, self.trainer.model, self.trainer.optimizer, shape=self.shape,
-                                current_layout=self.layout)
-        if state.target_tokens is None:
-            state.target_tokens = recount_targets(state, self.trainer.count_targets)
-        self.guards.checkpoint_available = True
+        state = load_checkpoint(path, self.model, self.optimizer, shape=self.manifest["model_shape"],
+                                current_layout=self.manifest["layout"])
+        if state.target_tokens is None and self.count_targets is not None:
+            state.target_tokens = recount_targets(state, self.count_targets)
+        self.available = True
         return state
 
     def resume(self) -> TrainState | None:
@@ -69,7 +71,6 @@ class Checkpointer:
         else:
             path = self._explicit(Path(self.cfg.resume))
         state = self._load(path)
-        self.guards.load_state_dict(state.guards)
         if dist.get_rank() == 0:
             print(f"resumed from {path} (step {state.step}, {state.consumed_samples} samples consumed)", flush=True)
         return state
@@ -87,7 +88,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint.resume={path}: no valid checkpoint (step_*/{MANIFEST}) in it")
         return found
 
-    def due(self, step: int, last: bool) -> bool:
+    def _due(self, step: int, last: bool) -> bool:
         """Save after completed step ``step``? Same answer on every rank (rank 0's clock decides)."""
         if last or (self.cfg.interval_steps and step % self.cfg.interval_steps == 0):
             return True
@@ -97,25 +98,20 @@ class Checkpointer:
         dist.broadcast(flag, src=0)
         return bool(flag.item())
 
+    def maybe_save(self, state: TrainState, last: bool) -> Path | None:
+        """Save ``state`` when a save is due after its step (``last``: the run's final step)."""
+        return self.save(state) if self._due(state.step, last) else None
+
     def save(self, state: TrainState) -> Path:
-        trainer = self.trainer
-        manifest = {"config": trainer.resolved_config, "layout": self.layout, "model_shape": self.shape}
-        path = save_checkpoint(self.dir, state, trainer.model, trainer.optimizer, manifest=manifest,
-                               keep=self.cfg.keep, checksums=self.cfg.checksums,
-                               during_save=self.guards.faults.during_save)
+        path = save_checkpoint(self.dir, state, self.model, self.optimizer, manifest=self.manifest,
+                               keep=self.cfg.keep, checksums=self.cfg.checksums, during_save=self.during_save)
         self.last_save = time.monotonic()
-        self.guards.checkpoint_available = True
+        self.available = True
         return path
 
-    def roll_back(self, current: TrainState) -> TrainState:
-        """Reload the newest valid checkpoint and continue with the data after ``current``'s
-        position (the offending range is skipped)."""
+    def newest(self) -> TrainState:
+        """Reload the newest valid checkpoint into the model and optimizer (a rollback)."""
         path = newest_valid(self.dir, checksums=self.cfg.checksums)
         if path is None:
             raise CheckpointError(f"guards.spike_action=rollback: no valid checkpoint left in {self.dir}")
-        keep = self.guards.state_dict()
-        restored = self._load(path)
-        self.guards.load_state_dict(keep)
-        self.guards.rolled_back(restored.guards["window"], (restored.consumed_samples, current.consumed_samples))
-        return dataclasses.replace(restored, consumed_samples=current.consumed_samples, run_id=current.run_id,
-                                   guards=self.guards.state_dict())
+        return self._load(path)
