@@ -17,8 +17,6 @@ import torch
 
 from moe_morpheus.config import (
     CheckpointConfig,
-    FaultConfig,
-    GuardConfig,
     ModelConfig,
     MoEConfig,
     ParallelConfig,
@@ -165,12 +163,13 @@ def bad_inputs(directory: str) -> dict:
     from moe_morpheus.train.checkpoint import (
         Checkpointer,
         CheckpointError,
+        layout,
         load_model_weights,
+        model_shape,
         newest_valid,
         verify_checkpoint,
     )
     from moe_morpheus.train.checkpoint.store import complete_checkpoints
-    from moe_morpheus.train.guards import Guards
 
     root = Path(directory)
     run = _setup(1, 1, 1, None)
@@ -186,11 +185,14 @@ def bad_inputs(directory: str) -> dict:
     except CheckpointError as error:
         out["shape"] = str(error)
 
-    trainer = SimpleNamespace(exp=SimpleNamespace(model=run.model_cfg, moe=MoEConfig(), parallel=run.parallel),
-                              output_dir=root, model=run.chunks, optimizer=run.optimizer, resolved_config={})
-    guards = Guards(GuardConfig(), FaultConfig(), run.chunks, 1.0)
+    manifest = {"config": {}, "layout": layout(run.parallel), "model_shape": model_shape(run.model_cfg, MoEConfig())}
+
+    def resume(path: Path):
+        return Checkpointer(CheckpointConfig(resume=str(path)), run.chunks, run.optimizer, directory=root,
+                            manifest=manifest).resume()
+
     try:
-        Checkpointer(CheckpointConfig(resume=str(root / "missing")), trainer, guards).resume()
+        resume(root / "missing")
     except CheckpointError as error:
         out["missing"] = str(error)
 
@@ -199,7 +201,7 @@ def bad_inputs(directory: str) -> dict:
     out["truncated"] = verify_checkpoint(second, checksums=True)
     out["fallback"] = newest_valid(root, checksums=True).name
     try:
-        Checkpointer(CheckpointConfig(resume=str(second)), trainer, guards).resume()
+        resume(second)
     except CheckpointError as error:
         out["explicit_truncated"] = str(error)
 

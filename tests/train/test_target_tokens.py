@@ -11,14 +11,13 @@ import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from moe_morpheus.train import checkpoint
-from moe_morpheus.train.checkpoint import Checkpointer, TrainState
+from moe_morpheus.config import CheckpointConfig
+from moe_morpheus.train.checkpoint import Checkpointer, TrainState, policy
 from tests.train.test_app import SMALL, train
 
 # SMALL: sequence 64, 4 rows per step (micro-batches of 2: two per step at DP=1, one per rank at DP=2).
@@ -50,10 +49,9 @@ def _without_target_count(checkpoint: Path, copy: Path) -> Path:
 
 def _load_legacy(monkeypatch, saved: TrainState, targets: list[int]) -> TrainState:
     """Checkpointer._load of a checkpoint without a target count; ``targets[i]``: row i's."""
-    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *args, **kwargs: saved)
-    loader = object.__new__(Checkpointer)
-    loader.trainer = SimpleNamespace(model=None, optimizer=None, count_targets=lambda a, b: sum(targets[a:b]))
-    loader.guards, loader.shape, loader.layout = SimpleNamespace(checkpoint_available=False), {}, {}
+    monkeypatch.setattr(policy, "load_checkpoint", lambda *args, **kwargs: saved)
+    loader = Checkpointer(CheckpointConfig(), [], None, directory=Path("unused"),
+                          manifest={"model_shape": {}, "layout": {}}, count_targets=lambda a, b: sum(targets[a:b]))
     return loader._load(Path("unused"))
 
 
