@@ -54,15 +54,15 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, unpack=lambd
 
 
 class DenseGeGLU(nn.Module):
-    """The project's dense FFN: fc2(value(x) * gelu_erf(gelu(x))), biased linears."""
+    """The project's dense FFN: fc2(value(x) * gelu_erf(gate_proj(x))), biased linears."""
 
     def __init__(self, d_model: int, d_hidden: int):
         super().__init__()
-        self.value, self.gelu = nn.Linear(d_model, d_hidden), nn.Linear(d_model, d_hidden)
+        self.value, self.gate_proj = nn.Linear(d_model, d_hidden), nn.Linear(d_model, d_hidden)
         self.fc2 = nn.Linear(d_hidden, d_model)
 
     def forward(self, x):
-        return self.fc2(self.value(x) * F.gelu(self.gelu(x)))
+        return self.fc2(self.value(x) * F.gelu(self.gate_proj(x)))
 
 
 class OneExpert(DenseGeGLU):

@@ -67,19 +67,25 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tens
     return x * angles.cos() + rotated * angles.sin()
 
 
-# The export format this forward computes (written by moe_morpheus.inference.export). v2: post-LN layers in
-# GLM-130B's order; v1 normalised after the residual sum.
-FORMAT = "moe_morpheus-glm-v2"
+# The export format this forward computes (written by moe_morpheus.inference.export). v3: the GeGLU's
+# activated projection is named ``gate_proj`` (v1 and v2: ``gelu``); v2: post-LN layers in GLM-130B's
+# order (v1 normalised after the residual sum).
+FORMAT = "moe_morpheus-glm-v3"
+_GLM130B_ORDER = ("moe_morpheus-glm-v2", FORMAT)
+_V2_NAMES = {"gelu": "gate_proj", "w_gelu_EFD": "w_gate_proj_EFD", "b_gelu_EF": "b_gate_proj_EF"}
 
 
 class ReferenceGLM:
     def __init__(self, config: dict, tensors: dict[str, torch.Tensor]):
         # Exports before v2 came from the old post-LN order x = LN(alpha x + F(x)); their post-LN
         # weights mean something else in GLM-130B's order computed here (pre-LN is unchanged).
-        if config.get("format") != FORMAT and config["norm"] != "pre_ln":
+        if config.get("format") not in _GLM130B_ORDER and config["norm"] != "pre_ln":
             raise ValueError(f"this export ({config.get('format')}, norm {config['norm']}) was written with the old "
                              f"DeepNorm order (LN after the residual); this forward computes GLM-130B's block "
                              f"({FORMAT}): retrain the model or use the moe_morpheus commit that exported it")
+        if config.get("format") != FORMAT:  # v1 and v2 tensor names
+            tensors = {".".join(_V2_NAMES.get(part, part) for part in name.split(".")): tensor
+                       for name, tensor in tensors.items()}
         self.cfg, self.t = config, tensors
 
     @classmethod
@@ -120,7 +126,7 @@ class ReferenceGLM:
         return self._linear(context.transpose(1, 2).reshape(b, s, h), f"{p}.out")
 
     def _geglu(self, x, prefix):
-        return self._linear(self._linear(x, f"{prefix}.value") * F.gelu(self._linear(x, f"{prefix}.gelu")),
+        return self._linear(self._linear(x, f"{prefix}.value") * F.gelu(self._linear(x, f"{prefix}.gate_proj")),
                             f"{prefix}.fc2")
 
     def _moe(self, x, index):
@@ -135,7 +141,7 @@ class ReferenceGLM:
             top, idx = logits.topk(moe["top_k"], dim=-1)
             score = top.softmax(dim=-1)
         w_value, b_value = self.t[f"{p}.experts.w_value_EFD"], self.t[f"{p}.experts.b_value_EF"]
-        w_gelu, b_gelu = self.t[f"{p}.experts.w_gelu_EFD"], self.t[f"{p}.experts.b_gelu_EF"]
+        w_gate, b_gate = self.t[f"{p}.experts.w_gate_proj_EFD"], self.t[f"{p}.experts.b_gate_proj_EF"]
         w_out, b_out = self.t[f"{p}.experts.w_out_EDF"], self.t[f"{p}.experts.b_out_ED"]
         out = torch.zeros_like(x_td)
         for e in range(w_value.shape[0]):
@@ -143,7 +149,7 @@ class ReferenceGLM:
             if token.numel() == 0:
                 continue
             rows = x_td[token]
-            act = F.linear(rows, w_value[e], b_value[e]) * F.gelu(F.linear(rows, w_gelu[e], b_gelu[e]))
+            act = F.linear(rows, w_value[e], b_value[e]) * F.gelu(F.linear(rows, w_gate[e], b_gate[e]))
             y = F.linear(act, w_out[e], b_out[e])
             out.index_add_(0, token, y * score[token, slot][:, None].to(y.dtype))
         return out.view_as(x)

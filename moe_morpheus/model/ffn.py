@@ -1,6 +1,6 @@
-"""Dense GeGLU feed-forward: ``fc2(value(x) * gelu(gate(x)))`` with exact (erf) GeLU.
+"""Dense GeGLU feed-forward: ``fc2(value(x) * gelu(gate_proj(x)))`` with exact (erf) GeLU.
 
-Three separate linears, so it is explicit which half gets the activation: ``gelu`` is
+Three separate linears, so it is explicit which half gets the activation: ``gate_proj`` is
 GLM-130B's second half of ``dense_h_to_4h`` (the activated one), ``value`` its first half. MoE
 experts (moe/) store the same three matrices per expert, so upcycling is a copy.
 Hidden size 8/3 h keeps the parameter count of a 4h two-matrix FFN (3 * 8/3 = 2 * 4).
@@ -25,7 +25,7 @@ class GeGLU(MegatronModule):
         self.value = tensor_parallel.ColumnParallelLinear(
             h, f, config=config, init_method=w_init, bias=True, gather_output=False
         )
-        self.gelu = tensor_parallel.ColumnParallelLinear(
+        self.gate_proj = tensor_parallel.ColumnParallelLinear(
             h, f, config=config, init_method=w_init, bias=True, gather_output=False
         )
         self.fc2 = tensor_parallel.RowParallelLinear(
@@ -34,6 +34,6 @@ class GeGLU(MegatronModule):
 
     def forward(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
         value, _ = self.value(hidden_SBH)
-        gate, _ = self.gelu(hidden_SBH)
+        gate, _ = self.gate_proj(hidden_SBH)
         output, _ = self.fc2(value * torch.nn.functional.gelu(gate))
         return output

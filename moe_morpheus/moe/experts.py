@@ -3,8 +3,8 @@
 Shape legend: N rows of the sorted buffer (token copies, grouped by local expert), D model dim,
 F expert hidden, E local experts.
 
-Each expert is exactly the project's dense FFN, ``out = fc2(value(x) * gelu_erf(gelu(x)))`` with
-three biased linears (``value``: D->F, ``gelu``: D->F, ``fc2``: F->D; ``nn.Linear`` convention
+Each expert is exactly the project's dense FFN, ``out = fc2(value(x) * gelu_erf(gate_proj(x)))``
+with three biased linears (``value``: D->F, ``gate_proj``: D->F, ``fc2``: F->D; ``nn.Linear`` convention
 ``y = x W^T + b``), so a dense FFN copies into every expert unchanged (upcycling).
 
 Why a hand-written autograd function: the buffer is sorted by expert, so expert e owns one
@@ -39,27 +39,27 @@ class _GroupedGeGLU(torch.autograd.Function):
     """GeGLU over an expert-sorted buffer, one forward/backward graph node for all experts."""
 
     @staticmethod
-    def forward(ctx, x_ND, counts_E, w_value_EFD, b_value_EF, w_gelu_EFD, b_gelu_EF, w_out_EDF, b_out_ED):
+    def forward(ctx, x_ND, counts_E, w_value_EFD, b_value_EF, w_gate_proj_EFD, b_gate_proj_EF, w_out_EDF, b_out_ED):
         segs = expert_segments(counts_E)
         n_rows, hidden = x_ND.shape[0], w_value_EFD.shape[1]
         value_NF = x_ND.new_empty(n_rows, hidden)
         pre_NF = x_ND.new_empty(n_rows, hidden)
         for e, s, n in segs:
             torch.addmm(b_value_EF[e], x_ND[s:s + n], w_value_EFD[e].t(), out=value_NF[s:s + n])
-            torch.addmm(b_gelu_EF[e], x_ND[s:s + n], w_gelu_EFD[e].t(), out=pre_NF[s:s + n])
+            torch.addmm(b_gate_proj_EF[e], x_ND[s:s + n], w_gate_proj_EFD[e].t(), out=pre_NF[s:s + n])
         act_NF = value_NF * F.gelu(pre_NF)
         y_ND = x_ND.new_empty(n_rows, w_out_EDF.shape[1])
         for e, s, n in segs:
             torch.addmm(b_out_ED[e], act_NF[s:s + n], w_out_EDF[e].t(), out=y_ND[s:s + n])
         # value and pre-activation are kept; gelu(pre) is recomputed in backward (one erf pass
         # over N x F is cheaper than holding a third N x F buffer per layer).
-        ctx.save_for_backward(x_ND, value_NF, pre_NF, w_value_EFD, w_gelu_EFD, w_out_EDF)
+        ctx.save_for_backward(x_ND, value_NF, pre_NF, w_value_EFD, w_gate_proj_EFD, w_out_EDF)
         ctx.counts_E = counts_E
         return y_ND
 
     @staticmethod
     def backward(ctx, grad_y_ND):
-        x_ND, value_NF, pre_NF, w_value_EFD, w_gelu_EFD, w_out_EDF = ctx.saved_tensors
+        x_ND, value_NF, pre_NF, w_value_EFD, w_gate_proj_EFD, w_out_EDF = ctx.saved_tensors
         counts_E = ctx.counts_E
         segs = expert_segments(counts_E)
         grad_y_ND = grad_y_ND.contiguous()
@@ -98,16 +98,16 @@ class _GroupedGeGLU(torch.autograd.Function):
 
         grad_x = torch.empty_like(x_ND) if ctx.needs_input_grad[0] else None
         grad_w_value = weight_grad(w_value_EFD)
-        grad_w_gelu = weight_grad(w_gelu_EFD)
+        grad_w_gate_proj = weight_grad(w_gate_proj_EFD)
         for e, s, n in segs:
             torch.mm(grad_value_NF[s:s + n].t(), x_ND[s:s + n], out=grad_w_value[e])
-            torch.mm(grad_pre_NF[s:s + n].t(), x_ND[s:s + n], out=grad_w_gelu[e])
+            torch.mm(grad_pre_NF[s:s + n].t(), x_ND[s:s + n], out=grad_w_gate_proj[e])
             if grad_x is not None:
                 torch.mm(grad_value_NF[s:s + n], w_value_EFD[e], out=grad_x[s:s + n])
-                grad_x[s:s + n].addmm_(grad_pre_NF[s:s + n], w_gelu_EFD[e])
+                grad_x[s:s + n].addmm_(grad_pre_NF[s:s + n], w_gate_proj_EFD[e])
         grad_b_value = row_sums(grad_value_NF)
-        grad_b_gelu = row_sums(grad_pre_NF)
-        return grad_x, None, grad_w_value, grad_b_value, grad_w_gelu, grad_b_gelu, grad_w_out, grad_b_out
+        grad_b_gate_proj = row_sums(grad_pre_NF)
+        return grad_x, None, grad_w_value, grad_b_value, grad_w_gate_proj, grad_b_gate_proj, grad_w_out, grad_b_out
 
 
 class _ExpertView(nn.Module):
@@ -125,7 +125,7 @@ class _ExpertView(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         p, e = self._parent[0], self.index
         value_TF = F.linear(x_TD, p.w_value_EFD[e], p.b_value_EF[e])
-        pre_TF = F.linear(x_TD, p.w_gelu_EFD[e], p.b_gelu_EF[e])
+        pre_TF = F.linear(x_TD, p.w_gate_proj_EFD[e], p.b_gate_proj_EF[e])
         return F.linear(value_TF * F.gelu(pre_TF), p.w_out_EDF[e], p.b_out_ED[e])
 
 
@@ -154,16 +154,16 @@ class GeGLUExperts(nn.Module):
         E, D, F_ = num_expert, d_model, d_hidden
         self.w_value_EFD = nn.Parameter(torch.empty(E, F_, D))
         self.b_value_EF = nn.Parameter(torch.zeros(E, F_))
-        self.w_gelu_EFD = nn.Parameter(torch.empty(E, F_, D))
-        self.b_gelu_EF = nn.Parameter(torch.zeros(E, F_))
+        self.w_gate_proj_EFD = nn.Parameter(torch.empty(E, F_, D))
+        self.b_gate_proj_EF = nn.Parameter(torch.zeros(E, F_))
         self.w_out_EDF = nn.Parameter(torch.empty(E, D, F_))
         self.b_out_ED = nn.Parameter(torch.zeros(E, D))
         # Weight decay is decided per logical parameter (train/optim.py ``decays``), and batched
         # storage hides the role (an [E, F] bias is 2-D): E weight matrices are decayed like the
         # dense FFN's, E biases are not.
-        for w in (self.w_value_EFD, self.w_gelu_EFD, self.w_out_EDF):
+        for w in (self.w_value_EFD, self.w_gate_proj_EFD, self.w_out_EDF):
             w.no_weight_decay = False
-        for b in (self.b_value_EF, self.b_gelu_EF, self.b_out_ED):
+        for b in (self.b_value_EF, self.b_gate_proj_EF, self.b_out_ED):
             b.no_weight_decay = True
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
@@ -173,7 +173,7 @@ class GeGLUExperts(nn.Module):
         with torch.no_grad():
             for e in range(E):
                 gen = torch.Generator().manual_seed(seed + first_expert + e)
-                for w in (self.w_value_EFD, self.w_gelu_EFD, self.w_out_EDF):
+                for w in (self.w_value_EFD, self.w_gate_proj_EFD, self.w_out_EDF):
                     w[e].copy_(torch.randn(w.shape[1:], generator=gen) * std)
 
     def __len__(self) -> int:
@@ -193,4 +193,4 @@ class GeGLUExperts(nn.Module):
             raise ValueError(f"counts {counts} do not describe a buffer of {x_ND.shape[0]} rows "
                              f"over {self.num_expert} experts")
         return _GroupedGeGLU.apply(x_ND.contiguous(), counts, self.w_value_EFD, self.b_value_EF,
-                                   self.w_gelu_EFD, self.b_gelu_EF, self.w_out_EDF, self.b_out_ED)
+                                   self.w_gate_proj_EFD, self.b_gate_proj_EF, self.w_out_EDF, self.b_out_ED)

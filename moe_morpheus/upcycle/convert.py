@@ -23,22 +23,22 @@ Modes (``upcycle.mode``); experts ``e = j * g + s`` form E / g groups ``j`` of g
   routing the k scores sum to 1, so the layer output is the dense output for any router.
 - ``virtual_group`` (He et al. 2024): granularity g = dense FFN / expert width (``moe.granularity``,
   or derived from an absolute ``moe.expert_hidden_size``);
-  shard s of the FFN's hidden units (``value`` and ``gelu`` rows split separately, so each
+  shard s of the FFN's hidden units (``value`` and ``gate_proj`` rows split separately, so each
   expert keeps matching halves: Megatron-Core's ``upcycling_utils.py`` splits a fused GLU weight
   contiguously, which pairs value units with other units' gates for non-SiLU activations) goes
   to every group; router rows are tied within a group, so with top-k a multiple of g the top-k
   takes whole groups; the scores are renormalised (top-k then softmax), each chosen expert
   weighs 1 / g of its group's share, and fc2 alone is scaled by g: the output is the dense
   FFN's exactly (fc2 bias kept whole: the weights over the chosen experts sum to 1).
-- ``he_scaling``: virtual-group shards with He et al.'s weight scaling instead: value, gelu and
-  fc2 weights (and the value / gelu biases, which scale with their pre-activations) times
+- ``he_scaling``: virtual-group shards with He et al.'s weight scaling instead: value, gate_proj
+  and fc2 weights (and the value / gate_proj biases, which scale with their pre-activations) times
   s^(1/3), s = E g / k when routing is softmax-then-top-k (scores unnormalised, ~1/E each),
   else g (Megatron-Core's rule). GeLU is not homogeneous (gelu(a z) != a gelu(z)), so this is
   not function-preserving; the trainer logs the validation loss at step 0 to show by how much.
 - ``drop`` (Drop-Upcycling, Nakamura et al. 2025): the shards of ``copy`` / ``virtual_group``,
   then in each expert a random ``round(drop_fraction * F_e)`` of its hidden units re-initialised:
-  value and gelu rows and fc2 columns drawn from a normal with that slice's mean and std, the
-  units' value / gelu biases zeroed. Independent units per expert, so copies diverge at once.
+  value and gate_proj rows and fc2 columns drawn from a normal with that slice's mean and std, the
+  units' value / gate_proj biases zeroed. Independent units per expert, so copies diverge at once.
 
 Router (``upcycle.router_init``): ``tied`` draws one normal(0, router_std) row per group and
 repeats it over the group's g experts (Megatron's ``upcycling_utils``); ``untied`` draws every
@@ -61,7 +61,7 @@ import torch
 from moe_morpheus.config import ModelConfig, MoEConfig
 from moe_morpheus.config.upcycle import UpcycleConfig, UpcycleError, granularity
 
-_FFN = ("value.weight", "value.bias", "gelu.weight", "gelu.bias", "fc2.weight", "fc2.bias")
+_FFN = ("value.weight", "value.bias", "gate_proj.weight", "gate_proj.bias", "fc2.weight", "fc2.bias")
 
 
 def _generator(seed: int, layer: int) -> torch.Generator:
@@ -82,14 +82,14 @@ def upcycle_ffn(dense: dict[str, torch.Tensor], model: ModelConfig, moe: MoEConf
     rows = (shard[:, None] * fe + torch.arange(fe)[None, :])  # [E, Fe] dense hidden units of each expert
     w_value = dense["value.weight"][rows].clone()  # [E, Fe, D]
     b_value = dense["value.bias"][rows].clone()
-    w_gelu = dense["gelu.weight"][rows].clone()
-    b_gelu = dense["gelu.bias"][rows].clone()
+    w_gate = dense["gate_proj.weight"][rows].clone()
+    b_gate = dense["gate_proj.bias"][rows].clone()
     w_out = dense["fc2.weight"][:, rows].permute(1, 0, 2).clone()  # [E, D, Fe]
     b_out = dense["fc2.bias"].expand(E, -1).clone()
     if cfg.mode == "he_scaling":
         s = E * g / moe.top_k if moe.softmax_before_topk else float(g)
         a = s ** (1.0 / 3.0)
-        for t in (w_value, b_value, w_gelu, b_gelu, w_out):
+        for t in (w_value, b_value, w_gate, b_gate, w_out):
             t.mul_(a)
     else:
         w_out.mul_(g)
@@ -105,17 +105,17 @@ def upcycle_ffn(dense: dict[str, torch.Tensor], model: ModelConfig, moe: MoEConf
         n_drop = round(cfg.drop_fraction * fe)
         for e in range(E):
             units = torch.randperm(fe, generator=gen)[:n_drop]
-            for w in (w_value[e], w_gelu[e]):
+            for w in (w_value[e], w_gate[e]):
                 old = w[units]
                 w[units] = torch.randn(old.shape, generator=gen) * old.std() + old.mean()
             old = w_out[e][:, units]
             w_out[e][:, units] = torch.randn(old.shape, generator=gen) * old.std() + old.mean()
             b_value[e, units] = 0.0
-            b_gelu[e, units] = 0.0
+            b_gate[e, units] = 0.0
     dtype = dense["value.weight"].dtype
     return {"moe.gate.gate.weight": router.to(dtype), "moe.gate.gate.bias": torch.zeros(E, dtype=dtype),
             "moe.experts.w_value_EFD": w_value, "moe.experts.b_value_EF": b_value,
-            "moe.experts.w_gelu_EFD": w_gelu, "moe.experts.b_gelu_EF": b_gelu,
+            "moe.experts.w_gate_proj_EFD": w_gate, "moe.experts.b_gate_proj_EF": b_gate,
             "moe.experts.w_out_EDF": w_out, "moe.experts.b_out_ED": b_out}
 
 

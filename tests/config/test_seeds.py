@@ -76,7 +76,7 @@ def test_upcycling_draws_follow_trainer_seed_unless_pinned():
     gen = torch.Generator().manual_seed(0)
     ffn, hidden = model.ffn_hidden_size, model.hidden_size
     dense = {"value.weight": torch.randn(ffn, hidden, generator=gen), "value.bias": torch.randn(ffn, generator=gen),
-             "gelu.weight": torch.randn(ffn, hidden, generator=gen), "gelu.bias": torch.randn(ffn, generator=gen),
+             "gate_proj.weight": torch.randn(ffn, hidden, generator=gen), "gate_proj.bias": torch.randn(ffn, generator=gen),
              "fc2.weight": torch.randn(hidden, ffn, generator=gen), "fc2.bias": torch.randn(hidden, generator=gen)}
 
     def converted(trainer_seed: int, upcycle_seed: int | None = None):

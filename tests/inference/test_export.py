@@ -73,6 +73,12 @@ def test_export_reproduces_training_logits(tmp_path):
                            batch["segment_ids"], batch["prefix_mask"], batch["gmask"])
     assert ref_logits.shape == logits.shape == (2, 32, 256)
     assert relative_error(ref_logits, logits) <= 1e-5
+    # A v2 export (before the GeGLU rename) names the gate projection ``gelu``: read the same.
+    v2 = {name.replace(".gate_proj.", ".gelu.").replace("_gate_proj_", "_gelu_"): t for name, t in tensors.items()}
+    assert "layers.0.ffn.gelu.weight" in v2 and "layers.1.ffn.moe.experts.w_gelu_EFD" in v2
+    old = ReferenceGLM({**config, "format": "moe_morpheus-glm-v2"}, v2)
+    assert torch.equal(old(batch["tokens"], batch["position_ids"], batch["block_position_ids"],
+                           batch["segment_ids"], batch["prefix_mask"], batch["gmask"]), ref_logits)
 
 
 def test_reference_refuses_a_post_ln_export_of_the_old_block_order():
@@ -82,12 +88,13 @@ def test_reference_refuses_a_post_ln_export_of_the_old_block_order():
 
     from moe_morpheus.inference.reference_model import FORMAT, ReferenceGLM
 
-    assert FORMAT == "moe_morpheus-glm-v2"
+    assert FORMAT == "moe_morpheus-glm-v3"
     for norm in ("deepnorm", "deepnet"):
         with pytest.raises(ValueError, match=r"old DeepNorm order \(LN after the residual\)"):
             ReferenceGLM({"format": "moe_morpheus-glm-v1", "norm": norm}, {})
     assert ReferenceGLM({"format": "moe_morpheus-glm-v1", "norm": "pre_ln"}, {}).cfg["norm"] == "pre_ln"
     assert ReferenceGLM({"format": FORMAT, "norm": "deepnorm"}, {}).cfg["format"] == FORMAT
+    assert ReferenceGLM({"format": "moe_morpheus-glm-v2", "norm": "deepnorm"}, {}).cfg["norm"] == "deepnorm"
 
 
 def test_safetensors_layout_follows_the_format(tmp_path):

@@ -22,8 +22,8 @@ BALANCE_COEFF = 0.1
 
 def _problem(seed: int, G: int, num_tokens: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    shapes = {"w_value_EFD": (G, F_HIDDEN, D), "b_value_EF": (G, F_HIDDEN), "w_gelu_EFD": (G, F_HIDDEN, D),
-              "b_gelu_EF": (G, F_HIDDEN), "w_out_EDF": (G, D, F_HIDDEN), "b_out_ED": (G, D)}
+    shapes = {"w_value_EFD": (G, F_HIDDEN, D), "b_value_EF": (G, F_HIDDEN), "w_gate_proj_EFD": (G, F_HIDDEN, D),
+              "b_gate_proj_EF": (G, F_HIDDEN), "w_out_EDF": (G, D, F_HIDDEN), "b_out_ED": (G, D)}
     prob = {n: torch.randn(s, generator=gen) * 0.3 for n, s in shapes.items()}
     prob["gate_w"] = torch.randn(G, D, generator=gen) * 0.5
     prob["gate_b"] = torch.randn(G, generator=gen) * 0.1

@@ -99,7 +99,7 @@ def test_expert_hidden_size_and_init():
     assert experts.w_value_EFD.shape == (8, 40, H) and experts.w_out_EDF.shape == (8, H, 40)
     # Xavier normal with the DeepNorm gain: std = beta * sqrt(2 / (h + F)).
     expected = MODEL.init_beta * (2 / (H + 40)) ** 0.5
-    assert experts.w_gelu_EFD.std().item() == pytest.approx(expected, rel=0.05)
+    assert experts.w_gate_proj_EFD.std().item() == pytest.approx(expected, rel=0.05)
     assert torch.count_nonzero(experts.b_out_ED) == 0
     assert layer.moe.experts.w_value_EFD.allreduce is False
     assert layer.moe.gate.gate.weight.sequence_parallel is True

@@ -14,7 +14,7 @@ from moe_morpheus.moe import FMoE, GeGLUExperts
 from moe_morpheus.moe.gates import GShardGate, NaiveGate
 
 D, F_HIDDEN = 16, 24
-EXPERT_PARAMS = ("w_value_EFD", "b_value_EF", "w_gelu_EFD", "b_gelu_EF", "w_out_EDF", "b_out_ED")
+EXPERT_PARAMS = ("w_value_EFD", "b_value_EF", "w_gate_proj_EFD", "b_gate_proj_EF", "w_out_EDF", "b_out_ED")
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -27,7 +27,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def geglu_token(x_D, p, e):
     """One expert on one token, written from the dense FFN's formula."""
     value = p["w_value_EFD"][e] @ x_D + p["b_value_EF"][e]
-    gate = p["w_gelu_EFD"][e] @ x_D + p["b_gelu_EF"][e]
+    gate = p["w_gate_proj_EFD"][e] @ x_D + p["b_gate_proj_EF"][e]
     act = value * 0.5 * gate * (1 + torch.erf(gate / 2**0.5))
     return p["w_out_EDF"][e] @ act + p["b_out_ED"][e]
 
@@ -136,19 +136,19 @@ def test_expert_view_applies_one_expert():
 
 
 def test_dense_ffn_copied_into_experts_is_function_preserving():
-    """value/gelu/fc2 linears of a dense GeGLU FFN copy into every expert: the MoE output is the
+    """value/gate_proj/fc2 linears of a dense GeGLU FFN copy into every expert: the MoE output is the
     dense output for any routing (naive gate scores sum to 1 over the k)."""
     torch.manual_seed(5)
-    value, gelu, fc2 = nn.Linear(D, F_HIDDEN), nn.Linear(D, F_HIDDEN), nn.Linear(F_HIDDEN, D)
+    value, gate_proj, fc2 = nn.Linear(D, F_HIDDEN), nn.Linear(D, F_HIDDEN), nn.Linear(F_HIDDEN, D)
     layer = make_layer(4, 2, seed=5)
     with torch.no_grad():
-        for name, src in (("value", value), ("gelu", gelu)):
+        for name, src in (("value", value), ("gate_proj", gate_proj)):
             getattr(layer.experts, f"w_{name}_EFD").copy_(src.weight.expand(4, -1, -1))
             getattr(layer.experts, f"b_{name}_EF").copy_(src.bias.expand(4, -1))
         layer.experts.w_out_EDF.copy_(fc2.weight.expand(4, -1, -1))
         layer.experts.b_out_ED.copy_(fc2.bias.expand(4, -1))
     x = torch.randn(20, D)
-    dense = fc2(value(x) * F.gelu(gelu(x)))
+    dense = fc2(value(x) * F.gelu(gate_proj(x)))
     assert rel_err(layer(x), dense) <= 1e-5
 
 

@@ -307,3 +307,42 @@ def test_an_old_recorded_config_merges_into_the_current_schema():
     merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), config)
     assert merged.moe.expert_hidden_size == 192 and merged.upcycle.mode == "virtual_group"
     assert old["upcycle"]["granularity"] == 2  # the manifest itself is left as it was
+
+
+def _as_format_1(entries: dict) -> dict:
+    """Model entries under checkpoint format 1's names: the GeGLU's gate projection was ``gelu``."""
+    import dataclasses
+
+    return {name: dataclasses.replace(entry, key=entry.key.replace(".gate_proj.", ".gelu.").replace("_gate_proj_", "_gelu_"))
+            for name, entry in entries.items()}
+
+
+def save_format_1_then_continue(moe, directory):
+    """Save as the code before the GeGLU rename did (format 1, ``gelu`` names), then train on."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from moe_morpheus.train.checkpoint import state
+
+    run = _setup(1, 1, 1, moe)
+    _train(run, [1, 2])
+    current = state.model_entries
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(state, "model_entries", lambda model: _as_format_1(current(model)))
+        path = _save(run, directory, 2)
+    if dist.get_rank() == 0:
+        manifest = json.loads((path / "checkpoint.json").read_text())
+        (path / "checkpoint.json").write_text(json.dumps({**manifest, "format": 1}))
+    dist.barrier()
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return sorted(k for k in keys if "gelu" in k), _eval(run), _train(run, range(3, 8))
+
+
+def test_a_checkpoint_with_the_old_geglu_names_loads(tmp_path):
+    """Format 1 named the GeGLU's gate projection ``gelu`` (dense ``ffn.gelu``, experts
+    ``w_gelu_EFD`` / ``b_gelu_EF``): its weights and AdamW moments load under today's names and
+    training goes on as it did after the save."""
+    ((old_keys, *saved),) = run_distributed(save_format_1_then_continue, 1, TINY_MOE, str(tmp_path))
+    assert {"layers.0.ffn.gelu.weight", "layers.1.ffn.moe.experts.w_gelu_EFD",
+            "optimizer.exp_avg.layers.1.ffn.moe.experts.b_gelu_EF"} <= set(old_keys)
+    _assert_resharded([saved], run_distributed(load_then_continue, 1, 1, 1, 1, TINY_MOE, str(tmp_path)))

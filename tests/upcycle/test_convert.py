@@ -178,7 +178,7 @@ def test_upcycled_experts_get_the_weight_decay_of_the_dense_tensors_they_copy():
 def _dense_ffn(ffn: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {"value.weight": torch.randn(ffn, hidden, generator=gen), "value.bias": torch.randn(ffn, generator=gen),
-            "gelu.weight": torch.randn(ffn, hidden, generator=gen), "gelu.bias": torch.randn(ffn, generator=gen),
+            "gate_proj.weight": torch.randn(ffn, hidden, generator=gen), "gate_proj.bias": torch.randn(ffn, generator=gen),
             "fc2.weight": torch.randn(hidden, ffn, generator=gen), "fc2.bias": torch.randn(hidden, generator=gen)}
 
 
@@ -193,9 +193,9 @@ def test_drop_reinitialises_exactly_the_configured_fraction(fraction):
     unit_sets = []
     for e in range(8):
         value = (dropped["moe.experts.w_value_EFD"][e] != base["moe.experts.w_value_EFD"][e]).any(1)
-        gelu = (dropped["moe.experts.w_gelu_EFD"][e] != base["moe.experts.w_gelu_EFD"][e]).any(1)
+        gate = (dropped["moe.experts.w_gate_proj_EFD"][e] != base["moe.experts.w_gate_proj_EFD"][e]).any(1)
         out = (dropped["moe.experts.w_out_EDF"][e] != base["moe.experts.w_out_EDF"][e]).any(0)
-        assert int(value.sum()) == expected and torch.equal(value, gelu) and torch.equal(value, out)
+        assert int(value.sum()) == expected and torch.equal(value, gate) and torch.equal(value, out)
         assert torch.all(dropped["moe.experts.b_value_EF"][e][value] == 0)
         unit_sets.append(tuple(value.nonzero().flatten().tolist()))
     if 0 < fraction < 1:
@@ -213,7 +213,7 @@ def test_virtual_group_layout_of_shards_and_router():
     for e in range(8):
         shard = slice((e % 2) * 96, (e % 2 + 1) * 96)
         assert torch.equal(out["moe.experts.w_value_EFD"][e], dense["value.weight"][shard])
-        assert torch.equal(out["moe.experts.w_gelu_EFD"][e], dense["gelu.weight"][shard])
+        assert torch.equal(out["moe.experts.w_gate_proj_EFD"][e], dense["gate_proj.weight"][shard])
         assert torch.equal(out["moe.experts.w_out_EDF"][e], 2 * dense["fc2.weight"][:, shard])
         assert torch.equal(router[e], router[e - e % 2])  # tied within the group
     assert not torch.equal(router[0], router[2])

@@ -25,7 +25,7 @@ from moe_morpheus.moe.experts import GeGLUExperts, _GroupedGeGLU
 from moe_morpheus.moe.faster.stats import FasterStats
 
 # _GroupedGeGLU's parameter order (GeGLUExperts registers them in this order).
-_GEGLU = ("w_value_EFD", "b_value_EF", "w_gelu_EFD", "b_gelu_EF", "w_out_EDF", "b_out_ED")
+_GEGLU = ("w_value_EFD", "b_value_EF", "w_gate_proj_EFD", "b_gate_proj_EF", "w_out_EDF", "b_out_ED")
 
 
 class ExpertParams:

@@ -88,6 +88,7 @@ from moe_morpheus.train.checkpoint.store import (
     read_manifest,
     remove_checkpoint,
     sha256,
+    stored_key,
     write_atomic,
 )
 from moe_morpheus.train.optim import MOMENTS
@@ -130,11 +131,14 @@ def layout(parallel: ParallelConfig) -> dict:
 
 
 # ---------------------------------------------------------------------- sharded state dicts
-def model_entries(model: list[torch.nn.Module]) -> dict[str, ShardedTensor]:
-    """This rank's model entries over all its pipeline chunks (keys are global already)."""
+def model_entries(model: list[torch.nn.Module], fmt: int = FORMAT_VERSION) -> dict[str, ShardedTensor]:
+    """This rank's model entries over all its pipeline chunks (keys are global already), keyed as a
+    checkpoint of format ``fmt`` stores them (the optimizer's moments follow their parameter's key)."""
     entries: dict[str, ShardedTensor] = {}
     for chunk in model:
         entries.update(unwrap(chunk).sharded_state_dict())
+    if fmt != FORMAT_VERSION:
+        entries = {name: dataclasses.replace(entry, key=stored_key(entry.key, fmt)) for name, entry in entries.items()}
     return entries
 
 
@@ -291,7 +295,7 @@ def load_checkpoint(path: Path, model: list[torch.nn.Module], optimizer, *, shap
     manifest = loadable_manifest(path, model)
     _check_shape(path, manifest.get("model_shape", {}), shape)
     safe_load.install()
-    model_sd = model_entries(model)
+    model_sd = model_entries(model, manifest["format"])
     request = {"model": model_sd, "optimizer": optimizer_entries(model_sd, optimizer)}
     same_layout = manifest.get("layout") == current_layout
     if same_layout:
@@ -322,9 +326,9 @@ def load_model_weights(path: Path, model: list[torch.nn.Module]) -> dict:
     """Only the parameters of checkpoint ``path`` into ``model`` (any layout; no optimizer, no RNG),
     for inference, export and upcycling. Returns the checkpoint's trainer state (a dict).
     Collective; refuses pickle payloads (safe_load)."""
-    loadable_manifest(Path(path), model)
+    manifest = loadable_manifest(Path(path), model)
     safe_load.install()
-    entries = model_entries(model)
+    entries = model_entries(model, manifest["format"])
     targets = {name: entry.data for name, entry in entries.items()}
     loaded = dist_checkpointing.load({"model": entries}, str(path))
     with torch.no_grad():

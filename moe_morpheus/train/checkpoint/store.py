@@ -21,7 +21,11 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# Format 2 names the GeGLU's activated projection for what it holds, ``gate_proj`` (experts:
+# ``w_gate_proj_EFD``, ``b_gate_proj_EF``); format 1 named it after its activation, ``gelu``. Both load:
+# a format-1 checkpoint's tensors are requested under their old names (:func:`stored_key`).
+FORMAT_VERSION = 2
+FORMAT_1_NAMES = {"gate_proj": "gelu", "w_gate_proj_EFD": "w_gelu_EFD", "b_gate_proj_EF": "b_gelu_EF"}
 MANIFEST = "checkpoint.json"
 LATEST = "latest"
 STEP_NAME = re.compile(r"^step_(\d+)$")
@@ -35,6 +39,13 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def stored_key(key: str, fmt: int) -> str:
+    """The name under which a checkpoint of format ``fmt`` stores the tensor this code calls ``key``."""
+    if fmt == FORMAT_VERSION:
+        return key
+    return ".".join(FORMAT_1_NAMES.get(part, part) for part in key.split("."))
 
 
 def list_files(path: Path) -> list[str]:
@@ -126,8 +137,8 @@ def read_manifest(path: Path) -> dict:
         data = json.loads(manifest.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{manifest} is not valid JSON ({error}): the checkpoint is corrupt") from None
-    if data.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{manifest} has format {data.get('format')!r}; this code reads format {FORMAT_VERSION}")
+    if data.get("format") not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"{manifest} has format {data.get('format')!r}; this code reads formats 1 and {FORMAT_VERSION}")
     return data
 
 
