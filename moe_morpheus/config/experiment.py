@@ -113,15 +113,16 @@ class ExperimentConfig:
     @property
     def layout(self) -> str:
         p = self.parallel
-        return f"tp{p.tp}-pp{p.pp}" + (f"-vpp{p.virtual_pp}" if (p.virtual_pp or 1) > 1 else "") + f"-ep{p.ep}"
+        return f"tp{p.tp}-pp{p.pp}" + (f"-vpp{p.vpp}" if p.vpp > 1 else "") + f"-ep{p.ep}"
+
+    @property
+    def moe_or_none(self) -> MoEConfig | None:
+        """``moe`` when any layer is MoE, else None: what model building and counting take."""
+        return self.moe if self.moe.enabled else None
 
 
 def register_configs() -> None:
-    node = OmegaConf.structured(ExperimentConfig)
-    # Building the schema ran ModelConfig.__post_init__ on the defaults, which derives the FFN
-    # size from hidden 64; keep it unset so that it follows the hidden size a preset chooses.
-    node.model.ffn_hidden_size = None
-    ConfigStore.instance().store(name="experiment_schema", node=node)
+    ConfigStore.instance().store(name="experiment_schema", node=OmegaConf.structured(ExperimentConfig))
 
 
 def to_experiment(cfg: DictConfig) -> ExperimentConfig:

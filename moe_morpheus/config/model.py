@@ -13,13 +13,13 @@ ROPE_MODES = ("1d", "2d")
 
 @dataclass
 class ModelConfig:
-    """Shape and numerics of the GLM backbone (reference/glm.md)."""
+    """Shape and numerics of the GLM backbone (GLM-130B, Zeng et al. 2023)."""
 
     num_layers: int = 4
     hidden_size: int = 64
     num_attention_heads: int = 4
-    # None: 8/3 * hidden rounded up to a multiple of 64 (DESIGN.md, GeGLU keeps the 4h FFN's
-    # parameter count: 3 matrices of h x 8h/3 = 2 matrices of h x 4h).
+    # GeGLU hidden size. None: derived from hidden_size (read the size through ffn_hidden, never
+    # this field), so a preset that changes the width gets a matching FFN.
     ffn_hidden_size: int | None = None
     vocab_size: int = 1024
     # The embedding is padded to a multiple of this, independent of TP so that parameter counts
@@ -61,9 +61,17 @@ class ModelConfig:
         check(self.seq_length >= 2, f"model.seq_length={self.seq_length} must be at least 2")
         check(0.0 < self.embedding_grad_shrink <= 1.0,
               f"model.embedding_grad_shrink={self.embedding_grad_shrink} must be in (0, 1]")
-        if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
-        check(self.ffn_hidden_size >= 1, "model.ffn_hidden_size must be positive")
+        check(self.ffn_hidden_size is None or self.ffn_hidden_size >= 1,
+              f"model.ffn_hidden_size={self.ffn_hidden_size} must be positive (or null: derived from hidden_size)")
+
+    @property
+    def ffn_hidden(self) -> int:
+        """The GeGLU hidden size: ``ffn_hidden_size``, or 8/3 * hidden rounded up to a multiple of
+        64 when that is None (3 matrices of h x 8h/3 hold as many parameters as the 4h FFN's 2 of
+        h x 4h)."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return 64 * math.ceil(8 * self.hidden_size / 3 / 64)
 
     @property
     def head_dim(self) -> int:

@@ -10,10 +10,17 @@ from moe_morpheus.config.model import ModelConfig
 GATES = ("naive", "noisy", "gshard", "switch", "faster")
 
 
+def divisors_near(n: int, target: float, count: int = 3) -> list[int]:
+    """The ``count`` divisors of ``n`` closest to ``target``, ascending: the granularities an
+    error message suggests instead of one that does not divide the FFN."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return sorted(sorted(divisors, key=lambda d: abs(d - target))[:count])
+
+
 @dataclass
 class FasterMoEConfig:
     """FasterMoE (PPoPP'22): smart schedule, dynamic shadowing, topology-aware gate
-    (``moe_morpheus.moe.faster``; reference/fastmoe.md sec. 3)."""
+    (``moe_morpheus.moe.faster``; He et al., PPoPP 2022, section 3)."""
 
     # Split the token exchange into W / group_size steps and overlap each with expert compute.
     schedule: bool = False
@@ -48,7 +55,7 @@ class MoEConfig:
     top_k: int = 2
     gate: str = "naive"
     # Expert width relative to the dense FFN, as Megatron-Core and He et al. (2024) define
-    # granularity: expert hidden = model.ffn_hidden_size / g, so top_k = g experts hold exactly the
+    # granularity: expert hidden = model.ffn_hidden / g, so top_k = g experts hold exactly the
     # dense FFN's active parameters and FLOPs on every model preset. None: g = 1 (every expert as
     # wide as the dense FFN, so a dense FFN can be copied into each).
     granularity: int | None = None
@@ -95,12 +102,12 @@ class MoEConfig:
 
     def expert_hidden(self, model: ModelConfig) -> int:
         """Each expert's GeGLU hidden size on ``model``: ``expert_hidden_size`` when set, else
-        ``model.ffn_hidden_size / granularity`` (which must divide it)."""
+        ``model.ffn_hidden / granularity`` (which must divide it)."""
         if self.expert_hidden_size is not None:
             return self.expert_hidden_size
-        g, ffn = self.granularity or 1, model.ffn_hidden_size
+        g, ffn = self.granularity or 1, model.ffn_hidden
         if ffn % g:
-            divisors = ", ".join(str(d) for d in range(1, 17) if ffn % d == 0)
-            raise ConfigError(f"moe.granularity={g} does not divide model.ffn_hidden_size={ffn}: pick a divisor "
-                              f"of it ({divisors}, ...) or set model.ffn_hidden_size to a multiple of {g}")
+            divisors = ", ".join(str(d) for d in divisors_near(ffn, g))
+            raise ConfigError(f"moe.granularity={g} does not divide model.ffn_hidden_size={ffn}: pick one of its "
+                              f"divisors near {g} ({divisors}) or set model.ffn_hidden_size to a multiple of {g}")
         return ffn // g

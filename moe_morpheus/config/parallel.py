@@ -36,6 +36,11 @@ class ParallelConfig:
               "parallel.sequence_parallel=true needs tensor parallelism (parallel.tp > 1): it splits the "
               "sequence over the tensor-parallel ranks")
 
+    @property
+    def vpp(self) -> int:
+        """Virtual pipeline stages per rank, 1 for plain 1F1B."""
+        return self.virtual_pp or 1
+
     def validate_world(self, world_size: int) -> int:
         """Check the layout against the world size; returns the data-parallel size."""
         check(world_size % (self.tp * self.pp) == 0,
@@ -57,16 +62,16 @@ class ParallelConfig:
               f"parallel.tp={self.tp}")
         check(model.hidden_size % self.tp == 0,
               f"model.hidden_size={model.hidden_size} is not divisible by parallel.tp={self.tp}")
-        check(model.ffn_hidden_size % self.tp == 0,
-              f"model.ffn_hidden_size={model.ffn_hidden_size} is not divisible by parallel.tp={self.tp}")
+        check(model.ffn_hidden % self.tp == 0,
+              f"model.ffn_hidden_size={model.ffn_hidden} is not divisible by parallel.tp={self.tp}")
         check(model.padded_vocab_size % self.tp == 0,
               f"padded vocabulary {model.padded_vocab_size} is not divisible by parallel.tp={self.tp}: "
               f"set model.make_vocab_size_divisible_by to a multiple of {self.tp}")
         check(not self.sequence_parallel or model.seq_length % self.tp == 0,
               f"model.seq_length={model.seq_length} is not divisible by parallel.tp={self.tp}: sequence "
               f"parallelism gives each tensor-parallel rank seq_length / tp positions")
-        stages = self.pp * (self.virtual_pp or 1)
+        stages = self.pp * self.vpp
         check(model.num_layers % stages == 0,
               f"model.num_layers={model.num_layers} is not divisible by parallel.pp * virtual_pp = "
-              f"{self.pp} * {self.virtual_pp or 1} = {stages}: each pipeline stage needs the same "
+              f"{self.pp} * {self.vpp} = {stages}: each pipeline stage needs the same "
               f"number of layers")

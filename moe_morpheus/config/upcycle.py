@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 
 from moe_morpheus.config.errors import ConfigError
 from moe_morpheus.config.model import ModelConfig
-from moe_morpheus.config.moe import MoEConfig
+from moe_morpheus.config.moe import MoEConfig, divisors_near
 
 MODES = ("copy", "virtual_group", "he_scaling", "drop")
 ROUTER_INITS = ("tied", "untied")
+
+
 class UpcycleError(ConfigError):
     """A source or target that cannot be upcycled; the message names the field or the path."""
 
@@ -47,16 +49,10 @@ class InitConfig:
     from_dense: str | None = None
 
 
-def divisors_near(n: int, target: float, count: int = 3) -> list[int]:
-    """The ``count`` divisors of ``n`` closest to ``target``, ascending (granularities to suggest)."""
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return sorted(sorted(divisors, key=lambda d: abs(d - target))[:count])
-
-
 def granularity(model: ModelConfig, moe: MoEConfig, cfg: UpcycleConfig) -> int:
     """g = dense FFN / expert width (the target's ``moe.expert_hidden``), checked against the FFN
     size, the experts and the routing; raises UpcycleError."""
-    ffn = model.ffn_hidden_size
+    ffn = model.ffn_hidden
     expert = moe.expert_hidden(model)
     if ffn % expert:
         raise UpcycleError(f"moe.expert_hidden_size={expert} does not divide model.ffn_hidden_size={ffn}: each "

@@ -54,7 +54,7 @@ def export_config(model: ModelConfig, moe: MoEConfig | None, tokenizer_file: str
     config = {
         "format": FORMAT,
         "num_layers": model.num_layers, "hidden_size": model.hidden_size,
-        "num_attention_heads": model.num_attention_heads, "ffn_hidden_size": model.ffn_hidden_size,
+        "num_attention_heads": model.num_attention_heads, "ffn_hidden_size": model.ffn_hidden,
         "vocab_size": model.vocab_size, "padded_vocab_size": model.padded_vocab_size,
         "seq_length": model.seq_length, "norm": model.norm, "residual_alpha": model.residual_alpha,
         "rope": model.rope, "rope_base": model.rope_base, "layernorm_epsilon": model.layernorm_epsilon,

@@ -34,7 +34,7 @@ def load_for_inference(checkpoint: str | Path, *, with_info: bool = False):
     if not tokenizer_path.is_file():
         raise CheckpointError(f"checkpoint {path} was trained with the tokenizer {exp.data.tokenizer}, which is not "
                               f"at {tokenizer_path}: put it back or point data.tokenizer at a copy")
-    (chunk,) = build_model(exp.model, exp.moe if exp.moe.enabled else None, ParallelConfig())
+    (chunk,) = build_model(exp.model, exp.moe_or_none, ParallelConfig())
     state = load_model_weights(path, [chunk])
     chunk.eval()
     tokenizer = Tokenizer(tokenizer_path)

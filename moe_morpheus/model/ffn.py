@@ -20,7 +20,7 @@ from moe_morpheus.model import init
 class GeGLU(MegatronModule):
     def __init__(self, config: TransformerConfig, model_cfg: ModelConfig):
         super().__init__(config=config)
-        h, f = model_cfg.hidden_size, model_cfg.ffn_hidden_size
+        h, f = model_cfg.hidden_size, model_cfg.ffn_hidden
         w_init = init.output_init(model_cfg)
         self.value = tensor_parallel.ColumnParallelLinear(
             h, f, config=config, init_method=w_init, bias=True, gather_output=False

@@ -52,11 +52,11 @@ def megatron_config(model_cfg: ModelConfig, parallel: ParallelConfig, dtype: tor
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
         num_attention_heads=model_cfg.num_attention_heads,
-        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        ffn_hidden_size=model_cfg.ffn_hidden,
         tensor_model_parallel_size=parallel.tp,
         # Needed for correct layer offsets and checkpoint keys under PP (docs/design.md#cpu-compatibility).
         pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pp if (parallel.virtual_pp or 1) > 1 else None,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pp if parallel.vpp > 1 else None,
         # Activations between the TP regions (LayerNorms, dropout, residual, MoE routing) are split
         # along the sequence: column-parallel layers all-gather their input, row-parallel ones
         # reduce-scatter their output (Korthikanti et al. 2022, sec. 4.2.2).
@@ -115,7 +115,7 @@ class GLMEmbedding(torch.nn.Module):
 
 def layer_range(model_cfg: ModelConfig, parallel: ParallelConfig, pp_rank: int, vp_stage: int | None) -> range:
     """Global layer indices of one pipeline chunk (interleaved: chunk v of rank p)."""
-    vpp = parallel.virtual_pp or 1
+    vpp = parallel.vpp
     per_chunk = model_cfg.num_layers // (parallel.pp * vpp)
     start = (vp_stage or 0) * (model_cfg.num_layers // vpp) + pp_rank * per_chunk
     return range(start, start + per_chunk)
@@ -293,7 +293,7 @@ def build_model(
     ``seed``, not on the parallel layout. ``recompute``: none, selective or full (``trainer.recompute``).
     """
     config = megatron_config(model_cfg, parallel, dtype, recompute)
-    vpp = parallel.virtual_pp or 1
+    vpp = parallel.vpp
     chunks = []
     for vp_stage in range(vpp):
         stage = vp_stage if vpp > 1 else None

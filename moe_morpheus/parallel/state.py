@@ -92,7 +92,7 @@ def initialize(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pp if (parallel.virtual_pp or 1) > 1 else None,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pp if parallel.vpp > 1 else None,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=1,
         create_gloo_process_groups=backend == "gloo",

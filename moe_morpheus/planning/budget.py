@@ -55,7 +55,7 @@ def _moe_enabled(moe_cfg: MoEConfig | None) -> bool:
 
 def param_counts(model_cfg: ModelConfig, moe_cfg: MoEConfig | None = None) -> ParamCounts:
     """Total, active, embedding and non-embedding parameters (inventory in the module docstring)."""
-    h, v, f = model_cfg.hidden_size, model_cfg.padded_vocab_size, model_cfg.ffn_hidden_size
+    h, v, f = model_cfg.hidden_size, model_cfg.padded_vocab_size, model_cfg.ffn_hidden
     embedding = v * h
     # Two LayerNorms (2h each) + QKV (3h^2 + 3h) + output projection (h^2 + h).
     layer_common = 2 * 2 * h + (3 * h * h + 3 * h) + (h * h + h)
@@ -91,7 +91,7 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int, moe_cfg: MoEConfig | N
     """
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be a positive number of tokens")
-    h, v, f, s = model_cfg.hidden_size, model_cfg.padded_vocab_size, model_cfg.ffn_hidden_size, seq_len
+    h, v, f, s = model_cfg.hidden_size, model_cfg.padded_vocab_size, model_cfg.ffn_hidden, seq_len
     forward = 2 * h * v
     for i in range(model_cfg.num_layers):
         forward += 2 * 3 * h * h + 2 * h * h + 2 * s * h + 2 * s * h
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    moe = exp.moe if exp.moe.enabled else None
+    moe = exp.moe_or_none
     tokens_per_step = exp.trainer.global_batch_size * exp.model.seq_length
     budget = exp.budget
     if budget.chinchilla_fraction is None and exp.trainer.steps is None and exp.trainer.tokens is None:
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_run(exp.model, moe, budget, tokens_per_step, steps=exp.trainer.steps,
                     tokens=exp.trainer.tokens if exp.trainer.steps is None else None)
     print(f"{exp.name}: {exp.model.num_layers} layers, hidden {exp.model.hidden_size}, "
-          f"{exp.model.num_attention_heads} heads, FFN {exp.model.ffn_hidden_size}, seq {exp.model.seq_length}, "
+          f"{exp.model.num_attention_heads} heads, FFN {exp.model.ffn_hidden}, seq {exp.model.seq_length}, "
           f"vocab {exp.model.vocab_size}" + (f", {moe.num_experts} experts top-{moe.top_k} every "
                                              f"{moe.layer_freq} layer(s), experts {moe.expert_hidden(exp.model)} wide"
                                              if moe else ""))

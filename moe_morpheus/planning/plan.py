@@ -168,7 +168,7 @@ def stage_layers(model: ModelConfig, pp: int, stage: int) -> range:
 def stage_params(model: ModelConfig, moe: MoEConfig | None, layout: Layout, stage: int) -> tuple[int, int]:
     """(dense, expert) parameters on one GPU of pipeline stage ``stage`` (inventory of
     :mod:`moe_morpheus.planning.budget`, split as the layers split them)."""
-    h, f, v, t = model.hidden_size, model.ffn_hidden_size, model.padded_vocab_size, layout.tp
+    h, f, v, t = model.hidden_size, model.ffn_hidden, model.padded_vocab_size, layout.tp
     # QKV (3h^2 + 3h) and the output matrix h^2 column/row-split; output bias and 2 LayerNorms replicated.
     attention = (4 * h * h + 3 * h) // t + h + 4 * h
     dense_ffn = (3 * h * f + 2 * f) // t + h  # value, gate (+ biases) split; fc2 bias replicated
@@ -207,7 +207,7 @@ def layer_activation_bytes(model: ModelConfig, moe: MoEConfig | None, layout: La
         rows = tokens * moe.top_k * (moe.capacity_factor or 1.0) / t
         total += rows * (2 * fe * c + 2 * h * c + 16) + 12 * tokens * moe.num_experts / t
     else:
-        total += 4 * tokens * model.ffn_hidden_size * c / t
+        total += 4 * tokens * model.ffn_hidden * c / t
     return total
 
 
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"this layout does not divide the model: {error}", file=sys.stderr)
         return 1
-    model, moe, p, trainer = exp.model, exp.moe if exp.moe.enabled else None, exp.parallel, exp.trainer
+    model, moe, p, trainer = exp.model, exp.moe_or_none, exp.parallel, exp.trainer
     gpus = options["gpus"] or p.tp * p.pp
     work = Workload(micro_batch=trainer.micro_batch_size, global_batch=trainer.global_batch_size,
                     bf16=trainer.precision in ("auto", "bf16"))

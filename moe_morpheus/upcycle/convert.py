@@ -76,7 +76,7 @@ def upcycle_ffn(dense: dict[str, torch.Tensor], model: ModelConfig, moe: MoEConf
         raise UpcycleError("upcycle.seed is None (it follows trainer.seed): pass ExperimentConfig.upcycle_config(), "
                            "which resolves it, or set upcycle.seed")
     g = granularity(model, moe, cfg)
-    E, ffn = moe.num_experts, model.ffn_hidden_size
+    E, ffn = moe.num_experts, model.ffn_hidden
     fe = ffn // g
     shard = torch.arange(E) % g  # expert e = j * g + s holds shard s
     rows = (shard[:, None] * fe + torch.arange(fe)[None, :])  # [E, Fe] dense hidden units of each expert

@@ -90,7 +90,7 @@ def upcycle_into(chunks, exp, source: str | Path):
     from moe_morpheus.train.checkpoint import TrainState
 
     path = resolve_source(source, checksums=exp.checkpoint.checksums)
-    moe = exp.moe if exp.moe.enabled else None
+    moe = exp.moe_or_none
     if moe is not None:
         granularity(exp.model, moe, exp.upcycle)  # fail before loading anything
     dense, trainer = load_dense(path, exp.model, exp.parallel)

@@ -74,7 +74,7 @@ def test_data_follows_trainer_seed_and_validation_does_not(demo_data_cfg):
 def test_upcycling_draws_follow_trainer_seed_unless_pinned():
     model, moe = ModelConfig(**MODEL), MoEConfig(layer_freq=1, num_experts=4, top_k=2)
     gen = torch.Generator().manual_seed(0)
-    ffn, hidden = model.ffn_hidden_size, model.hidden_size
+    ffn, hidden = model.ffn_hidden, model.hidden_size
     dense = {"value.weight": torch.randn(ffn, hidden, generator=gen), "value.bias": torch.randn(ffn, generator=gen),
              "gate_proj.weight": torch.randn(ffn, hidden, generator=gen), "gate_proj.bias": torch.randn(ffn, generator=gen),
              "fc2.weight": torch.randn(hidden, ffn, generator=gen), "fc2.bias": torch.randn(hidden, generator=gen)}

@@ -156,7 +156,7 @@ def test_plan_counts_the_experiments_parameters_as_the_budget_does(experiment):
     from moe_morpheus.planning.budget import param_counts
 
     exp = compose_experiment([f"+experiment={experiment}", "model=morpheus_30b"])
-    moe = exp.moe if exp.moe.enabled else None
+    moe = exp.moe_or_none
     plan = plan_memory(exp.model, moe, Layout(tp=1, pp=1, dp=1), WORK)
     assert plan.params == param_counts(exp.model, moe).total
     # 8 experts: ep 8 leaves one expert per GPU, so the experts on a GPU shrink 8-fold.

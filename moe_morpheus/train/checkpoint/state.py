@@ -116,8 +116,10 @@ class TrainState:
 
 def model_shape(model: ModelConfig, moe: MoEConfig | None) -> dict:
     """What must match for a checkpoint's tensors to fit a model (the layout may differ)."""
-    shape = {f"model.{k}": getattr(model, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
-                                                       "ffn_hidden_size", "padded_vocab_size")}
+    shape = {"model.num_layers": model.num_layers, "model.hidden_size": model.hidden_size,
+             "model.num_attention_heads": model.num_attention_heads,
+             # The resolved width (the field may be None: derived), under the key manifests hold.
+             "model.ffn_hidden_size": model.ffn_hidden, "model.padded_vocab_size": model.padded_vocab_size}
     if moe is not None and moe.enabled:
         shape.update({f"moe.{k}": getattr(moe, k) for k in ("layer_freq", "num_experts")})
         # The resolved width: a granularity and the absolute size it equals make the same tensors.
@@ -126,7 +128,7 @@ def model_shape(model: ModelConfig, moe: MoEConfig | None) -> dict:
 
 
 def layout(parallel: ParallelConfig) -> dict:
-    return {"tp": parallel.tp, "pp": parallel.pp, "virtual_pp": parallel.virtual_pp or 1, "ep": parallel.ep,
+    return {"tp": parallel.tp, "pp": parallel.pp, "virtual_pp": parallel.vpp, "ep": parallel.ep,
             "world_size": dist.get_world_size()}
 
 
