@@ -8,16 +8,10 @@
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-REPO_ROOT = Path(__file__).resolve().parent
-
-# Sweep configs live in REPO_ROOT/sweeps: put the repo root on Hydra's search path by absolute
-# path, so `+sweeps=NAME` works from any working directory.
-sys.argv.append(f"hydra.searchpath=[file://{REPO_ROOT}]")
 if int(os.environ.get("RANK", "0")) > 0:
     # torchrun composes the config once per rank; only rank 0 owns the run directory (its path is
     # broadcast to the others), so the other ranks' Hydra writes nothing where results go.

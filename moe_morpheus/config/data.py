@@ -78,8 +78,10 @@ def demo_sources() -> dict[str, SourceConfig]:
 
 @dataclass
 class DataConfig:
-    """Sources, blend and objective of the training data (reference/glm.md sections 1-2)."""
+    """Sources, blend and objective of the training data (GLM, Du et al. 2022; GLM-130B)."""
 
+    # Corpora by name (the name labels validation sets and cache files); default: the bilingual
+    # demo corpus.
     sources: dict[str, SourceConfig] = field(default_factory=demo_sources)
     tokenizer: str = "data/tokenizer/demo_8k.model"
     # Tokenised corpora (.bin/.idx) keyed by input bytes and tokenizer; /cache/ is git-ignored.
@@ -119,7 +121,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check(isinstance(self.sources, Mapping) and len(self.sources) > 0,
-              "data.sources is empty: configure at least one corpus (see conf/data/demo.yaml)")
+              "data.sources is empty: configure at least one corpus (path, kind, lang, weight)")
         self.sources = {name: src if isinstance(src, SourceConfig) else SourceConfig(**dict(src))
                         for name, src in self.sources.items()}
         for name, src in self.sources.items():

@@ -89,18 +89,31 @@ def granularity(model: ModelConfig, moe: MoEConfig, cfg: UpcycleConfig) -> int:
 
 @dataclass
 class SweepConfig:
+    """The staged upcycle-vs-scratch sweep, ``python -m moe_morpheus.upcycle.sweep [key=value ...]``
+    (not a Hydra multirun: its stages depend on each other)."""
+
     name: str = "upcycle_vs_scratch"
+    # A verdict needs >= 3 paired seeds (moe_morpheus/report/stats.py).
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     dense_experiment: str = "dense"
+    # 64 experts, virtual group g = 2: a function-preserving handoff.
     moe_experiment: str = "upcycle_64e"
+    # The same MoE shape from random init.
     scratch_experiment: str = "moe_64e"
+    # Dense stage: 1.2% of its Chinchilla budget (226 steps of 2,048 tokens, ~2 min on 2 cores).
     dense_fraction: float = 0.012
+    # Extra compute after the handoff: 50% and 100% of the dense stage's (Komatsuzaki et al. 2022
+    # found upcycling ahead of scratch up to ~100-120% extra). Per seed: dense 0.012 + 3 x (0.006 +
+    # 0.012) + scratch_total (0.018 + 0.030) = 0.114 of a budget, ~20-30 min with evaluation: the
+    # three seeds (27 runs) take about 1.5 hours on a 2-core CPU.
     extra_fractions: list[float] = field(default_factory=lambda: [0.006, 0.012])
     # Every stage exactly this many steps instead of the budget fractions (tests, smoke runs).
     stage_steps: int | None = None
     output_dir: str = "outputs/upcycle_vs_scratch"
+    # None: tracking.uri's default (sqlite:///mlflow.db in the launch directory).
     tracking_uri: str | None = None
     tracking_experiment: str = "moe_morpheus"
+    # Overrides passed to every train.py job.
     overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -43,7 +43,8 @@ def _check_sweep(hydra_cfg) -> None:
     if hydra_cfg.mode != RunMode.MULTIRUN:
         raise ConfigError(f"+sweeps={chosen} is a sweep: run it with -m (python train.py -m +sweeps={chosen})")
     if not hydra_cfg.sweeper.params:
-        raise ConfigError(f"sweeps/{chosen}.yaml sets no hydra.sweeper.params: the sweep would run one default job")
+        raise ConfigError(f"conf/sweeps/{chosen}.yaml sets no hydra.sweeper.params: the sweep would run one "
+                          f"default job")
 
 
 def _torchrun(nproc: int, output_dir: Path, parent_run_id: str | None) -> float:

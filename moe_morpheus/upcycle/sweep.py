@@ -2,8 +2,8 @@
 or training the MoE from scratch? (docs/design.md#upcycle-sweep; Komatsuzaki et al. 2022 find
 upcycling ahead until about 100-120% extra compute.)
 
-``python -m moe_morpheus.upcycle.sweep [key=value ...]`` (keys: :class:`SweepConfig`, defaults
-in ``conf/upcycle/upcycle_vs_scratch.yaml``; ``overrides=[...]`` go to every ``train.py`` job).
+``python -m moe_morpheus.upcycle.sweep [key=value ...]`` (keys and defaults:
+:class:`~moe_morpheus.config.SweepConfig`; ``overrides=[...]`` go to every ``train.py`` job).
 Hydra's basic sweeper runs independent jobs; these depend on each other, so this driver runs the
 graph, one ``train.py`` process per stage, in order. Per seed:
 
@@ -47,7 +47,6 @@ from moe_morpheus.tracking.names import git_commit, resolve_uri
 from moe_morpheus.tracking.tracker import ensure_experiment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULTS = REPO_ROOT / "conf" / "upcycle" / "upcycle_vs_scratch.yaml"
 VARIANTS = ("dense_continued", "upcycled", "scratch_extra", "scratch_total")
 
 
@@ -61,7 +60,7 @@ class Stage:
 def load_config(argv: list[str]) -> SweepConfig:
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.load(DEFAULTS), OmegaConf.from_dotlist(argv))
+    cfg = OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.from_dotlist(argv))
     return OmegaConf.to_object(cfg)
 
 
