@@ -12,6 +12,11 @@ import tempfile
 import hydra
 from omegaconf import DictConfig
 
+from moe_morpheus.config.experiment import register_configs
+from moe_morpheus.train.app import check_argv, run
+
+# Before Hydra: its error for an unknown `trainer.x=1` suggests `+trainer.x=1`, which it accepts.
+check_argv(sys.argv[1:])
 if int(os.environ.get("RANK", "0")) > 0:
     # torchrun composes the config once per rank; only rank 0 owns the run directory (its path is
     # broadcast to the others), so the other ranks' Hydra writes nothing where results go.
@@ -28,15 +33,11 @@ elif int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and not any(
     run_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.environ.get("TORCHELASTIC_RUN_ID", "none"))
     sys.argv.append(f"hydra.run.dir=outputs/${{name}}/torchrun-{run_id}")
 
-from moe_morpheus.config.experiment import register_configs  # noqa: E402
-
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from moe_morpheus.train.app import run
-
     return run(cfg)
 
 

@@ -1,8 +1,9 @@
 """The root configuration of a run, its cross-component checks, and its Hydra registration.
 
 ``conf/config.yaml`` starts from the ``experiment_schema`` registered here, so every YAML file and
-every command-line override is checked against these dataclasses (a typo in a key fails at
-composition with the key's name), and :func:`to_experiment` builds the validated objects.
+every command-line override is checked against these dataclasses: a key they do not have fails at
+composition, written with or without ``+``, with the key's name and the nearest real key
+(:mod:`moe_morpheus.config.keys`); :func:`to_experiment` builds the validated objects.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_morpheus.config.budget import BudgetConfig
 from moe_morpheus.config.data import DataConfig
 from moe_morpheus.config.errors import ConfigError
+from moe_morpheus.config.keys import check_keys, check_overrides
 from moe_morpheus.config.model import ModelConfig
 from moe_morpheus.config.moe import MoEConfig
 from moe_morpheus.config.parallel import ParallelConfig
@@ -127,6 +129,8 @@ def register_configs() -> None:
 
 def to_experiment(cfg: DictConfig) -> ExperimentConfig:
     """Build (and so validate) the dataclasses from a composed Hydra config."""
+    # `+section.key=value` (and a sweep parameter written so) adds a key the dataclass has not.
+    check_keys(OmegaConf.to_container(cfg), ExperimentConfig)
     experiment = OmegaConf.to_object(cfg)
     assert isinstance(experiment, ExperimentConfig)
     return experiment
@@ -135,11 +139,18 @@ def to_experiment(cfg: DictConfig) -> ExperimentConfig:
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
+def check_command_line(overrides: list[str]) -> None:
+    """Raise ConfigError for an override whose key the schema has not, before Hydra composes
+    (Hydra's own error for ``trainer.x=1`` suggests ``+trainer.x=1``, which it accepts)."""
+    check_overrides(overrides, ExperimentConfig, groups=[p.name for p in CONF_DIR.iterdir() if p.is_dir()])
+
+
 def compose_experiment(overrides: list[str]) -> ExperimentConfig:
     """The validated experiment that ``python train.py <overrides>`` would run (Hydra compose
     API), for commands that need the configuration but not a training run."""
     from hydra import compose, initialize_config_dir
 
+    check_command_line(overrides)
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides))

@@ -2,7 +2,7 @@
 
 - A config that cannot work stops before any process group is made, with the message of the
   dataclass check, and the job's output folder is removed (nothing is left that looks like a
-  result).
+  result). A key the schema has not stops the command before Hydra composes (:func:`check_argv`).
 - ``launch.nproc_per_node > 1`` outside torchrun (a sweep job, or a plain ``python train.py``)
   starts ``torchrun`` for this job with the same overrides and output folder.
 - A multirun's jobs attach to the sweep's MLflow parent run (moe_morpheus.tracking).
@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from moe_morpheus.config import ConfigError
+from moe_morpheus.config.experiment import check_command_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,6 +34,19 @@ def _fail(message: str, output_dir: Path | None) -> None:
         shutil.rmtree(output_dir, ignore_errors=True)
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
+
+
+def check_argv(argv: list[str]) -> None:
+    """Exit with a one-line error when an override on ``train.py``'s command line names a key
+    the schema has not, ``+`` or not. Hydra's options (``-m``, ``--cfg job``, ``-cn NAME``) and
+    their values hold no ``=`` or start with ``-``; everything else is an override, except under
+    ``-sc`` (shell completion), whose arguments are commands such as ``install=bash``."""
+    if "-sc" in argv or "--shell-completion" in argv:
+        return
+    try:
+        check_command_line([a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))])
+    except ConfigError as error:
+        _fail(str(error), None)
 
 
 def _check_sweep(hydra_cfg) -> None:

@@ -41,6 +41,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from moe_morpheus.config import ConfigError, SweepConfig
+from moe_morpheus.config.keys import check_keys
 from moe_morpheus.report.roles import EQUAL_EXTRA, EQUAL_TOTAL, ROLES, compare_per_extra, stage_tags
 from moe_morpheus.report.stats import interval_text, verdict_text
 from moe_morpheus.tracking.names import git_commit, resolve_uri
@@ -60,7 +61,9 @@ class Stage:
 def load_config(argv: list[str]) -> SweepConfig:
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.from_dotlist(argv))
+    overrides = OmegaConf.from_dotlist(argv)
+    check_keys(OmegaConf.to_container(overrides), SweepConfig)  # a one-line error naming the nearest key
+    cfg = OmegaConf.merge(OmegaConf.structured(SweepConfig), overrides)
     return OmegaConf.to_object(cfg)
 
 

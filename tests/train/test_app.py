@@ -137,7 +137,8 @@ def test_two_process_runs(tmp_path, layout, experiment, expected):
 
 @pytest.mark.parametrize("args,message", [
     (["+experiment=nonexistent"], "Could not find 'experiment/nonexistent'"),
-    (["+experiment=dense", "model.hiden_size=3"], "Key 'hiden_size' not in 'ModelConfig'"),
+    (["+experiment=dense", "model.hiden_size=3"], "unknown config key model.hiden_size: did you mean model.hidden_size?"),
+    (["+experiment=dense", "+trainer.lerning_rate=1"], "unknown config key trainer.lerning_rate: did you mean trainer.lr?"),
     (["+experiment=moe_8e", "parallel.ep=3"], "moe.num_experts=8 is not divisible by parallel.ep=3"),
     (["+experiment=moe_8e", "moe.top_k=9"], "moe.top_k=9 must be between 1 and moe.num_experts=8"),
     (["+experiment=moe_8e", "moe.expert_hidden_size=96"], "moe.granularity=2 and moe.expert_hidden_size=96 are both set"),
@@ -145,7 +146,7 @@ def test_two_process_runs(tmp_path, layout, experiment, expected):
     (["+experiment=dense", "budget.chinchilla_fraction=1e-9"], "rounds to 0 steps"),
     (["+sweeps=dense_vs_moe"], "run it with -m"),
     (["+experiment=dense", "tracking.uri=http://127.0.0.1:9", "tracking.strict=true"], "127.0.0.1:9"),
-], ids=["unknown-experiment", "typo", "ep", "top-k", "expert-width-twice", "granularity", "zero-steps",
+], ids=["unknown-experiment", "typo", "typo-added", "ep", "top-k", "expert-width-twice", "granularity", "zero-steps",
         "sweep-without-m", "unreachable-tracking"])
 def test_bad_input_gives_a_clear_error_and_leaves_no_run_folder(tmp_path, args, message):
     result = train(tmp_path, *args, *SMALL, check=False)
