@@ -78,7 +78,8 @@ def demo_sources() -> dict[str, SourceConfig]:
 
 @dataclass
 class DataConfig:
-    """Sources, blend and objective of the training data (GLM, Du et al. 2022; GLM-130B)."""
+    """Sources, blend and objective of the training data (GLM, Du et al. 2022; GLM-130B;
+    docs/design.md#blank-infilling)."""
 
     # Corpora by name (the name labels validation sets and cache files); default: the bilingual
     # demo corpus.

@@ -13,7 +13,7 @@ ROPE_MODES = ("1d", "2d")
 
 @dataclass
 class ModelConfig:
-    """Shape and numerics of the GLM backbone (GLM-130B, Zeng et al. 2023)."""
+    """Shape and numerics of the GLM backbone (GLM-130B, Zeng et al. 2023; docs/design.md#glm-model)."""
 
     num_layers: int = 4
     hidden_size: int = 64

@@ -20,7 +20,7 @@ def divisors_near(n: int, target: float, count: int = 3) -> list[int]:
 @dataclass
 class FasterMoEConfig:
     """FasterMoE (PPoPP'22): smart schedule, dynamic shadowing, topology-aware gate
-    (``moe_morpheus.moe.faster``; He et al., PPoPP 2022, section 3)."""
+    (``moe_morpheus.moe.faster``; docs/design.md#fastermoe)."""
 
     # Split the token exchange into W / group_size steps and overlap each with expert compute.
     schedule: bool = False

@@ -99,7 +99,7 @@ class CheckpointConfig:
 
 @dataclass
 class GuardConfig:
-    """Training-stability guards (moe_morpheus/train/guards.py; GLM-130B, Zeng et al. 2023, sec. 3).
+    """Training-stability guards (GLM-130B, Zeng et al. 2023, sec. 3; docs/design.md#guards).
 
     A non-finite loss or gradient norm always skips the update. A loss spike is a loss above
     ``spike_ratio`` x the mean of the last ``spike_window`` accepted losses *and* above that mean

@@ -1,5 +1,5 @@
 """Training-stability guards and fault injection (GLM-130B, Zeng et al. 2022, section 3: loss
-spikes, NaNs and embedding-gradient explosions).
+spikes, NaNs and embedding-gradient explosions; docs/design.md#guards).
 
 The guards decide, the trainer acts. Per step the trainer calls :meth:`Guards.begin_step` (faults
 that crash, the embedding-gradient shrink schedule); once the loss of the step is known and before
