@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-DATA_SEQ_LENGTH = 256
+from tests.helpers.data import DATA_SEQ_LENGTH
 
 
 @pytest.fixture(scope="session")

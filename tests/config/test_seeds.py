@@ -15,9 +15,9 @@ from moe_morpheus.config import ModelConfig, MoEConfig, TrainerConfig, UpcycleCo
 from moe_morpheus.config.experiment import ExperimentConfig, Seeds, compose_experiment
 from moe_morpheus.data.dataset import DataError, build_data
 from moe_morpheus.upcycle.convert import upcycle_ffn
-from tests.conftest import DATA_SEQ_LENGTH
+from tests.helpers.data import DATA_SEQ_LENGTH
+from tests.helpers.presets import TINY_GLM
 
-MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
 TRAIN_ROWS = range(0, 40, 3)
 
 
@@ -72,7 +72,7 @@ def test_data_follows_trainer_seed_and_validation_does_not(demo_data_cfg):
 
 
 def test_upcycling_draws_follow_trainer_seed_unless_pinned():
-    model, moe = ModelConfig(**MODEL), MoEConfig(layer_freq=1, num_experts=4, top_k=2)
+    model, moe = ModelConfig(**TINY_GLM), MoEConfig(layer_freq=1, num_experts=4, top_k=2)
     gen = torch.Generator().manual_seed(0)
     ffn, hidden = model.ffn_hidden, model.hidden_size
     dense = {"value.weight": torch.randn(ffn, hidden, generator=gen), "value.bias": torch.randn(ffn, generator=gen),
@@ -93,6 +93,6 @@ def test_upcycling_draws_follow_trainer_seed_unless_pinned():
 def test_unresolved_seeds_fail_with_the_fix(demo_data_cfg):
     with pytest.raises(DataError, match="data.seed is None .*ExperimentConfig.data_config"):
         build_data(replace(demo_data_cfg, seed=None), DATA_SEQ_LENGTH, progress=False)
-    model, moe = ModelConfig(**MODEL), MoEConfig(layer_freq=1, num_experts=4, top_k=2)
+    model, moe = ModelConfig(**TINY_GLM), MoEConfig(layer_freq=1, num_experts=4, top_k=2)
     with pytest.raises(UpcycleError, match="upcycle.seed is None .*ExperimentConfig.upcycle_config"):
         upcycle_ffn({}, model, moe, UpcycleConfig(mode="copy"), layer=0)

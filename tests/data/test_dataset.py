@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import subprocess
 import sys
@@ -20,7 +19,8 @@ from moe_morpheus.data.infilling import ROW_KEYS, attention_mask
 from moe_morpheus.data.mip import TEMPLATES
 from moe_morpheus.data.streams import GMASK, MASK, MIP
 from moe_morpheus.data.tokenizer import EOP_ID, EOS_ID, GMASK_ID, MASK_ID, SOP_ID
-from tests.conftest import DATA_SEQ_LENGTH as SEQ
+from tests.helpers.data import DATA_SEQ_LENGTH as SEQ
+from tests.helpers.data import train_rows_digest
 
 
 def segments(row):
@@ -35,7 +35,7 @@ def segments(row):
 
 def reconstruct(row, a, b):
     """The original text of one segment, rebuilt from the row alone (independent of the builder),
-    checking the position and target conventions of DESIGN.md on the way."""
+    checking the position and target conventions of docs/design.md#positions on the way."""
     tok, tgt = row["tokens"], row["targets"]
     pos, block = row["position_ids"], row["block_position_ids"]
     assert pos[a].tolist() == list(range(len(a))) and not block[a].any()
@@ -137,27 +137,19 @@ def test_rows_are_full(demo_data):
 ROWS = [0, 7, 999, 1000, 4321]
 
 
-def _digest(data, indices):
-    h = hashlib.sha256()
-    for i in indices:
-        for key in sorted(data.train[i]):
-            h.update(data.train[i][key].tobytes())
-    return h.hexdigest()
-
-
 def test_same_rows_in_a_new_process(demo_data, demo_data_cfg):
     script = (
         "from moe_morpheus.config.data import DataConfig\n"
         "from moe_morpheus.data.dataset import build_data\n"
-        "from tests.data.test_dataset import _digest\n"
+        "from tests.helpers.data import train_rows_digest\n"
         f"data = build_data(DataConfig(cache_dir={demo_data_cfg.cache_dir!r}, seed={demo_data_cfg.seed}), {SEQ}, "
         f"progress=False)\n"
         # reversed: row i must not depend on which rows were made before it in the process
-        f"print(_digest(data, {ROWS[::-1]}))\n")
+        f"print(train_rows_digest(data, {ROWS[::-1]}))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=resolve_path("."),
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-1] == _digest(demo_data, ROWS[::-1])
+    assert out.stdout.split()[-1] == train_rows_digest(demo_data, ROWS[::-1])
 
 
 def _tokens(batch):

@@ -22,7 +22,7 @@ X = [11, 12, 13, 14, 15, 16]  # x1..x6
 
 
 def test_paper_figure_2():
-    # reference/glm.md: spans {x3} and {x5, x6}, Part B puts {x5, x6} first; 0-based positions.
+    # The worked example of docs/design.md#positions: spans {x3} and {x5, x6}, Part B puts {x5, x6} first; 0-based positions.
     s = build_sample(X, [(2, 3), (4, 6)], mask_id=M, sop_id=S, eop_id=E, span_order=[1, 0])
     assert s.tokens.tolist() == [11, 12, M, 14, M, S, 15, 16, S, 13]
     assert s.position_ids.tolist() == [0, 1, 2, 3, 4, 4, 4, 4, 2, 2]

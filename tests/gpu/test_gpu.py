@@ -13,9 +13,10 @@ def test_cuda_matches_cpu_and_bf16_runs():
     from moe_morpheus.config import ModelConfig, ParallelConfig
     from moe_morpheus.model import build_model
     from moe_morpheus.parallel import initialize
-    from tests.synthetic import micro_batches
+    from tests.helpers.presets import TINY_GLM
+    from tests.helpers.synthetic import micro_batches
 
-    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
+    cfg = ModelConfig(**TINY_GLM)
     initialize(ParallelConfig(), cfg)
     model = build_model(cfg, None, ParallelConfig(), seed=3)[0]
     batch = micro_batches(1, 2, cfg.seq_length, cfg.vocab_size)[0]

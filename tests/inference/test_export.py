@@ -10,12 +10,10 @@ import struct
 import torch
 
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
-from tests.distributed import run_distributed
-from tests.parallel.test_backbone_parallel import relative_error
-from tests.synthetic import micro_batches
-
-MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
-MOE = dict(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=96)
+from tests.helpers.distributed import run_distributed
+from tests.helpers.numerics import relative_error
+from tests.helpers.presets import TINY_GLM, TINY_MOE
+from tests.helpers.synthetic import micro_batches
 
 
 def _save_and_logits(directory: str):
@@ -33,7 +31,7 @@ def _save_and_logits(directory: str):
     from moe_morpheus.train.optim import Optimizer
     from moe_morpheus.train.step import MODEL_INPUTS, forward_backward, wrap_ddp
 
-    exp = ExperimentConfig(model=ModelConfig(**MODEL), moe=MoEConfig(**MOE), parallel=ParallelConfig(ep=2))
+    exp = ExperimentConfig(model=ModelConfig(**TINY_GLM), moe=MoEConfig(**TINY_MOE), parallel=ParallelConfig(ep=2))
     initialize(exp.parallel, exp.model)
     chunks = wrap_ddp(build_model(exp.model, exp.moe, exp.parallel, seed=2))
     optimizer = Optimizer(chunks, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0)

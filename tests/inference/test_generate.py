@@ -9,9 +9,10 @@ import torch
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
 from moe_morpheus.data.tokenizer import EOP_ID, EOS_ID, GMASK_ID, MASK_ID
 from moe_morpheus.inference.generate import GenerationError, Generator, Sampling, _filter
-from tests.distributed import run_distributed
+from tests.helpers.distributed import run_distributed
+from tests.helpers.presets import TINY_GLM
 
-MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=300, seq_length=96)
+MODEL = dict(TINY_GLM, vocab_size=300, seq_length=96)
 PROMPTS = {
     "gmask": list(range(20, 40)),
     "masks": [21, 22, MASK_ID, 23, 24, 25, MASK_ID, 26],

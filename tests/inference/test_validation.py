@@ -14,7 +14,7 @@ import pytest
 from moe_morpheus.data.tokenizer import MASK_ID
 from moe_morpheus.data.validation import STRATUM_SHIFT, unit_stratum
 from moe_morpheus.inference.evaluate import cluster_se
-from tests.distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 
 SEQ = 64
 

@@ -13,9 +13,8 @@ from moe_morpheus.model import build_model
 from moe_morpheus.model.layer import GLMLayer
 from moe_morpheus.model.rope import apply_rope
 from moe_morpheus.parallel import initialize
-from tests.synthetic import micro_batches
-
-MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
+from tests.helpers.presets import TINY_GLM
+from tests.helpers.synthetic import micro_batches
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,7 +23,7 @@ def single_process():
 
 
 def build(**overrides):
-    cfg = ModelConfig(**dict(MODEL, **overrides))
+    cfg = ModelConfig(**dict(TINY_GLM, **overrides))
     return build_model(cfg, None, ParallelConfig(), seed=11)[0], cfg
 
 
@@ -149,7 +148,7 @@ def test_layer_equals_the_written_out_block(norm, block):
     order, which normalises the layer's input, not its output."""
     from moe_morpheus.model.glm import megatron_config
 
-    cfg = ModelConfig(**dict(MODEL, num_layers=3, norm=norm))
+    cfg = ModelConfig(**dict(TINY_GLM, num_layers=3, norm=norm))
     layer = GLMLayer(megatron_config(cfg, ParallelConfig(), torch.float32), cfg, None, 1).double().eval()
     _randomise_norms(layer, 3)
     batch = micro_batches(1, 2, cfg.seq_length, cfg.vocab_size, seed=4)[0]

@@ -11,25 +11,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
+from moe_morpheus.config import ConfigError, MoEConfig, ParallelConfig
 from moe_morpheus.moe import FMoE, GeGLUExperts, MoEFeedForward, set_aux_loss_scale
-from tests.distributed import run_distributed
-from tests.moe.test_layer import EXPERT_PARAMS, rel_err
+from tests.helpers.distributed import run_distributed
+from tests.helpers.moe import EXPERT_PARAMS, F_HIDDEN, FFN_MODEL, D, problem
+from tests.helpers.numerics import relative_error
 
-D, F_HIDDEN = 16, 24
 BALANCE_COEFF = 0.1
-
-
-def _problem(seed: int, G: int, num_tokens: int) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    shapes = {"w_value_EFD": (G, F_HIDDEN, D), "b_value_EF": (G, F_HIDDEN), "w_gate_proj_EFD": (G, F_HIDDEN, D),
-              "b_gate_proj_EF": (G, F_HIDDEN), "w_out_EDF": (G, D, F_HIDDEN), "b_out_ED": (G, D)}
-    prob = {n: torch.randn(s, generator=gen) * 0.3 for n, s in shapes.items()}
-    prob["gate_w"] = torch.randn(G, D, generator=gen) * 0.5
-    prob["gate_b"] = torch.randn(G, generator=gen) * 0.1
-    prob["x"] = torch.randn(num_tokens, D, generator=gen)
-    prob["proj"] = torch.randn(num_tokens, D, generator=gen)
-    return prob
 
 
 def _run(prob, x, proj, *, num_expert, first, top_k, world_size=1, moe_group=None, slice_group=None):
@@ -72,7 +60,7 @@ def _ep_worker(world_size):
     results = []
     for seed, G, top_k, splits in EP_CASES:
         counts = splits[world_size]
-        prob = _problem(seed, G, sum(counts))
+        prob = problem(seed, G, sum(counts))
         start = sum(counts[:rank])
         rows = slice(start, start + counts[rank])
         E = G // world_size
@@ -92,7 +80,7 @@ def test_expert_parallel_2_ranks_matches_single_process(two_ranks):
 def check_expert_parallel(per_rank, world_size):
     for case, (seed, G, top_k, splits) in enumerate(EP_CASES):
         counts = splits[world_size]
-        prob = _problem(seed, G, sum(counts))
+        prob = problem(seed, G, sum(counts))
         E = G // world_size
         # Reference: one process, all experts, each rank's tokens separately (the balance loss is
         # per sending rank by definition), gradients summed over ranks for shared parameters.
@@ -104,15 +92,15 @@ def check_expert_parallel(per_rank, world_size):
             ref = refs[rank]
             assert got[case]["y"].shape == ref["y"].shape
             if ref["y"].numel():
-                assert rel_err(got[case]["y"], ref["y"]) <= 1e-5
-                assert rel_err(got[case]["x_grad"], ref["x_grad"]) <= 1e-5
+                assert relative_error(got[case]["y"], ref["y"]) <= 1e-5
+                assert relative_error(got[case]["x_grad"], ref["x_grad"]) <= 1e-5
             assert got[case]["stats"]["load"] == ref["stats"]["load"]
             for n in EXPERT_PARAMS:  # this rank's experts, gradients from every rank's tokens
                 ref_grad = sum(r[n] for r in refs)[rank * E:(rank + 1) * E]
-                assert rel_err(got[case][n], ref_grad) <= 1e-5, (case, rank, n)
+                assert relative_error(got[case][n], ref_grad) <= 1e-5, (case, rank, n)
         for n in ("gate_w", "gate_b"):  # each rank's gate sees its own tokens
             for rank in range(world_size):
-                assert rel_err(per_rank[rank][case][n], refs[rank][n]) <= 1e-5
+                assert relative_error(per_rank[rank][case][n], refs[rank][n]) <= 1e-5
 
 
 SLICE_TOKENS = 7  # odd: slices of 4 and 3 rows (FastMoE would drop the 7th token)
@@ -128,36 +116,35 @@ def _slice_worker():
     group = dist.group.WORLD
     with pytest.raises(ValueError, match="world_size=4 does not match moe_group's size 2"):
         FMoE(2, D, world_size=4, moe_group=group)
-    prob = _problem(7, 8, SLICE_TOKENS)
+    prob = problem(7, 8, SLICE_TOKENS)
     sliced = _run(prob, prob["x"], prob["proj"], num_expert=8, first=0, top_k=2, slice_group=group)
     both = _run(prob, prob["x"], prob["proj"], num_expert=4, first=rank * 4, top_k=2, world_size=2,
                 moe_group=group, slice_group=group)
-    tiny = _problem(8, 4, 1)  # one token for two slice ranks: rank 1 routes nothing
+    tiny = problem(8, 4, 1)  # one token for two slice ranks: rank 1 routes nothing
     tiny_out = _run(tiny, tiny["x"], tiny["proj"], num_expert=4, first=0, top_k=2, slice_group=group)
     return {"sliced": sliced, "both": both, "tiny": tiny_out, "ep": _ep_worker(2), "ffn": _ffn_worker_part()}
 
 
 def test_slice_group_matches_no_slicing(two_ranks):
     ranks = two_ranks
-    cases = (("sliced", _problem(7, 8, SLICE_TOKENS), 8, 8), ("both", _problem(7, 8, SLICE_TOKENS), 8, 4),
-             ("tiny", _problem(8, 4, 1), 4, 4))
+    cases = (("sliced", problem(7, 8, SLICE_TOKENS), 8, 8), ("both", problem(7, 8, SLICE_TOKENS), 8, 4),
+             ("tiny", problem(8, 4, 1), 4, 4))
     for name, prob, G, E in cases:
         ref = _run(prob, prob["x"], prob["proj"], num_expert=G, first=0, top_k=2)
         for rank, got in enumerate(r[name] for r in ranks):
-            assert rel_err(got["y"], ref["y"]) <= 1e-5, name  # all-gathered: every rank has all rows
-            assert rel_err(got["x_grad"], ref["x_grad"]) <= 1e-5, name
+            assert relative_error(got["y"], ref["y"]) <= 1e-5, name  # all-gathered: every rank has all rows
+            assert relative_error(got["x_grad"], ref["x_grad"]) <= 1e-5, name
             assert got["stats"]["load"] == ref["stats"]["load"]  # summed over the slice group
             assert got["stats"]["balance_loss"] == pytest.approx(ref["stats"]["balance_loss"], rel=1e-6)
             if E < G:  # EP over the slice ranks: each rank's experts saw every slice's tokens
                 for n in EXPERT_PARAMS:
-                    assert rel_err(got[n], ref[n][rank * E:(rank + 1) * E]) <= 1e-5, (name, n)
+                    assert relative_error(got[n], ref[n][rank * E:(rank + 1) * E]) <= 1e-5, (name, n)
         # Gate (balance loss included) and replicated experts: the sum over slice ranks.
         for n in ("gate_w", "gate_b") + (EXPERT_PARAMS if E == G else ()):
-            assert rel_err(sum(r[name][n] for r in ranks), ref[n]) <= 1e-5, (name, n)
+            assert relative_error(sum(r[name][n] for r in ranks), ref[n]) <= 1e-5, (name, n)
 
 
 # ---- MoEFeedForward under Megatron-Core's parallel_state ---------------------------------------
-MODEL = dict(num_layers=2, hidden_size=D, num_attention_heads=2, ffn_hidden_size=F_HIDDEN)
 MOE = dict(layer_freq=1, num_experts=4, top_k=2, aux_loss_coeff=0.1, z_loss_coeff=0.01)
 SBH = (5, 3, D)  # 15 tokens: TP slices of 8 and 7
 AUX_SCALE = 0.5
@@ -166,7 +153,7 @@ AUX_SCALE = 0.5
 def _ffn_run(x_sbh, proj_sbh, **kwargs):
     """MoEFeedForward with the seeded init (no copying: the init is layout-independent)."""
     torch.manual_seed(4321)
-    layer = MoEFeedForward(ModelConfig(**MODEL), MoEConfig(**MOE), **kwargs)
+    layer = MoEFeedForward(FFN_MODEL, MoEConfig(**MOE), **kwargs)
     set_aux_loss_scale(AUX_SCALE)
     x = x_sbh.clone().requires_grad_()
     y = layer(x)
@@ -197,7 +184,7 @@ def _ffn_worker_part():
     out["sp"] = _ffn_run(x[rows], proj[rows], sequence_parallel=True)
     initialize(ParallelConfig(tp=1, ep=2))
     with pytest.raises(ConfigError, match="moe.num_experts=3 is not divisible by the expert-parallel size"):
-        MoEFeedForward(ModelConfig(**MODEL), MoEConfig(**dict(MOE, num_experts=3)))
+        MoEFeedForward(FFN_MODEL, MoEConfig(**dict(MOE, num_experts=3)))
     return out
 
 
@@ -208,19 +195,19 @@ def test_moe_feedforward_tp2_matches_tp1(two_ranks):
     for layout in ("tp2_ep1", "tp2_ep2", "sp"):
         got = [r["ffn"][layout] for r in ranks]
         if layout == "sp":
-            assert rel_err(torch.cat([g["y"] for g in got]), ref["y"]) <= 1e-5
-            assert rel_err(torch.cat([g["x_grad"] for g in got]), ref["x_grad"]) <= 1e-5
+            assert relative_error(torch.cat([g["y"] for g in got]), ref["y"]) <= 1e-5
+            assert relative_error(torch.cat([g["x_grad"] for g in got]), ref["x_grad"]) <= 1e-5
         else:
             for g in got:
-                assert rel_err(g["y"], ref["y"]) <= 1e-5, layout
-                assert rel_err(g["x_grad"], ref["x_grad"]) <= 1e-5, layout
+                assert relative_error(g["y"], ref["y"]) <= 1e-5, layout
+                assert relative_error(g["x_grad"], ref["x_grad"]) <= 1e-5, layout
         for name, ref_grad in ref["grads"].items():
             if name.startswith("moe.gate") or layout != "tp2_ep2":
                 # gate: summed over TP (finalize_model_grads, `sequence_parallel` mark);
                 # replicated experts (ep=1): each TP rank holds the gradient of its own tokens.
-                assert rel_err(sum(g["grads"][name] for g in got), ref_grad) <= 1e-5, (layout, name)
+                assert relative_error(sum(g["grads"][name] for g in got), ref_grad) <= 1e-5, (layout, name)
             else:  # ep=2: rank r holds experts [2r, 2r + 2) with their full gradients
                 for rank, g in enumerate(got):
                     assert torch.equal(g["params"][name], ref["params"][name][2 * rank:2 * rank + 2])
-                    assert rel_err(g["grads"][name], ref_grad[2 * rank:2 * rank + 2]) <= 1e-5, (layout, name)
+                    assert relative_error(g["grads"][name], ref_grad[2 * rank:2 * rank + 2]) <= 1e-5, (layout, name)
 

@@ -15,11 +15,10 @@ from torch import nn
 
 from moe_morpheus.moe import FMoE, GeGLUExperts
 from moe_morpheus.moe.faster import FasterMoE
-from tests.distributed import run_distributed
-from tests.moe.test_distributed import F_HIDDEN, _problem
-from tests.moe.test_layer import EXPERT_PARAMS, rel_err
+from tests.helpers.distributed import run_distributed
+from tests.helpers.moe import EXPERT_PARAMS, F_HIDDEN, D, problem
+from tests.helpers.numerics import relative_error
 
-D = 16
 G = 8
 TOKENS = {2: [13, 6], 4: [9, 5, 0, 7]}  # uneven; one EP=4 rank routes nothing
 # Costs under which the model finds that shadowing the hot expert pays (compute-bound: cheap
@@ -65,7 +64,7 @@ def _worker(W):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     counts = TOKENS[W]
-    prob = _problem(11, G, sum(counts))
+    prob = problem(11, G, sum(counts))
     prob["gate_b"][0] = 10.0
     rows = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
     x, proj = prob["x"][rows], prob["proj"][rows]
@@ -74,7 +73,7 @@ def _worker(W):
     for name, faster in _variants(W).items():
         got = _run(prob, x, proj, W, faster)
         keys = ("y", "x_grad", "gate_w", "gate_b") + EXPERT_PARAMS
-        errors[name] = {k: rel_err(got[k], ref[k]) if ref[k].numel() else 0.0 for k in keys}
+        errors[name] = {k: relative_error(got[k], ref[k]) if ref[k].numel() else 0.0 for k in keys}
         stats[name], costs[name] = got["stats"], got["costs"]
     with pytest.raises(ValueError, match="group_size=3 does not divide the expert-parallel size"):
         _run(prob, x, proj, W, dict(schedule=True, group_size=3))

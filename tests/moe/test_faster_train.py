@@ -1,6 +1,6 @@
 """Training the GLM with FasterMoE's smart schedule and dynamic shadowing switched on gives the
 same losses and parameters as with both off (relative 1e-5): 2 processes, EP=2, three clipped
-AdamW steps (tests/train/test_parallel_updates.py's ``clipped_update``).
+AdamW steps (``tests.helpers.steps.clipped_update``).
 
 The decision is replaced by "shadow the hottest expert" (the policy itself is tested in
 tests/moe/test_faster_policy.py), so that every step of every MoE layer shadows one expert.
@@ -9,9 +9,10 @@ tests/moe/test_faster_policy.py), so that every step of every MoE layer shadows 
 from __future__ import annotations
 
 from moe_morpheus.config import FasterMoEConfig
-from tests.distributed import run_distributed
-from tests.parallel.test_backbone_parallel import relative_error
-from tests.train.test_parallel_updates import MOE, clipped_update
+from tests.helpers.distributed import run_distributed
+from tests.helpers.numerics import relative_error
+from tests.helpers.presets import TINY_MOE
+from tests.helpers.steps import clipped_update
 
 FASTER = FasterMoEConfig(schedule=True, group_size=1, shadow=True, net_bandwidth=1e9, flops=1e9)
 
@@ -29,8 +30,8 @@ def _train_both():
         return decisions[-1]
 
     runtime.decide_shadow = hottest
-    plain = clipped_update(1, 1, 2, MOE, steps=3)
-    faster = clipped_update(1, 1, 2, dict(MOE, faster=FASTER), steps=3)
+    plain = clipped_update(1, 1, 2, TINY_MOE, steps=3)
+    faster = clipped_update(1, 1, 2, dict(TINY_MOE, faster=FASTER), steps=3)
     return plain, faster, decisions
 
 

@@ -15,7 +15,7 @@ from moe_morpheus.moe.gates import GShardGate, NaiveGate, NoisyGate, SwitchGate
 
 
 def balance_formula(probs_TG, idx_TK):
-    """DESIGN.md: G * sum_i f_i * P_i, f_i over the T * K assignments, P_i mean probability."""
+    """docs/design.md#losses: G * sum_i f_i * P_i, f_i over the T * K assignments, P_i mean probability."""
     T, G = probs_TG.shape
     K = idx_TK.shape[1]
     total = 0.0

@@ -12,16 +12,8 @@ from torch import nn
 
 from moe_morpheus.moe import FMoE, GeGLUExperts
 from moe_morpheus.moe.gates import GShardGate, NaiveGate
-
-D, F_HIDDEN = 16, 24
-EXPERT_PARAMS = ("w_value_EFD", "b_value_EF", "w_gate_proj_EFD", "b_gate_proj_EF", "w_out_EDF", "b_out_ED")
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """DESIGN.md tolerance: max|a - b| / max|ref|."""
-    a, ref = a.double(), ref.double()
-    scale = ref.abs().max().item()
-    return (a - ref).abs().max().item() / (scale if scale > 0 else 1.0)
+from tests.helpers.moe import EXPERT_PARAMS, F_HIDDEN, D
+from tests.helpers.numerics import relative_error
 
 
 def geglu_token(x_D, p, e):
@@ -73,12 +65,12 @@ def run_and_compare(layer, x_TD, top_k, idx_override=None):
     y_ref, idx_ref = brute_force(x64, gw, gb, p64, top_k, idx_override)
     (y_ref * proj.double()).sum().backward()
 
-    assert rel_err(y, y_ref) <= 1e-5
-    assert rel_err(x.grad, x64.grad) <= 1e-5
-    assert rel_err(layer.gate.gate.weight.grad, gw.grad) <= 1e-5
-    assert rel_err(layer.gate.gate.bias.grad, gb.grad) <= 1e-5
+    assert relative_error(y, y_ref) <= 1e-5
+    assert relative_error(x.grad, x64.grad) <= 1e-5
+    assert relative_error(layer.gate.gate.weight.grad, gw.grad) <= 1e-5
+    assert relative_error(layer.gate.gate.bias.grad, gb.grad) <= 1e-5
     for n in EXPERT_PARAMS:
-        assert rel_err(getattr(layer.experts, n).grad, p64[n].grad) <= 1e-5, n
+        assert relative_error(getattr(layer.experts, n).grad, p64[n].grad) <= 1e-5, n
     return idx_ref
 
 
@@ -119,7 +111,7 @@ def test_fmoe_bf16_close_to_fp64():
     y_ref, _ = brute_force(x.double(), layer.gate.gate.weight.double(), layer.gate.gate.bias.double(), p64, 2)
     y = layer.to(torch.bfloat16)(x.bfloat16())
     assert y.dtype == torch.bfloat16
-    assert rel_err(y, y_ref) <= 3e-2
+    assert relative_error(y, y_ref) <= 3e-2
 
 
 def test_expert_view_applies_one_expert():
@@ -129,7 +121,7 @@ def test_expert_view_applies_one_expert():
     p = {n: getattr(experts, n).detach() for n in EXPERT_PARAMS}
     for e in range(3):
         ref = torch.stack([geglu_token(x[t], p, e) for t in range(6)])
-        assert rel_err(experts[e](x), ref) <= 1e-6
+        assert relative_error(experts[e](x), ref) <= 1e-6
     assert len(list(experts)) == 3
     with pytest.raises(IndexError, match="out of range"):
         experts[3]
@@ -149,7 +141,7 @@ def test_dense_ffn_copied_into_experts_is_function_preserving():
         layer.experts.b_out_ED.copy_(fc2.bias.expand(4, -1))
     x = torch.randn(20, D)
     dense = fc2(value(x) * F.gelu(gate_proj(x)))
-    assert rel_err(layer(x), dense) <= 1e-5
+    assert relative_error(layer(x), dense) <= 1e-5
 
 
 class _LinearExpert(nn.Module):
@@ -174,7 +166,7 @@ def test_fmoe_with_expert_class_matches_per_token_loop():
         score = top.softmax(-1)
         ref = torch.stack([sum(score[t, j] * layer.experts[int(idx[t, j])](x[t]) for j in range(2))
                            for t in range(12)])
-    assert rel_err(y, ref) <= 1e-6
+    assert relative_error(y, ref) <= 1e-6
     assert all(p.allreduce is False for p in layer.experts.parameters())
     assert all(p.sequence_parallel is True for p in layer.gate.parameters())
     assert all(e.fc.weight.grad is not None for e in layer.experts)
@@ -193,9 +185,9 @@ def test_fmoe_mask_and_mask_dict():
         layer.mask, layer.mask_dict = mask, {1: value_KD, 2: torch.ones(D)}
         masked = layer(x)
     keep = mask == 0
-    assert rel_err(masked[keep], plain[keep]) <= 1e-6
-    assert rel_err(masked[1], score[1] @ value_KD) <= 1e-6
-    assert rel_err(masked[3], score[3].sum() * torch.ones(D)) <= 1e-6
+    assert relative_error(masked[keep], plain[keep]) <= 1e-6
+    assert relative_error(masked[1], score[1] @ value_KD) <= 1e-6
+    assert relative_error(masked[3], score[3].sum() * torch.ones(D)) <= 1e-6
     assert torch.count_nonzero(masked[4]) == 0  # mask 3 has no entry in mask_dict
     stats = layer.pop_stats()
     assert sum(stats["load"]) == (6 * 2 + 3 * 2) / 2  # mean of the plain and the masked forward

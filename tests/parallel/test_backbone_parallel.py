@@ -4,20 +4,12 @@ in one process, on gloo; bad layouts fail fast on every rank."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from moe_morpheus.config import ConfigError, ModelConfig, ParallelConfig
-from tests.distributed import run_distributed
-from tests.synthetic import micro_batches
-
-MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
-
-
-def full_gradients(chunks) -> dict[str, torch.Tensor]:
-    """Gradients by global parameter name, tensor-parallel shards gathered."""
-    from moe_morpheus.parallel.gather import gather_full
-
-    return gather_full(chunks, lambda param: param.main_grad)
+from tests.helpers.distributed import run_distributed
+from tests.helpers.numerics import full_gradients, relative_error
+from tests.helpers.presets import TINY_GLM_4_LAYERS
+from tests.helpers.synthetic import micro_batches
 
 
 def train_step_grads(tp: int, pp: int, vpp: int | None, model_kwargs: dict):
@@ -34,13 +26,9 @@ def train_step_grads(tp: int, pp: int, vpp: int | None, model_kwargs: dict):
     return loss, full_gradients(chunks)
 
 
-def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
 @pytest.fixture(scope="module")
 def reference():
-    return run_distributed(train_step_grads, 1, 1, 1, None, MODEL)[0]
+    return run_distributed(train_step_grads, 1, 1, 1, None, TINY_GLM_4_LAYERS)[0]
 
 
 def merge(results):
@@ -53,7 +41,7 @@ def merge(results):
 @pytest.mark.parametrize("tp,pp,vpp", [(2, 1, None), (1, 2, None), (1, 2, 2)], ids=["tp2", "pp2", "pp2-vpp2"])
 def test_parallel_layout_matches_single_process(reference, tp, pp, vpp):
     ref_loss, ref_grads = reference
-    results = run_distributed(train_step_grads, tp * pp, tp, pp, vpp, MODEL)
+    results = run_distributed(train_step_grads, tp * pp, tp, pp, vpp, TINY_GLM_4_LAYERS)
     loss, grads = merge(results)
     assert all(abs(r[0] - loss) == 0 for r in results), "every rank must report the same loss"
     assert abs(loss - ref_loss) / ref_loss <= 1e-6
@@ -83,9 +71,9 @@ def _bad_layouts(cases):
 
 def test_bad_layouts_fail_fast_on_every_rank():
     cases = [
-        (4, 1, MODEL),
-        (1, 2, dict(MODEL, num_layers=3)),
-        (2, 1, dict(MODEL, num_attention_heads=1)),
+        (4, 1, TINY_GLM_4_LAYERS),
+        (1, 2, dict(TINY_GLM_4_LAYERS, num_layers=3)),
+        (2, 1, dict(TINY_GLM_4_LAYERS, num_attention_heads=1)),
     ]
     expected = [
         "world size 2 is not a multiple of parallel.tp * parallel.pp = 4 * 1 = 4",
@@ -101,7 +89,7 @@ def test_bad_layouts_fail_fast_on_every_rank():
 def _raise_bad_layout():
     from moe_morpheus.parallel import initialize
 
-    initialize(ParallelConfig(tp=4), ModelConfig(**MODEL))
+    initialize(ParallelConfig(tp=4), ModelConfig(**TINY_GLM_4_LAYERS))
 
 
 def test_failing_rank_does_not_leave_peers_waiting():

@@ -7,12 +7,10 @@ from __future__ import annotations
 import pytest
 
 from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
-from tests.distributed import run_distributed
-from tests.parallel.test_backbone_parallel import full_gradients, relative_error
-from tests.synthetic import micro_batches
-
-MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
-MOE = dict(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=96)
+from tests.helpers.distributed import run_distributed
+from tests.helpers.numerics import full_gradients, relative_error
+from tests.helpers.presets import TINY_GLM, TINY_MOE
+from tests.helpers.synthetic import micro_batches
 
 
 def _loss_and_grads(moe: dict | None, sequence_parallel: bool):
@@ -21,7 +19,7 @@ def _loss_and_grads(moe: dict | None, sequence_parallel: bool):
     from moe_morpheus.parallel import initialize
     from moe_morpheus.train.step import forward_backward, wrap_ddp
 
-    model_cfg = ModelConfig(**MODEL)
+    model_cfg = ModelConfig(**TINY_GLM)
     parallel = ParallelConfig(tp=2, sequence_parallel=sequence_parallel)
     initialize(parallel, model_cfg)
     chunks = wrap_ddp(build_model(model_cfg, MoEConfig(**moe) if moe else None, parallel, seed=3))
@@ -34,7 +32,7 @@ def _loss_and_grads(moe: dict | None, sequence_parallel: bool):
 def _both_ways():
     """Dense and MoE, each without and with sequence parallelism, in one 2-process run."""
     return {name: (_loss_and_grads(moe, False), _loss_and_grads(moe, True))
-            for name, moe in (("dense", None), ("moe", MOE))}
+            for name, moe in (("dense", None), ("moe", TINY_MOE))}
 
 
 @pytest.fixture(scope="module")
@@ -56,4 +54,4 @@ def test_sequence_parallel_needs_tensor_parallel_and_divisible_sequence():
     with pytest.raises(ConfigError, match="needs tensor parallelism"):
         ParallelConfig(sequence_parallel=True)
     with pytest.raises(ConfigError, match="seq_length=33 is not divisible by parallel.tp=2"):
-        ParallelConfig(tp=2, sequence_parallel=True).validate_model(ModelConfig(**dict(MODEL, seq_length=33)))
+        ParallelConfig(tp=2, sequence_parallel=True).validate_model(ModelConfig(**dict(TINY_GLM, seq_length=33)))

@@ -18,18 +18,17 @@ from moe_morpheus.planning.plan import (
     plan_memory,
     stage_activation_bytes,
 )
-from tests.synthetic import micro_batches
+from tests.helpers.presets import TINY_GLM, TINY_MOE
+from tests.helpers.synthetic import micro_batches
 
-TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
-MOE = dict(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=96)
 CPU = Workload(micro_batch=2, global_batch=2, bf16=False, gpu=False)
 CASES = {
-    "deepnorm": (TINY, None, "none"),
-    "pre_ln": (dict(TINY, norm="pre_ln"), None, "none"),
-    "dropout": (dict(TINY, attention_dropout=0.1, hidden_dropout=0.1), None, "none"),
-    "moe": (TINY, MOE, "none"),
-    "selective": (TINY, None, "selective"),
-    "full": (TINY, MOE, "full"),
+    "deepnorm": (TINY_GLM, None, "none"),
+    "pre_ln": (dict(TINY_GLM, norm="pre_ln"), None, "none"),
+    "dropout": (dict(TINY_GLM, attention_dropout=0.1, hidden_dropout=0.1), None, "none"),
+    "moe": (TINY_GLM, TINY_MOE, "none"),
+    "selective": (TINY_GLM, None, "selective"),
+    "full": (TINY_GLM, TINY_MOE, "full"),
 }
 
 
@@ -92,7 +91,7 @@ def test_parallelism_and_zero_divide_what_they_should():
     tp8 = plan_memory(model, None, Layout(tp=8, pp=1, dp=1), WORK)
     zero = plan_memory(model, None, Layout(tp=1, pp=1, dp=8, zero1=True), WORK)
     sp = plan_memory(model, None, Layout(tp=8, pp=1, dp=1, sequence_parallel=True), WORK)
-    assert base.params == pytest.approx(34.94e9, rel=1e-3)  # DESIGN.md: the preset's 34.9B
+    assert base.params == pytest.approx(34.94e9, rel=1e-3)  # docs/design.md#model-presets: the preset's 34.9B
     assert tp8.params == pytest.approx(base.params / 8, rel=0.01)  # only LayerNorms, biases replicated
     assert zero.optimizer_bytes == pytest.approx(base.optimizer_bytes / 8)
     assert zero.grad_bytes == base.grad_bytes  # ZeRO-1 shards optimizer state only

@@ -766,11 +766,11 @@ def test_moe_panels_plot_what_training_logs(captured, tmp_path):
     from torch import nn
 
     from moe_morpheus.moe import MoEFeedForward, collect_moe_stats
-    from tests.moe.test_ffn import MODEL, H, moe_cfg
+    from tests.helpers.moe import FFN_MODEL, D, moe_cfg
 
     torch.manual_seed(0)
-    model = nn.Sequential(MoEFeedForward(MODEL, moe_cfg()), MoEFeedForward(MODEL, moe_cfg()))
-    model(torch.randn(4, 3, H))
+    model = nn.Sequential(MoEFeedForward(FFN_MODEL, moe_cfg()), MoEFeedForward(FFN_MODEL, moe_cfg()))
+    model(torch.randn(4, 3, D))
     logged = {k: v for k, v in collect_moe_stats(model).items() if isinstance(v, float)}
     runs = pd.DataFrame({"variant": ["moe"], "group": ["moe"], "status": ["FINISHED"]}, index=["r"])
     curves = {"r": pd.DataFrame([{"tokens_seen": 1e5, **logged}, {"tokens_seen": 2e5, **logged}])}

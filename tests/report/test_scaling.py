@@ -17,7 +17,7 @@ from moe_morpheus.report.scaling import (
     load_chinchilla_runs,
 )
 
-# Hoffmann et al. (2022) approach 3, unrounded (reference/scaling.md).
+# Hoffmann et al. (2022) approach 3, unrounded, in log space: A = e^a = 406.4, B = e^b = 410.7, E = e^e = 1.69.
 PAPER = ChinchillaFit(a=6.0073404, b=6.0179186, e=0.5267228, alpha=0.33917084, beta=0.2849083, loss=0.0,
                       n_runs=0, delta=1e-3, n_starts=0, converged=True)
 
@@ -117,7 +117,7 @@ def test_synthetic_recovery(synthetic_fit):
 
 
 def test_compute_optimal(epoch_fit):
-    # reference/scaling.md: the Epoch fit at C = 1e21 -> N = 2.79B, D = 59.7B; 5.76e23 -> 73.2B, 1.31T.
+    # The Epoch fit (docs/design.md#scaling-fits) at C = 1e21 -> N = 2.79B, D = 59.7B; 5.76e23 -> 73.2B, 1.31T.
     n_opt, d_opt = epoch_fit.compute_optimal(1e21)
     print(f"C=1e21: N_opt={n_opt:.4g}, D_opt={d_opt:.4g}")
     assert n_opt == pytest.approx(2.79e9, rel=0.01) and d_opt == pytest.approx(59.7e9, rel=0.01)

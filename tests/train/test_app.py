@@ -8,38 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-REPO = Path(__file__).resolve().parents[2]
-# A few steps of a small model: the mechanics, not the quality.
-SMALL = [
-    "model.num_layers=2", "model.hidden_size=64", "model.seq_length=64", "trainer.global_batch_size=4",
-    "trainer.micro_batch_size=2", "data.valid_rows=4", "trainer.progress=false",
-]
+from tests.helpers.train_app import SMALL, runs, train
 
 pytestmark = pytest.mark.slow
-
-
-def train(tmp_path: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    # A clean launch environment: no rendezvous variables from this process's own process group.
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    full_env.update(PYTHONWARNINGS="ignore::UserWarning", OMP_NUM_THREADS="1", **(env or {}))
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args,
-         *([] if any(a.startswith("tracking.uri=") for a in args) else [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])],
-        cwd=tmp_path, capture_output=True, text=True, env=full_env, timeout=600,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
-
-
-def runs(tmp_path: Path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    return mlflow.search_runs(experiment_names=["moe_morpheus"])
 
 
 def test_moe_64e_three_steps_logs_an_mlflow_run(tmp_path):

@@ -21,14 +21,12 @@ from moe_morpheus.config import (
     MoEConfig,
     ParallelConfig,
 )
-from tests.distributed import run_distributed
-from tests.synthetic import micro_batches
-
-MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
-MOE = dict(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=96)
+from tests.helpers.distributed import run_distributed
+from tests.helpers.presets import TINY_GLM, TINY_MOE
+from tests.helpers.synthetic import micro_batches
 
 
-def _setup(tp: int, pp: int, ep: int, moe: dict | None, model: dict = MODEL):
+def _setup(tp: int, pp: int, ep: int, moe: dict | None, model: dict = TINY_GLM):
     from moe_morpheus.model import build_model
     from moe_morpheus.parallel import initialize
     from moe_morpheus.train.optim import Optimizer
@@ -38,7 +36,7 @@ def _setup(tp: int, pp: int, ep: int, moe: dict | None, model: dict = MODEL):
     parallel = ParallelConfig(tp=tp, pp=pp, ep=ep)
     dp = initialize(parallel, model_cfg)
     chunks = wrap_ddp(build_model(model_cfg, moe_cfg, parallel, seed=5))
-    # eps 1e-3: updates a smooth function of the gradient (tests/train/test_parallel_updates.py says why).
+    # eps 1e-3: updates a smooth function of the gradient (tests/helpers/steps.py says why).
     optimizer = Optimizer(chunks, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-3, grad_clip=1.0)
     return SimpleNamespace(model_cfg=model_cfg, moe_cfg=moe_cfg, parallel=parallel, dp=dp, chunks=chunks,
                            optimizer=optimizer)
@@ -48,7 +46,7 @@ def _mine(run, seed: int) -> list[dict]:
     """This rank's share of a global batch of 4 micro-batches x 2 rows."""
     from megatron.core import parallel_state
 
-    batches = micro_batches(4, 2, MODEL["seq_length"], MODEL["vocab_size"], seed=seed)
+    batches = micro_batches(4, 2, TINY_GLM["seq_length"], TINY_GLM["vocab_size"], seed=seed)
     per_rank = len(batches) // run.dp
     rank = parallel_state.get_data_parallel_rank()
     return batches[rank * per_rank: (rank + 1) * per_rank]
@@ -124,8 +122,8 @@ def test_dense_tp2_checkpoint_loads_at_tp1_and_at_pp2(tmp_path):
 
 
 def test_moe_ep2_checkpoint_loads_at_ep1(tmp_path):
-    saved = run_distributed(save_then_continue, 2, 1, 1, 2, MOE, str(tmp_path))
-    _assert_resharded(saved, run_distributed(load_then_continue, 1, 1, 1, 1, MOE, str(tmp_path)))
+    saved = run_distributed(save_then_continue, 2, 1, 1, 2, TINY_MOE, str(tmp_path))
+    _assert_resharded(saved, run_distributed(load_then_continue, 1, 1, 1, 1, TINY_MOE, str(tmp_path)))
 
 
 class _Payload:
@@ -179,7 +177,7 @@ def bad_inputs(directory: str) -> dict:
     second = _save(run, directory, 2)
     out = {"listed": [p.name for p in complete_checkpoints(root)], "latest": (root / "latest").read_text().strip()}
 
-    other = _setup(1, 1, 1, None, dict(MODEL, hidden_size=128))
+    other = _setup(1, 1, 1, None, dict(TINY_GLM, hidden_size=128))
     try:
         _load(other, second)
     except CheckpointError as error:
@@ -227,7 +225,7 @@ def bad_inputs(directory: str) -> dict:
             load()
         except CheckpointError as error:
             out[f"old_deepnorm_{name}"] = str(error)
-    pre = _setup(1, 1, 1, None, dict(MODEL, norm="pre_ln"))
+    pre = _setup(1, 1, 1, None, dict(TINY_GLM, norm="pre_ln"))
     _train(pre, [1])
     saved = {name: param.detach().clone() for name, param in pre.chunks[0].named_parameters()}
     pre_first = _save(pre, str(root / "pre_ln"), 1)

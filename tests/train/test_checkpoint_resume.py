@@ -18,7 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from moe_morpheus.data.dataset import build_data
-from tests.train.test_app import REPO, SMALL
+from tests.helpers.train_app import REPO, SMALL
 
 pytestmark = pytest.mark.slow
 

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
-from tests.distributed import run_distributed
-from tests.parallel.test_backbone_parallel import relative_error
-from tests.synthetic import micro_batches
+from tests.helpers.distributed import run_distributed
+from tests.helpers.numerics import relative_error
+from tests.helpers.presets import TINY_GLM, TINY_MOE
+from tests.helpers.synthetic import micro_batches
 
-MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32,
-             hidden_dropout=0.1, attention_dropout=0.1)
-MOE = dict(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=96)
+MODEL = dict(TINY_GLM, hidden_dropout=0.1, attention_dropout=0.1)
 MODES = ("none", "selective", "full")
 
 
@@ -30,7 +29,7 @@ def _run(mode: str):
     model_cfg = ModelConfig(**MODEL)
     parallel = ParallelConfig(ep=2)
     initialize(parallel, model_cfg, seed=11)  # same RNG streams for every mode
-    chunks = wrap_ddp(build_model(model_cfg, MoEConfig(**MOE), parallel, seed=3, recompute=mode))
+    chunks = wrap_ddp(build_model(model_cfg, MoEConfig(**TINY_MOE), parallel, seed=3, recompute=mode))
     batches = micro_batches(2, 2, model_cfg.seq_length, model_cfg.vocab_size, seed=4 + dist_rank())
     set_aux_loss_scale(1.0 / (2 * len(batches)))
     loss = forward_backward(chunks, batches)

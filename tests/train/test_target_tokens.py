@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from moe_morpheus.config import CheckpointConfig
 from moe_morpheus.train.checkpoint import Checkpointer, TrainState, policy
-from tests.train.test_app import SMALL, train
+from tests.helpers.train_app import SMALL, train
 
 # SMALL: sequence 64, 4 rows per step (micro-batches of 2: two per step at DP=1, one per rank at DP=2).
 RUN = ["+experiment=dense", "trainer.steps=4", "checkpoint.interval_steps=2", "trainer.eval_interval=0",

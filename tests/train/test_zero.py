@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
-from tests.distributed import run_distributed
-from tests.parallel.test_backbone_parallel import relative_error
-from tests.synthetic import micro_batches
+from tests.helpers.distributed import run_distributed
+from tests.helpers.numerics import relative_error
+from tests.helpers.presets import TINY_GLM, TINY_MOE
+from tests.helpers.synthetic import micro_batches
 
-MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
-MOE = dict(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=96)
-CASES = {"dense": (None, 1), "moe-ep1": (MOE, 1), "moe-ep2": (MOE, 2)}
+CASES = {"dense": (None, 1), "moe-ep1": (TINY_MOE, 1), "moe-ep2": (TINY_MOE, 2)}
 LR, WD = 1e-2, 0.1
 
 
@@ -28,11 +27,11 @@ def _build(moe: dict | None, ep: int, zero: bool):
     from moe_morpheus.train.step import wrap_ddp
     from moe_morpheus.train.zero import ZeroOptimizer
 
-    model_cfg = ModelConfig(**MODEL)
+    model_cfg = ModelConfig(**TINY_GLM)
     parallel = ParallelConfig(ep=ep)
     dp = initialize(parallel, model_cfg)
     chunks = wrap_ddp(build_model(model_cfg, MoEConfig(**moe) if moe else None, parallel, seed=5))
-    # Clip below the gradient norm and eps 1e-3: see tests/train/test_parallel_updates.py::clipped_update.
+    # Clip below the gradient norm and eps 1e-3: see tests/helpers/steps.py::clipped_update.
     kind = ZeroOptimizer if zero else Optimizer
     optimizer = kind(chunks, lr=LR, weight_decay=WD, betas=(0.9, 0.95), eps=1e-3, grad_clip=0.05)
     return model_cfg, dp, chunks, optimizer
@@ -165,10 +164,10 @@ def _save_sharded(directory: str):
 
     from moe_morpheus.train.checkpoint import TrainState, layout, model_shape, save_checkpoint
 
-    _, _, plain_chunks, plain = _train(MOE, 1, zero=False)
-    _, _, chunks, zero = _train(MOE, 1, zero=True)
+    _, _, plain_chunks, plain = _train(TINY_MOE, 1, zero=False)
+    _, _, chunks, zero = _train(TINY_MOE, 1, zero=True)
     manifest = {"config": {}, "layout": layout(ParallelConfig()),
-                "model_shape": model_shape(ModelConfig(**MODEL), MoEConfig(**MOE))}
+                "model_shape": model_shape(ModelConfig(**TINY_GLM), MoEConfig(**TINY_MOE))}
     save_checkpoint(Path(directory), TrainState(step=2), chunks, zero, manifest=manifest, keep=2, checksums=False)
     names = {id(p): n for n, p in plain_chunks[0].module.named_parameters()}
     return {names[id(p)]: {m: plain.adam.state[p][m].clone() for m in ("exp_avg", "exp_avg_sq")} for p in plain.params}
@@ -184,7 +183,7 @@ def _load_unsharded(directory: str):
     from moe_morpheus.train.optim import Optimizer
     from moe_morpheus.train.step import wrap_ddp
 
-    model_cfg, moe_cfg = ModelConfig(**MODEL), MoEConfig(**MOE)
+    model_cfg, moe_cfg = ModelConfig(**TINY_GLM), MoEConfig(**TINY_MOE)
     initialize(ParallelConfig(), model_cfg)
     chunks = wrap_ddp(build_model(model_cfg, moe_cfg, ParallelConfig(), seed=5))
     optimizer = Optimizer(chunks, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-3, grad_clip=0.05)

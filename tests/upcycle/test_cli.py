@@ -13,8 +13,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.parallel.test_backbone_parallel import relative_error
-from tests.train.test_app import SMALL, runs, train
+from tests.helpers.numerics import relative_error
+from tests.helpers.train_app import SMALL, runs, train
 
 pytestmark = pytest.mark.slow
 FAST = [*SMALL, "trainer.eval_task_items=0", "trainer.eval_interval=0"]

@@ -14,12 +14,12 @@ from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig, ParallelCon
 from moe_morpheus.config.upcycle import UpcycleConfig, UpcycleError, granularity
 from moe_morpheus.upcycle.convert import upcycle_ffn
 from moe_morpheus.upcycle.load import load_dense, resolve_source
-from tests.distributed import run_distributed
-from tests.parallel.test_backbone_parallel import relative_error
-from tests.synthetic import micro_batches
+from tests.helpers.distributed import run_distributed
+from tests.helpers.numerics import relative_error
+from tests.helpers.presets import TINY_GLM
+from tests.helpers.synthetic import micro_batches
 
 # hidden 64: dense FFN 192 (8/3 h rounded up to 64); granularity 2 -> experts of 96.
-MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=32)
 TARGETS = {
     "copy": (dict(num_experts=4, top_k=2, expert_hidden_size=None), {}),
     "virtual_group": (dict(num_experts=8, top_k=2, expert_hidden_size=96), {}),
@@ -59,7 +59,7 @@ def _dense_checkpoint(directory: str, tp: int):
     from moe_morpheus.train.optim import Optimizer
     from moe_morpheus.train.step import wrap_ddp
 
-    exp = ExperimentConfig(model=ModelConfig(**MODEL), parallel=ParallelConfig(tp=tp))
+    exp = ExperimentConfig(model=ModelConfig(**TINY_GLM), parallel=ParallelConfig(tp=tp))
     initialize(exp.parallel, exp.model)
     chunks = wrap_ddp(build_model(exp.model, None, exp.parallel, seed=3))
     optimizer = Optimizer(chunks, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0)
@@ -79,7 +79,7 @@ def _upcycled_logits(source, mode: str, parallel: ParallelConfig, batch):
     from moe_morpheus.upcycle.load import upcycle_into
 
     moe, options = TARGETS[mode]
-    exp = ExperimentConfig(model=ModelConfig(**MODEL), moe=MoEConfig(layer_freq=1, **moe), parallel=parallel,
+    exp = ExperimentConfig(model=ModelConfig(**TINY_GLM), moe=MoEConfig(layer_freq=1, **moe), parallel=parallel,
                            init=InitConfig(from_dense=str(source)), upcycle=UpcycleConfig(mode=mode, **options))
     initialize(exp.parallel, exp.model)
     chunks = build_model(exp.model, exp.moe, exp.parallel, seed=9)
@@ -135,7 +135,7 @@ def _decisions_of_an_upcycled_model():
     from moe_morpheus.upcycle.convert import upcycle_tensors
     from moe_morpheus.upcycle.load import load_whole
 
-    model_cfg = ModelConfig(**{**MODEL, "num_layers": 4})
+    model_cfg = ModelConfig(**{**TINY_GLM, "num_layers": 4})
     moe_cfg = MoEConfig(layer_freq=2, num_experts=4, top_k=2, expert_hidden_size=None)
     initialize(ParallelConfig(), model_cfg)
     dense, moe = build_model(model_cfg, None, ParallelConfig(), seed=3), build_model(model_cfg, moe_cfg, ParallelConfig())
@@ -184,7 +184,7 @@ def _dense_ffn(ffn: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0])
 def test_drop_reinitialises_exactly_the_configured_fraction(fraction):
-    model = ModelConfig(**MODEL)
+    model = ModelConfig(**TINY_GLM)
     moe = MoEConfig(layer_freq=1, num_experts=8, top_k=2, expert_hidden_size=96)
     dense = _dense_ffn(192, 64)
     base = upcycle_ffn(dense, model, moe, UpcycleConfig(mode="virtual_group", seed=0), layer=1)
@@ -205,7 +205,7 @@ def test_drop_reinitialises_exactly_the_configured_fraction(fraction):
 
 
 def test_virtual_group_layout_of_shards_and_router():
-    model = ModelConfig(**MODEL)
+    model = ModelConfig(**TINY_GLM)
     moe = MoEConfig(layer_freq=1, num_experts=8, top_k=2, expert_hidden_size=96)
     dense = _dense_ffn(192, 64)
     out = upcycle_ffn(dense, model, moe, UpcycleConfig(seed=0), layer=0)
@@ -220,7 +220,7 @@ def test_virtual_group_layout_of_shards_and_router():
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
-    model = ModelConfig(**MODEL)
+    model = ModelConfig(**TINY_GLM)
     # g = dense FFN / expert width, from moe.granularity or an absolute width; both give the same g.
     assert granularity(model, MoEConfig(layer_freq=1, num_experts=8, granularity=2), UpcycleConfig()) == 2
     assert granularity(model, MoEConfig(layer_freq=1, num_experts=8, expert_hidden_size=96), UpcycleConfig()) == 2
@@ -241,7 +241,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     moe_ckpt = tmp_path / "moe" / "step_00000001"
     moe_ckpt.mkdir(parents=True)
     (moe_ckpt / "checkpoint.json").write_text(json.dumps({
-        "format": 1, "config": {"model": MODEL, "moe": {"layer_freq": 2, "num_experts": 4}}}))
+        "format": 1, "config": {"model": TINY_GLM, "moe": {"layer_freq": 2, "num_experts": 4}}}))
     with pytest.raises(UpcycleError, match="already a MoE checkpoint"):
         load_dense(moe_ckpt, model, ParallelConfig())
     with pytest.raises(UpcycleError, match="upcycle.mode='sparse'"):

@@ -1,0 +1,17 @@
+"""The demo corpus as the data fixtures build it (tests/conftest.py): its sequence length, and a
+digest of training rows that a second process can print for comparison."""
+
+from __future__ import annotations
+
+import hashlib
+
+DATA_SEQ_LENGTH = 256
+
+
+def train_rows_digest(data, indices) -> str:
+    """SHA-256 over the given training rows, every field in key order."""
+    h = hashlib.sha256()
+    for i in indices:
+        for key in sorted(data.train[i]):
+            h.update(data.train[i][key].tobytes())
+    return h.hexdigest()
