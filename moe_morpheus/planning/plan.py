@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exp = compose_experiment(overrides)
     except ConfigError as error:
-        print(f"this layout does not divide the model: {error}", file=sys.stderr)
+        # Any configuration error: an unknown key, a bad value, or a layout that does not divide the model.
+        print(f"error: {error}", file=sys.stderr)
         return 1
     model, moe, p, trainer = exp.model, exp.moe_or_none, exp.parallel, exp.trainer
     gpus = options["gpus"] or p.tp * p.pp
