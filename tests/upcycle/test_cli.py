@@ -31,7 +31,7 @@ def test_convert_then_train_and_init_from_dense_with_lineage(tmp_path):
     train(tmp_path, "+experiment=dense", "trainer.steps=2", "tracking.run_name=dense", "checkpoint.dir=dense_ckpt",
           *FAST)
     dense = _run(tmp_path, "dense")
-    convert = subprocess.run([sys.executable, "-m", "moe_morpheus.upcycle.convert", "dense_ckpt", "upcycled", *TARGET, *FAST],
+    convert = subprocess.run([sys.executable, "-m", "moe_morpheus.upcycle", "dense_ckpt", "upcycled", *TARGET, *FAST],
                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert convert.returncode == 0, convert.stderr[-3000:]
     manifest = json.loads((tmp_path / "upcycled" / "step_00000000" / "checkpoint.json").read_text())
