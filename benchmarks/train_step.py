@@ -289,7 +289,7 @@ def run_case(name: str, steps: int, out: Path) -> None:
             losses.append(loss)
         seconds = time.perf_counter() - start
     tokens = steps * trainer.tokens_per_step
-    moe = exp.moe if exp.moe.enabled else None
+    moe = exp.moe_or_none
     result = {
         "case": name, "nproc": nproc, "threads": threads, "layout": f"{exp.layout}-dp{trainer.dp}",
         "tokens_per_step": trainer.tokens_per_step, "steps": steps, "seconds": seconds,

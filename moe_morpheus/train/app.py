@@ -108,7 +108,7 @@ def run(cfg: DictConfig) -> float:
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     try:
-        result = Trainer(exp, output_dir, resolved_config=resolved, parent_run_id=parent).fit()
+        result = Trainer(exp, output_dir, resolved_config=resolved, parent_run_id=parent).train()
     except ConfigError as error:
         parallel.destroy()
         _fail(str(error), output_dir)

@@ -108,8 +108,8 @@ class Trainer:
 
         self.tokens_per_step = trainer.global_batch_size * exp.model.seq_length
         self.plan = self._plan()
-        self.counts = param_counts(exp.model, exp.moe if exp.moe.enabled else None)
-        self.model = wrap_ddp(build_model(exp.model, exp.moe if exp.moe.enabled else None, exp.parallel,
+        self.counts = param_counts(exp.model, exp.moe_or_none)
+        self.model = wrap_ddp(build_model(exp.model, exp.moe_or_none, exp.parallel,
                                           seed=trainer.seed, recompute=trainer.recompute))
         self.num_microbatches = trainer.global_batch_size // (trainer.micro_batch_size * self.dp)
         self.warmup_steps = int(trainer.warmup_fraction * self.plan.steps)
@@ -132,9 +132,9 @@ class Trainer:
                                   params=budget.params)
             steps = trainer.steps
             tokens = trainer.tokens if steps is None else None
-            return plan_run(exp.model, exp.moe if exp.moe.enabled else None, budget, self.tokens_per_step,
+            return plan_run(exp.model, exp.moe_or_none, budget, self.tokens_per_step,
                             steps=steps, tokens=tokens)
-        return plan_run(exp.model, exp.moe if exp.moe.enabled else None, budget, self.tokens_per_step)
+        return plan_run(exp.model, exp.moe_or_none, budget, self.tokens_per_step)
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int, micro_batches: list[dict]) -> StepResult:
@@ -223,8 +223,6 @@ class Trainer:
             if not run.valid_history:  # resumed from the final checkpoint: nothing left to train
                 run.validation(*self.evaluate(), full=True)
         return self._result(run)
-
-    fit = train  # the name train/app.py calls
 
     def _start_state(self) -> TrainState:
         """Resume (``checkpoint.resume``), else start from a dense checkpoint (``init.from_dense``,
