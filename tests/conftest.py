@@ -1,4 +1,5 @@
-"""Session-scoped data fixtures: one tokenizer and one tokenised demo corpus for all data tests.
+"""Session-scoped data fixtures: one tokenizer and one tokenised demo corpus for all data tests;
+and only tests marked slow may spawn gloo ranks (tests/helpers/distributed.py).
 
 The tokenizer is the committed demo one (data/tokenizer/demo_8k.model); the corpus is built
 once into a session temporary cache (about 3 s), so the tests never touch the repo's cache/.
@@ -8,7 +9,14 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import distributed
 from tests.helpers.data import DATA_SEQ_LENGTH
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Before the test's fixtures are set up, so a module fixture that spawns ranks is checked too.
+    distributed.SPAWN_ALLOWED = item.get_closest_marker("slow") is not None
 
 
 @pytest.fixture(scope="session")

@@ -137,6 +137,7 @@ def test_rows_are_full(demo_data):
 ROWS = [0, 7, 999, 1000, 4321]
 
 
+@pytest.mark.slow
 def test_same_rows_in_a_new_process(demo_data, demo_data_cfg):
     script = (
         "from moe_morpheus.config.data import DataConfig\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 
+import pytest
 import torch
 
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
@@ -53,6 +54,7 @@ def _save_and_logits(directory: str):
     return str(path), torch.cat(shards, dim=-1), batch
 
 
+@pytest.mark.slow
 def test_export_reproduces_training_logits(tmp_path):
     from moe_morpheus.inference.export import main
     from moe_morpheus.inference.reference_model import ReferenceGLM, read_safetensors

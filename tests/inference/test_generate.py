@@ -77,6 +77,7 @@ def _generate_at(tp: int):
     return [generator.generate(p, Sampling(10, temperature=0.8, top_p=0.9, seed=2)) for p in PROMPTS.values()]
 
 
+@pytest.mark.slow
 def test_tensor_parallel_generation_equals_one_process():
     reference = run_distributed(_generate_at, 1, 1)[0]
     for result in run_distributed(_generate_at, 2, 2):

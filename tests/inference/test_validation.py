@@ -121,6 +121,7 @@ def _relative(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moe", [None, dict(layer_freq=2, num_experts=4, top_k=2)], ids=["dense", "moe-ep2"])
 def test_same_validation_at_dp1_and_dp2_and_any_micro_batch(small_valid, moe):
     one = run_distributed(_validation_run, 1, small_valid, [3, 4], moe, 1)[0]

@@ -17,6 +17,7 @@ from tests.helpers.distributed import run_distributed
 from tests.helpers.moe import EXPERT_PARAMS, F_HIDDEN, FFN_MODEL, D, problem
 from tests.helpers.numerics import relative_error
 
+pytestmark = pytest.mark.slow
 BALANCE_COEFF = 0.1
 
 

@@ -80,6 +80,7 @@ def _worker(W):
     return {"errors": errors, "stats": stats, "costs": costs, "load": ref["stats"]["load"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("W", [2, 4])
 def test_faster_paths_equal_plain_expert_parallel(W):
     ranks = run_distributed(_worker, W, W)

@@ -8,12 +8,15 @@ tests/moe/test_faster_policy.py), so that every step of every MoE layer shadows 
 
 from __future__ import annotations
 
+import pytest
+
 from moe_morpheus.config import FasterMoEConfig
 from tests.helpers.distributed import run_distributed
 from tests.helpers.numerics import relative_error
 from tests.helpers.presets import TINY_MOE
 from tests.helpers.steps import clipped_update
 
+pytestmark = pytest.mark.slow
 FASTER = FasterMoEConfig(schedule=True, group_size=1, shadow=True, net_bandwidth=1e9, flops=1e9)
 
 

@@ -38,6 +38,7 @@ def merge(results):
     return results[0][0], grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,vpp", [(2, 1, None), (1, 2, None), (1, 2, 2)], ids=["tp2", "pp2", "pp2-vpp2"])
 def test_parallel_layout_matches_single_process(reference, tp, pp, vpp):
     ref_loss, ref_grads = reference
@@ -50,6 +51,7 @@ def test_parallel_layout_matches_single_process(reference, tp, pp, vpp):
         assert relative_error(grads[name], ref) <= 1e-5, name
 
 
+@pytest.mark.slow
 def test_embedding_gradient_reaches_both_uses(reference):
     """The tied matrix gets gradient from the input embedding and from the logits."""
     _, grads = reference
@@ -69,6 +71,7 @@ def _bad_layouts(cases):
     return messages
 
 
+@pytest.mark.slow
 def test_bad_layouts_fail_fast_on_every_rank():
     cases = [
         (4, 1, TINY_GLM_4_LAYERS),
@@ -92,6 +95,7 @@ def _raise_bad_layout():
     initialize(ParallelConfig(tp=4), ModelConfig(**TINY_GLM_4_LAYERS))
 
 
+@pytest.mark.slow
 def test_failing_rank_does_not_leave_peers_waiting():
     """The error reaches the launcher at once instead of a collective timeout."""
     with pytest.raises(RuntimeError, match="world size 2 is not a multiple"):

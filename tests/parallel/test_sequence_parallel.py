@@ -40,6 +40,7 @@ def results():
     return run_distributed(_both_ways, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dense", "moe"])
 def test_sequence_parallel_equals_tensor_parallel(results, name):
     for rank_results in results:

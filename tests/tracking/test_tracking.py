@@ -340,6 +340,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_hydra_multirun_with_failing_job_ends_parent_failed(tmp_path, store, experiment):
     (tmp_path / "app.py").write_text(APP)
     (tmp_path / "cfg.yaml").write_text(

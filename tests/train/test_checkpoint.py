@@ -115,12 +115,14 @@ def _assert_resharded(saved, loaded) -> None:
     assert all(_close(a, b) for a, b in zip(losses, ref_losses, strict=True)), (losses, ref_losses)
 
 
+@pytest.mark.slow
 def test_dense_tp2_checkpoint_loads_at_tp1_and_at_pp2(tmp_path):
     saved = run_distributed(save_then_continue, 2, 2, 1, 1, None, str(tmp_path))
     _assert_resharded(saved, run_distributed(load_then_continue, 1, 1, 1, 1, None, str(tmp_path)))
     _assert_resharded(saved, run_distributed(load_then_continue, 2, 1, 2, 1, None, str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_moe_ep2_checkpoint_loads_at_ep1(tmp_path):
     saved = run_distributed(save_then_continue, 2, 1, 1, 2, TINY_MOE, str(tmp_path))
     _assert_resharded(saved, run_distributed(load_then_continue, 1, 1, 1, 1, TINY_MOE, str(tmp_path)))
@@ -248,19 +250,23 @@ def bad(tmp_path_factory):
     return run_distributed(bad_inputs, 1, str(tmp_path_factory.mktemp("bad")))[0]
 
 
+@pytest.mark.slow
 def test_saves_are_listed_newest_first_with_a_latest_pointer(bad):
     assert bad["listed"] == ["step_00000002", "step_00000001"] and bad["latest"] == "step_00000002"
 
 
+@pytest.mark.slow
 def test_another_model_shape_is_refused_naming_the_field(bad):
     assert "model.hidden_size: checkpoint 64, this run 128" in bad["shape"]
     assert "model.ffn_hidden_size: checkpoint 192, this run 384" in bad["shape"]
 
 
+@pytest.mark.slow
 def test_a_missing_directory_is_named(bad):
     assert "no such directory" in bad["missing"] and bad["missing"].endswith("missing: no such directory")
 
 
+@pytest.mark.slow
 def test_a_truncated_file_is_detected_skipped_for_auto_and_refused_when_asked_for(bad):
     assert len(bad["truncated"]) == 1 and "__0_0.distcp has" in bad["truncated"][0]
     assert "(truncated or overwritten)" in bad["truncated"][0]
@@ -268,6 +274,7 @@ def test_a_truncated_file_is_detected_skipped_for_auto_and_refused_when_asked_fo
     assert "cannot be used" in bad["explicit_truncated"] and "__0_0.distcp" in bad["explicit_truncated"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,referred", [(".metadata", "builtins.exec"), ("common.pt", "")])
 def test_a_pickle_payload_is_refused_and_runs_nothing(bad, name, referred):
     message = bad[f"unsafe{name}"]
@@ -276,6 +283,7 @@ def test_a_pickle_payload_is_refused_and_runs_nothing(bad, name, referred):
     assert bad["markers"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["old_deepnorm_resume", "old_deepnorm_weights", "old_recorded_deepnorm"])
 def test_a_post_ln_checkpoint_of_the_old_block_order_is_refused(bad, key):
     message = bad[key]
@@ -284,6 +292,7 @@ def test_a_post_ln_checkpoint_of_the_old_block_order_is_refused(bad, key):
     assert "retrain it" in message
 
 
+@pytest.mark.slow
 def test_a_pre_ln_checkpoint_of_the_old_block_order_loads(bad):
     assert bad["old_pre_ln_step"] == 1 and bad["old_pre_ln_restored"]
 
@@ -336,6 +345,7 @@ def save_format_1_then_continue(moe, directory):
     return sorted(k for k in keys if "gelu" in k), _eval(run), _train(run, range(3, 8))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_the_old_geglu_names_loads(tmp_path):
     """Format 1 named the GeGLU's gate projection ``gelu`` (dense ``ffn.gelu``, experts
     ``w_gelu_EFD`` / ``b_gelu_EF``): its weights and AdamW moments load under today's names and

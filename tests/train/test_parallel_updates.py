@@ -43,11 +43,13 @@ def _assert_same(results, reference, tol=1e-5):
         assert relative_error(params[name], ref) <= tol, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_dense_clipped_updates_match_one_process(dense_reference, tp, pp):
     _assert_same(run_distributed(clipped_update, 2, tp, pp, 1, None), dense_reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1)], ids=["ep2-dp2", "tp2"])
 def test_moe_clipped_updates_match_one_process(moe_reference, tp, ep):
     """EP=2 over two data-parallel ranks, and a MoE model at TP=2 (each TP rank routes half the
@@ -58,6 +60,7 @@ def test_moe_clipped_updates_match_one_process(moe_reference, tp, ep):
     _assert_same_load(results, moe_reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,sp", [(1, 2, False), (2, 1, True)], ids=["pp2", "tp2-sp"])
 def test_moe_load_summed_over_stages_and_sequence_parts(moe_reference, tp, pp, sp):
     """PP=2: each stage routes one MoE layer, yet every rank reports both; TP=2 with sequence

@@ -57,6 +57,7 @@ def results():
     return run_distributed(_all_modes, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["selective", "full"])
 def test_recompute_gradients_equal_no_recompute(results, mode):
     for by_mode in results:
@@ -70,6 +71,7 @@ def test_recompute_gradients_equal_no_recompute(results, mode):
         assert stats["moe/layer2/load"] == ref_stats["moe/layer2/load"]
 
 
+@pytest.mark.slow
 def test_recompute_keeps_less_activation_memory(results):
     saved = {mode: results[0][mode][3] for mode in MODES}
     print("saved activation bytes per micro-batch:", saved)

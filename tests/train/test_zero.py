@@ -16,6 +16,7 @@ from tests.helpers.numerics import relative_error
 from tests.helpers.presets import TINY_GLM, TINY_MOE
 from tests.helpers.synthetic import micro_batches
 
+pytestmark = pytest.mark.slow
 CASES = {"dense": (None, 1), "moe-ep1": (TINY_MOE, 1), "moe-ep2": (TINY_MOE, 2)}
 LR, WD = 1e-2, 0.1
 

@@ -97,6 +97,7 @@ def _world_of_one(directory: str):
     return out
 
 
+@pytest.mark.slow
 def test_copy_and_virtual_group_preserve_the_function_in_a_world_of_one(tmp_path):
     out = run_distributed(_world_of_one, 1, str(tmp_path / "dense"))[0]
     print({k: v for k, v in out.items() if k != "state"})
@@ -117,6 +118,7 @@ def _layout_change(directory: str):
             for mode in ("copy", "virtual_group")}
 
 
+@pytest.mark.slow
 def test_function_preserved_across_a_layout_change(tmp_path):
     errors = run_distributed(_layout_change, 2, str(tmp_path / "dense"))
     print(errors)
@@ -157,6 +159,7 @@ def _decisions_of_an_upcycled_model():
     return by_name(dense), by_name(moe), sources
 
 
+@pytest.mark.slow
 def test_upcycled_experts_get_the_weight_decay_of_the_dense_tensors_they_copy():
     """Expert weights decay like the dense FFN weights, expert biases ([E, F], [E, D]) like the
     dense FFN biases (not at all), every other tensor as in the dense model; the router's
