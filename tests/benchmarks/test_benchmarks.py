@@ -7,8 +7,8 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,17 +17,24 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import train_step  # noqa: E402
 
 
-def test_phase_timer_counts_nested_regions_once():
+def test_phase_timer_counts_nested_regions_once(monkeypatch):
+    # A clock that moves only when told: the split is checked exactly, whatever else the machine runs.
+    now = [0.0]
+    monkeypatch.setattr(train_step, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def spend(seconds: float) -> None:
+        now[0] += seconds
+
     timer = train_step.PhaseTimer()
     with timer.region("backward"):
-        time.sleep(0.05)
+        spend(0.05)
         with timer.region("forward"):
-            time.sleep(0.1)
+            spend(0.1)
             with timer.region("comm"):
-                time.sleep(0.05)
-    assert timer.seconds["comm"] == pytest.approx(0.05, abs=0.02)
-    assert timer.seconds["forward"] == pytest.approx(0.1, abs=0.02)
-    assert timer.seconds["backward"] == pytest.approx(0.05, abs=0.02)
+                spend(0.05)
+    assert timer.seconds["comm"] == pytest.approx(0.05)
+    assert timer.seconds["forward"] == pytest.approx(0.1)
+    assert timer.seconds["backward"] == pytest.approx(0.05)
     assert not timer.inside("forward")
 
 

@@ -116,6 +116,7 @@ def test_fused_adamw_updates_equal_the_per_tensor_loop():
         assert (param.detach() - ref.detach()).abs().max() / ref.detach().abs().max() < 1e-6
 
 
+@pytest.mark.slow
 def test_cpu_allocator_reuses_freed_memory_without_page_faults():
     """Without the setting, a second 16 MB tensor page-faults all its 4096 pages again (glibc
     unmapped the first on free); with it, the freed pages are handed out again."""
