@@ -29,7 +29,8 @@ def _unwrap(tp: typing.Any) -> typing.Any:
     return tp
 
 
-def _fields(cls: type) -> dict[str, typing.Any]:
+def field_types(cls: type) -> dict[str, typing.Any]:
+    """Field name -> type of the dataclass ``cls`` (``X | None`` read as ``X``)."""
     hints = typing.get_type_hints(cls)
     return {f.name: _unwrap(hints[f.name]) for f in dataclasses.fields(cls)}
 
@@ -37,7 +38,7 @@ def _fields(cls: type) -> dict[str, typing.Any]:
 def schema_keys(schema: type, prefix: str = "") -> list[str]:
     """Every dotted key of ``schema``, sections and values (``data``, ``data.sources.<name>.path``)."""
     keys = []
-    for name, tp in _fields(schema).items():
+    for name, tp in field_types(schema).items():
         key = f"{prefix}{name}"
         keys.append(key)
         if dataclasses.is_dataclass(tp):
@@ -71,7 +72,7 @@ def unknown_key(key: str, schema: type) -> str | None:
     parts = key.split(".")
     for i, part in enumerate(parts):
         if dataclasses.is_dataclass(tp):
-            fields = _fields(tp)
+            fields = field_types(tp)
             if part in fields:
                 tp = fields[part]
                 continue

@@ -3,8 +3,9 @@ staged upcycle-vs-scratch sweep (moe_morpheus/upcycle/)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from moe_morpheus.config.cli import option
 from moe_morpheus.config.errors import ConfigError
 from moe_morpheus.config.model import ModelConfig
 from moe_morpheus.config.moe import MoEConfig, divisors_near
@@ -92,29 +93,28 @@ class SweepConfig:
     """The staged upcycle-vs-scratch sweep, ``python -m moe_morpheus.upcycle.sweep [key=value ...]``
     (not a Hydra multirun: its stages depend on each other)."""
 
-    name: str = "upcycle_vs_scratch"
+    name: str = option("upcycle_vs_scratch", help="the sweep's name: MLflow tag `sweep`, run-name prefix")
     # A verdict needs >= 3 paired seeds (moe_morpheus/report/stats.py).
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    dense_experiment: str = "dense"
+    seeds: list[int] = option(factory=lambda: [1, 2, 3], help="seeds; each drives a run's init, data order and "
+                                                             "upcycling draws")
+    dense_experiment: str = option("dense", help="experiment of the dense stage")
     # 64 experts, virtual group g = 2: a function-preserving handoff.
-    moe_experiment: str = "upcycle_64e"
-    # The same MoE shape from random init.
-    scratch_experiment: str = "moe_64e"
-    # Dense stage: 1.2% of its Chinchilla budget (226 steps of 2,048 tokens, ~2 min on 2 cores).
-    dense_fraction: float = 0.012
-    # Extra compute after the handoff: 50% and 100% of the dense stage's (Komatsuzaki et al. 2022
-    # found upcycling ahead of scratch up to ~100-120% extra). Per seed: dense 0.012 + 3 x (0.006 +
-    # 0.012) + scratch_total (0.018 + 0.030) = 0.114 of a budget, ~20-30 min with evaluation: the
-    # three seeds (27 runs) take about 1.5 hours on a 2-core CPU.
-    extra_fractions: list[float] = field(default_factory=lambda: [0.006, 0.012])
-    # Every stage exactly this many steps instead of the budget fractions (tests, smoke runs).
-    stage_steps: int | None = None
-    output_dir: str = "outputs/upcycle_vs_scratch"
-    # None: tracking.uri's default (sqlite:///mlflow.db in the launch directory).
-    tracking_uri: str | None = None
-    tracking_experiment: str = "moe_morpheus"
-    # Overrides passed to every train.py job.
-    overrides: list[str] = field(default_factory=list)
+    moe_experiment: str = option("upcycle_64e", help="MoE target the dense checkpoint is upcycled into")
+    scratch_experiment: str = option("moe_64e", help="the same MoE shape, trained from random init")
+    # 1.2% of its Chinchilla budget: 226 steps of 2,048 tokens, ~2 min on 2 cores.
+    dense_fraction: float = option(0.012, help="length of the dense stage, as a fraction of its Chinchilla budget")
+    # 50% and 100% of the dense stage's compute (Komatsuzaki et al. 2022 found upcycling ahead of
+    # scratch up to ~100-120% extra). Per seed: dense 0.012 + 3 x (0.006 + 0.012) + scratch_total
+    # (0.018 + 0.030) = 0.114 of a budget, ~20-30 min with evaluation: the three seeds (27 runs)
+    # take about 1.5 hours on a 2-core CPU.
+    extra_fractions: list[float] = option(factory=lambda: [0.006, 0.012],
+                                          help="compute after the handoff, as fractions of a Chinchilla budget")
+    stage_steps: int | None = option(None, help="every stage exactly this many steps instead (tests, smoke runs)")
+    output_dir: str = option("outputs/upcycle_vs_scratch", help="folder of the stages' runs and summary")
+    tracking_uri: str | None = option(None, help="MLflow URI; null: sqlite:///mlflow.db in the launch folder")
+    tracking_experiment: str = option("moe_morpheus", help="MLflow experiment")
+    overrides: list[str] = option(factory=list, help="overrides passed to every train.py job, e.g. "
+                                                     "[trainer.micro_batch_size=4]")
 
     def __post_init__(self) -> None:
         if not self.seeds or not self.extra_fractions:

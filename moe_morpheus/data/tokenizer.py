@@ -46,8 +46,8 @@ class Tokenizer:
         if not path.is_file():
             raise TokenizerError(
                 f"tokenizer model {path} not found: train one with "
-                f"`python -m moe_morpheus.data.tokenizer_training --config conf/data/demo.yaml "
-                f"--output {path}` or set data.tokenizer")
+                f"`python -m moe_morpheus.data.tokenizer_training data_config=conf/data/demo.yaml "
+                f"output={path}` or set data.tokenizer")
         self.path = path
         model_bytes = path.read_bytes()
         # The fingerprint keys cached corpora: same bytes -> same token ids.

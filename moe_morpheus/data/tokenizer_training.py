@@ -16,23 +16,25 @@ Settings and why (measured on the demo corpus, vocab 8192, 2 cores):
 
 Remake the committed demo tokenizer (the command is also in data/tokenizer/README.md)::
 
-    python -m moe_morpheus.data.tokenizer_training --config conf/data/demo.yaml \\
-        --vocab-size 8192 --output data/tokenizer/demo_8k.model
+    python -m moe_morpheus.data.tokenizer_training data_config=conf/data/demo.yaml \\
+        vocab_size=8192 output=data/tokenizer/demo_8k.model
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import random
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 
+from moe_morpheus.config import ConfigError
+from moe_morpheus.config.cli import fail, option, parse_options
 from moe_morpheus.data.corpus import read_documents
 from moe_morpheus.data.tokenizer import (
     EOP_ID,
@@ -115,33 +117,39 @@ def blend_texts(data_cfg, max_chars: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moe_morpheus.data.tokenizer_training",
-                                     description="Train a tokenizer on the blend of a data config.")
-    parser.add_argument("--config", default="conf/data/demo.yaml", help="data config yaml (DataConfig fields)")
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--max-chars", type=int, default=3_000_000,
-                        help="characters of text sampled from the blend (3M: 2 s of BPE training)")
-    parser.add_argument("--character-coverage", type=float, default=0.9995)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", required=True, help="path of the .model file to write")
-    args = parser.parse_args(argv)
+@dataclass
+class TokenizerOptions:
+    output: str = option(help="path of the .model file to write")
+    data_config: str = option("conf/data/demo.yaml", help="a data config YAML (DataConfig keys) whose blend is read")
+    vocab_size: int = option(8192, help="vocabulary size, special tokens included")
+    max_chars: int = option(3_000_000, help="characters sampled from the blend (3M: 2 s of BPE training)")
+    character_coverage: float = option(0.9995, help="share of characters the vocabulary covers")
+    seed: int = option(0, help="sampling and training seed")
 
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moe_morpheus.data.tokenizer_training output=PATH [data_config=YAML] [key=value]``:
+    train a tokenizer on the blend of a data config."""
     from omegaconf import OmegaConf
 
     from moe_morpheus.config.data import DataConfig
 
     start = time.perf_counter()
     try:  # every failure here is a user input problem: the message, not a traceback
-        cfg = DataConfig.from_dict(OmegaConf.to_container(OmegaConf.load(args.config), resolve=True))
+        args, _ = parse_options(TokenizerOptions, sys.argv[1:] if argv is None else argv,
+                                prog="moe_morpheus.data.tokenizer_training", summary=main.__doc__)
+        if not Path(args.data_config).is_file():
+            raise ConfigError(f"data config {args.data_config} not found: pass data_config=PATH (e.g. conf/data/demo.yaml)")
+        cfg = DataConfig.from_dict(OmegaConf.to_container(OmegaConf.load(args.data_config), resolve=True))
         texts = blend_texts(cfg, args.max_chars, args.seed)
         tok = train_tokenizer(texts, args.output, vocab_size=args.vocab_size,
                               character_coverage=args.character_coverage, seed=args.seed)
-    except (ValueError, OSError) as err:
-        parser.error(str(err))
+    except (ValueError, OSError) as error:  # ConfigError is a ValueError
+        return fail(error)
     print(f"wrote {args.output}: vocab {tok.vocab_size}, {sum(map(len, texts)):,} characters, "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,7 +2,7 @@
 templates, and a last-word cloze task in English and Chinese. Always with dropless routing.
 
 Used by the trainer at every evaluation interval and by
-``python -m moe_morpheus.inference.evaluate --checkpoint DIR`` (see ``main``).
+``python -m moe_morpheus.inference.evaluate checkpoint=DIR`` (see ``main``).
 
 - Loss / perplexity: mean cross entropy per target token of each fixed validation set
   (moe_morpheus/data/validation.py), and over all sets pooled (``valid/loss``, every target
@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from moe_morpheus.config import ConfigError
+from moe_morpheus.config.cli import fail, option, parse_options
 from moe_morpheus.data.infilling import ROW_KEYS
 from moe_morpheus.data.tokenizer import GMASK_ID
 from moe_morpheus.data.validation import unit_stratum
@@ -238,22 +240,30 @@ def task_metrics(model_chunk, data, seq_length: int, max_items: int = 16) -> dic
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m moe_morpheus.inference.evaluate --checkpoint DIR [--items N] [--mlflow]``: loss and
+@dataclass
+class EvaluateOptions:
+    checkpoint: str = option(help="a run's checkpoint folder (its newest valid checkpoint) or one step_* folder")
+    items: int = option(32, help="items per generation task (translation, cloze)")
+    mlflow: bool = option(False, help="also log the numbers to the checkpoint's MLflow run at its step")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moe_morpheus.inference.evaluate checkpoint=DIR [items=N] [mlflow=true]``: loss and
     perplexity per validation set, translation chrF / exact match, cloze accuracy; with
-    ``--mlflow`` the numbers are also logged to the checkpoint's MLflow run at its step."""
-    import argparse
+    ``mlflow=true`` the numbers are also logged to the checkpoint's MLflow run at its step."""
     import json
+    import sys
 
     from moe_morpheus.data import build_data
     from moe_morpheus.inference.load import load_for_inference
+    from moe_morpheus.train.checkpoint import CheckpointError
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--items", type=int, default=32, help="items per generation task")
-    parser.add_argument("--mlflow", action="store_true")
-    args = parser.parse_args(argv)
-    model, tokenizer, exp, info = load_for_inference(args.checkpoint, with_info=True)
+    try:
+        args, _ = parse_options(EvaluateOptions, sys.argv[1:] if argv is None else argv,
+                                prog="moe_morpheus.inference.evaluate", summary=main.__doc__)
+        model, tokenizer, exp, info = load_for_inference(args.checkpoint, with_info=True)
+    except (ConfigError, CheckpointError) as error:
+        return fail(error)
     data = build_data(exp.data_config(), exp.model.seq_length, progress=False)
     valid = validation_losses([model], data.valid, micro_batch_size=exp.trainer.micro_batch_size)
     results = valid.metrics()
@@ -271,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
         client = MlflowClient(tracking_uri=resolve_uri(exp.tracking.uri))
         for key, value in results.items():
             client.log_metric(info["run_id"], key, value, step=info["step"])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,7 +2,7 @@
 config and the tokenizer (docs/export_format.md), loadable without Megatron-Core by
 :mod:`moe_morpheus.inference.reference_model`.
 
-``python -m moe_morpheus.inference.export CHECKPOINT OUT_DIR`` where CHECKPOINT is a ``step_*`` folder
+``python -m moe_morpheus.inference.export checkpoint=DIR out=DIR`` where ``checkpoint`` is a ``step_*`` folder
 written by the trainer (moe_morpheus/train/checkpoint/). The checkpoint's keys name global
 tensors, so loading it into a world of one (tp = pp = ep = 1) through ``dist_checkpointing``
 reassembles every TP, PP and EP shard; the tensors are then written under their parameter names
@@ -16,11 +16,13 @@ import json
 import shutil
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from moe_morpheus.config import ModelConfig, MoEConfig
+from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig
+from moe_morpheus.config.cli import fail, option, parse_options
 from moe_morpheus.inference.reference_model import FORMAT  # the reader decides which exports it computes
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -111,21 +113,24 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
+@dataclass
+class ExportOptions:
+    checkpoint: str = option(help="a step_* folder written by the trainer")
+    out: str = option(help="the folder to write model.safetensors, config.json and tokenizer.model to")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m moe_morpheus.inference.export CHECKPOINT OUT_DIR``."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m moe_morpheus.inference.export CHECKPOINT_DIR OUT_DIR  (CHECKPOINT_DIR: a step_* folder)",
-              file=sys.stderr)
-        return 2
+    """``python -m moe_morpheus.inference.export checkpoint=DIR out=DIR``: one safetensors file, a JSON
+    config and the tokenizer, from a checkpoint of any parallel layout."""
     from moe_morpheus.train.checkpoint import CheckpointError
 
     try:
-        out = export_checkpoint(args[0], args[1])
-    except CheckpointError as error:
-        print(f"cannot export: {error}", file=sys.stderr)
-        return 1
-    print(f"exported {args[0]} -> {out}/model.safetensors, config.json"
+        args, _ = parse_options(ExportOptions, sys.argv[1:] if argv is None else argv,
+                                prog="moe_morpheus.inference.export", summary=main.__doc__)
+        out = export_checkpoint(args.checkpoint, args.out)
+    except (ConfigError, CheckpointError) as error:
+        return fail(error)
+    print(f"exported {args.checkpoint} -> {out}/model.safetensors, config.json"
           + (", tokenizer.model" if (out / "tokenizer.model").exists() else ""))
     return 0
 

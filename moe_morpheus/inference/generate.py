@@ -10,16 +10,19 @@
 - A cache of past keys and values makes each new token one step; ``use_cache=False`` runs the
   whole sequence each time (the reference the tests compare with).
 
-``python -m moe_morpheus.inference.generate --checkpoint DIR --prompt "..."``: see ``main``.
+``python -m moe_morpheus.inference.generate checkpoint=DIR prompt="..."``: see ``main``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from megatron.core import tensor_parallel
 
+from moe_morpheus.config import ConfigError
+from moe_morpheus.config.cli import fail, option, parse_options
 from moe_morpheus.data.tokenizer import EOP_ID, EOS_ID, GMASK_ID, MASK_ID, SOP_ID
 
 
@@ -137,37 +140,50 @@ class Generator:
         return text, spans
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m moe_morpheus.inference.generate --checkpoint CKPT [--prompt TEXT | --file F] [options]``.
+@dataclass
+class GenerateOptions:
+    checkpoint: str = option(help="a run's checkpoint folder (its newest valid checkpoint) or one step_* folder")
+    prompt: str | None = option(None, help="the text; [MASK] marks a blank, else the text is continued")
+    file: str | None = option(None, help="a text file with one prompt per line (instead of prompt)")
+    max_new_tokens: int = option(48, help="tokens generated per span at most")
+    temperature: float = option(0.0, help="0 = greedy")
+    top_k: int = option(0, help="sample from the k likeliest tokens (0 = all)")
+    top_p: float = option(1.0, help="nucleus sampling mass")
+    seed: int = option(0, help="sampling seed")
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.file is None):
+            raise ConfigError("give exactly one of prompt=TEXT or file=PATH")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moe_morpheus.inference.generate checkpoint=CKPT (prompt=TEXT | file=F) [key=value]``.
 
     ``CKPT`` is a run's checkpoint folder (``outputs/<name>/<run>/checkpoints``, its newest valid
     checkpoint is used) or one ``step_*`` folder. Put ``[MASK]`` in the text to fill blanks;
     otherwise the text is continued after ``[gMASK]``.
     """
-    import argparse
+    import sys
 
     from moe_morpheus.inference.load import load_for_inference
+    from moe_morpheus.train.checkpoint import CheckpointError
 
-    parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    group.add_argument("--file", help="a text file with one prompt per line")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    prompts = args.prompt or [line.rstrip("\n") for line in open(args.file, encoding="utf-8") if line.strip()]
-    model, tokenizer, exp = load_for_inference(args.checkpoint)
+    try:
+        args, _ = parse_options(GenerateOptions, sys.argv[1:] if argv is None else argv,
+                                prog="moe_morpheus.inference.generate", summary=main.__doc__)
+        prompts = [args.prompt] if args.prompt is not None else [
+            line.rstrip("\n") for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        model, tokenizer, exp = load_for_inference(args.checkpoint)
+    except (ConfigError, CheckpointError, OSError) as error:
+        return fail(error)
     generator = Generator(model, tokenizer.vocab_size, exp.model.seq_length)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     for prompt in prompts:
         ids = tokenizer.encode_with_masks(prompt)
         text, _ = generator.generate(ids, sampling)
         print(f">>> {prompt}\n{tokenizer.decode(text)}\n", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -60,6 +60,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from moe_morpheus.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
+from moe_morpheus.config.cli import fail, option, parse_options
 
 GB = 1e9
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -342,32 +343,28 @@ def activation_table(model: ModelConfig, moe: MoEConfig | None, layout: Layout, 
     return "activations per micro-batch, first stage: " + "; ".join(cells)
 
 
+@dataclass
+class PlanOptions:
+    gpus: int | None = option(None, help="GPUs of the layout; null: tp x pp (dp = 1)")
+    gpu_memory_gb: float | None = option(None, help="GB per GPU: check the layout against it, list the layouts that fit")
+    top: int = option(8, help="fitting layouts listed")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m moe_morpheus.planning.plan`` (module docstring)."""
     from moe_morpheus.config.experiment import compose_experiment
     from moe_morpheus.planning.budget import demo_batch_warning
 
-    args = sys.argv[1:] if argv is None else argv
-    options = {"gpus": None, "gpu_memory_gb": None, "top": 8}
-    overrides = []
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key.startswith("plan."):
-            name = key[len("plan."):]
-            if name not in options:
-                print(f"unknown option {key}: plan.gpus, plan.gpu_memory_gb, plan.top", file=sys.stderr)
-                return 2
-            options[name] = float(value) if name == "gpu_memory_gb" else int(value)
-        else:
-            overrides.append(arg)
     try:
+        options, overrides = parse_options(PlanOptions, sys.argv[1:] if argv is None else argv,
+                                           prog="moe_morpheus.planning.plan", summary=__doc__.split("\n\n")[1],
+                                           prefix="plan")
         exp = compose_experiment(overrides)
     except ConfigError as error:
         # Any configuration error: an unknown key, a bad value, or a layout that does not divide the model.
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return fail(error)
     model, moe, p, trainer = exp.model, exp.moe_or_none, exp.parallel, exp.trainer
-    gpus = options["gpus"] or p.tp * p.pp
+    gpus = options.gpus or p.tp * p.pp
     work = Workload(micro_batch=trainer.micro_batch_size, global_batch=trainer.global_batch_size,
                     bf16=trainer.precision in ("auto", "bf16"))
     if gpus % (p.tp * p.pp):
@@ -388,14 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     print(format_plan(plan))
     print(activation_table(model, moe, layout, work))
     status = 0
-    if options["gpu_memory_gb"] is not None:
-        limit = options["gpu_memory_gb"]
+    if options.gpu_memory_gb is not None:
+        limit = options.gpu_memory_gb
         if plan.peak_bytes > limit * GB:
             print(f"does NOT fit {limit:g} GB: needs {_gb(plan.peak_bytes)} GB")
             status = 1
         fits = fitting_layouts(model, moe, gpus, limit, work)
         print(f"\nlayouts of {gpus} GPUs that fit {limit:g} GB: {len(fits)}" + (", the cheapest:" if fits else ""))
-        for fit in fits[: options["top"]]:
+        for fit in fits[: options.top]:
             print(f"  {fit.layout.describe():<62} peak {_gb(fit.peak_bytes):>6} GB")
         if not fits:
             print("  none: the model states alone (16-18 bytes per parameter over the GPUs) or the "

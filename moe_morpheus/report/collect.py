@@ -180,7 +180,7 @@ def select_runs(runs: list[Run], sweep: str | None, parent: str | None) -> tuple
     lineage = {r.data.tags.get("sweep") or r.data.tags.get(PARENT_TAG) or "(none)" for r in training}
     if len(lineage) > 1:
         problems.append(f"mixed sweeps: the runs come from {len(lineage)} sweeps ({', '.join(sorted(lineage))}); "
-                        "their comparison mixes configurations and launches. Pass --sweep or --parent to "
+                        "their comparison mixes configurations and launches. Pass sweep=NAME or parent=RUN_ID to "
                         "report on one.")
     return training, scope, problems
 

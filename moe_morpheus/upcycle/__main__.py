@@ -1,5 +1,9 @@
-"""``python -m moe_morpheus.upcycle SOURCE OUTPUT_DIR [overrides]``: convert a dense checkpoint into
-a MoE checkpoint that ``train.py ... checkpoint.resume=OUTPUT_DIR/step_00000000`` trains from."""
+"""``python -m moe_morpheus.upcycle +experiment=TARGET init.from_dense=SOURCE convert.out=DIR
+[overrides]``: convert a dense checkpoint into a MoE checkpoint that ``train.py ...
+checkpoint.resume=DIR/step_00000000`` trains from.
+
+``init.from_dense`` is the key a training run upcycles from (a ``step_*`` folder or a checkpoints
+folder); here the conversion is written out instead of trained on."""
 
 from __future__ import annotations
 
@@ -9,13 +13,19 @@ import sys
 from pathlib import Path
 
 from moe_morpheus.config import ConfigError
+from moe_morpheus.config.cli import fail, option, parse_options
 from moe_morpheus.config.upcycle import UpcycleError
 from moe_morpheus.upcycle.load import upcycle_into
 
 
-def convert(source: str | Path, output_dir: str | Path, overrides: list[str]) -> Path:
-    """``python -m moe_morpheus.upcycle``: write the converted checkpoint ``output_dir/step_00000000``
-    (zero AdamW moments, step 0). Collective over the processes torchrun started (or one)."""
+@dataclasses.dataclass
+class ConvertOptions:
+    out: str = option(help="folder of the converted checkpoint (step_00000000 is written in it)")
+
+
+def convert(output_dir: str | Path, overrides: list[str]) -> Path:
+    """Write the converted checkpoint ``output_dir/step_00000000`` (zero AdamW moments, step 0) of
+    the target that ``overrides`` compose. Collective over the processes torchrun started (or one)."""
     from omegaconf import OmegaConf
 
     from moe_morpheus import parallel as mm_parallel
@@ -26,6 +36,8 @@ def convert(source: str | Path, output_dir: str | Path, overrides: list[str]) ->
 
     exp = compose_experiment(overrides)
     exp.validate_world(int(os.environ.get("WORLD_SIZE", "1")))
+    if exp.init.from_dense is None:
+        raise UpcycleError("no source: pass init.from_dense=PATH (a dense step_* or checkpoints folder)")
     if not exp.moe.enabled:
         raise UpcycleError("the target has no MoE layer (moe.layer_freq=0): pick a MoE target, e.g. "
                            "+experiment=upcycle_64e")
@@ -34,31 +46,26 @@ def convert(source: str | Path, output_dir: str | Path, overrides: list[str]) ->
     # keep=1: the converted checkpoint is the only one the output folder needs.
     parts = build_training(exp, chunks, directory=Path(output_dir), config=OmegaConf.to_container(
         OmegaConf.structured(exp)), checkpoint=dataclasses.replace(exp.checkpoint, keep=1))
-    state = upcycle_into(chunks, exp, source)
+    state = upcycle_into(chunks, exp, exp.init.from_dense)
     # A fresh run's guard state (empty spike window), which resuming from this checkpoint restores.
     state.guards = parts.guards.state_dict()
     return parts.checkpointer.save(state)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m moe_morpheus.upcycle SOURCE OUTPUT_DIR [hydra overrides]``."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) < 2 or args[0].startswith("-"):
-        print("usage: python -m moe_morpheus.upcycle SOURCE_CHECKPOINT OUTPUT_DIR [overrides, e.g. "
-              "+experiment=upcycle_64e upcycle.mode=copy moe.granularity=1]", file=sys.stderr)
-        return 2
     from moe_morpheus import parallel as mm_parallel
     from moe_morpheus.train.checkpoint import CheckpointError
 
     try:
-        path = convert(args[0], args[1], args[2:])
+        options, overrides = parse_options(ConvertOptions, sys.argv[1:] if argv is None else argv,
+                                           prog="moe_morpheus.upcycle", summary=__doc__, prefix="convert")
+        path = convert(options.out, overrides)
     except (ConfigError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error)
     finally:
         mm_parallel.destroy()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"upcycled {args[0]} -> {path}; train from it with checkpoint.resume={path}")
+        print(f"upcycled -> {path}; train from it with checkpoint.resume={path}")
     return 0
 
 

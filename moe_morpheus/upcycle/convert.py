@@ -2,9 +2,9 @@
 
 Two ways in:
 
-- ``python -m moe_morpheus.upcycle SOURCE OUTPUT_DIR [overrides]``: the overrides compose the
-  target experiment as ``train.py`` would (``+experiment=upcycle_64e upcycle.mode=copy ...``);
-  writes ``OUTPUT_DIR/step_00000000``, a checkpoint that ``train.py ... checkpoint.resume=PATH``
+- ``python -m moe_morpheus.upcycle init.from_dense=SOURCE convert.out=DIR [overrides]``: the
+  overrides compose the target experiment as ``train.py`` would (``+experiment=upcycle_64e
+  upcycle.mode=copy ...``); writes ``DIR/step_00000000``, a checkpoint that ``train.py ... checkpoint.resume=PATH``
   trains from. Under ``torchrun`` it converts in the target's parallel layout.
 - ``python train.py +experiment=upcycle_64e init.from_dense=SOURCE``: the trainer converts into
   its freshly built model and trains on, in one go (a restarted run resumes from its own

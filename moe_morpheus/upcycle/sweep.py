@@ -41,7 +41,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from moe_morpheus.config import ConfigError, SweepConfig
-from moe_morpheus.config.keys import check_keys
+from moe_morpheus.config.cli import fail, parse_options
 from moe_morpheus.report.roles import EQUAL_EXTRA, EQUAL_TOTAL, ROLES, compare_per_extra, stage_tags
 from moe_morpheus.report.stats import interval_text, verdict_text
 from moe_morpheus.tracking.names import git_commit, resolve_uri
@@ -59,12 +59,8 @@ class Stage:
 
 
 def load_config(argv: list[str]) -> SweepConfig:
-    from omegaconf import OmegaConf
-
-    overrides = OmegaConf.from_dotlist(argv)
-    check_keys(OmegaConf.to_container(overrides), SweepConfig)  # a one-line error naming the nearest key
-    cfg = OmegaConf.merge(OmegaConf.structured(SweepConfig), overrides)
-    return OmegaConf.to_object(cfg)
+    """The sweep's settings from ``key=value`` arguments (``--help`` lists them)."""
+    return parse_options(SweepConfig, argv, prog="moe_morpheus.upcycle.sweep", summary=__doc__.split("\n\n")[0])[0]
 
 
 def plan(cfg: SweepConfig) -> list[Stage]:
@@ -232,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error)
     Driver(cfg).run()
     return 0
 

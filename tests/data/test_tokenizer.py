@@ -96,10 +96,9 @@ def test_blend_follows_weights():
 
 def test_train_command(tmp_path, capsys):
     out = tmp_path / "cli.model"
-    TT.main(["--config", str(resolve_path("conf/data/demo.yaml")), "--vocab-size", "3000",
-             "--max-chars", "60000", "--output", str(out)])
+    assert TT.main([f"data_config={resolve_path('conf/data/demo.yaml')}", "vocab_size=3000", "max_chars=60000",
+                    f"output={out}"]) == 0
     tok = T.Tokenizer(out)
     assert tok.vocab_size == 3000 and "vocab 3000" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        TT.main(["--vocab-size", "100", "--output", str(out)])
+    assert TT.main(["vocab_size=100", f"output={out}"]) == 2
     assert "vocab_size=100 is too small" in capsys.readouterr().err

@@ -61,7 +61,7 @@ def test_export_reproduces_training_logits(tmp_path):
 
     path, logits, batch = run_distributed(_save_and_logits, 2, str(tmp_path / "ckpt"))[0]
     out = tmp_path / "export"
-    assert main([path, str(out)]) == 0
+    assert main([f"checkpoint={path}", f"out={out}"]) == 0
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "tokenizer.model"}
     config = json.loads((out / "config.json").read_text())
     assert config["moe"]["num_experts"] == 4 and config["padded_vocab_size"] == 256
@@ -125,5 +125,6 @@ def test_export_usage_and_bad_checkpoint(tmp_path, capsys):
     from moe_morpheus.inference.export import main
 
     assert main([]) == 2
-    assert main([str(tmp_path), str(tmp_path / "out")]) == 1
+    assert "missing checkpoint=..., out=..." in capsys.readouterr().err
+    assert main([f"checkpoint={tmp_path}", f"out={tmp_path / 'out'}"]) == 2
     assert "has no checkpoint.json" in capsys.readouterr().err

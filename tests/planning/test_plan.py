@@ -133,7 +133,7 @@ def test_cli_reports_layout_and_fit(capsys):
     assert "tp8 pp1 ep1 dp8" in out and "optimizer (AdamW m, v fp32)" in out and "fit 141 GB" in out
     assert main(args + ["plan.gpu_memory_gb=40"]) == 1
     assert "does NOT fit 40 GB" in capsys.readouterr().out
-    assert main(["+experiment=dense", "model=morpheus_30b", "parallel.pp=4"]) == 1
+    assert main(["+experiment=dense", "model=morpheus_30b", "parallel.pp=4"]) == 2
     assert "num_layers=55 is not divisible" in capsys.readouterr().err
     assert main(["+experiment=dense", "plan.bogus=1"]) == 2
 

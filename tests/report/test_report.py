@@ -223,7 +223,7 @@ def store(tmp_path_factory):
 
 def report(tmp_path, uri, *args):
     out = tmp_path / "report"
-    assert main(["--tracking-uri", uri, "--out", str(out), *args]) == 0
+    assert main([f"tracking_uri={uri}", f"out={out}", *args]) == 0
     return out, (out / "report.md").read_text(), (out / "report.html").read_text()
 
 
@@ -256,7 +256,7 @@ def finals(uri, run_ids) -> dict[int, float]:
 
 def test_clear_winner_report(tmp_path, store):
     uri, ids = store
-    out, md, page = report(tmp_path, uri, "--experiment", "clear", "--sweep", "dvm")
+    out, md, page = report(tmp_path, uri, "experiment=clear", "sweep=dvm")
     rows = run_table_rows(md)
     assert len(rows) == 6 and all(any(rid in r for r in rows) for rid in ids["clear"])
     assert ids["clear_stray"] not in md and ids["clear_parent"] not in rows[0]
@@ -316,7 +316,7 @@ def test_no_verdict_within_the_noise(tmp_path, store):
 
 def test_crashed_and_stray_runs_are_problems(tmp_path, store):
     uri, ids = store
-    out, md, _ = report(tmp_path, uri, "--experiment", "crash")
+    out, md, _ = report(tmp_path, uri, "experiment=crash")
     problems = md.split("## Problems", 1)[1].split("\n## ", 1)[0]
     assert f"run `{ids['crash'][2]}`" in problems and "ended FAILED" in problems
     assert "2 runs of dense share seed 0" in problems and "averaged into one value" in problems
@@ -344,20 +344,20 @@ def test_runs_differing_in_steps_are_two_configurations(tmp_path, store):
 
 def test_empty_experiment(tmp_path, store):
     uri, _ = store
-    out, md, page = report(tmp_path, uri, "--experiment", "empty")
+    out, md, page = report(tmp_path, uri, "experiment=empty")
     assert "no training runs found" in md and "no training runs found" in page
     assert not list(out.glob("*.png"))
 
 
 def test_unknown_names_exit_nonzero(tmp_path, store, capsys):
     uri, _ = store
-    assert main(["--tracking-uri", uri, "--experiment", "nope", "--out", str(tmp_path)]) == 2
+    assert main([f"tracking_uri={uri}", "experiment=nope", f"out={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "'nope'" in err and "clear" in err and "scaling" in err
-    assert main(["--tracking-uri", uri, "--experiment", "clear", "--sweep", "nope", "--out", str(tmp_path)]) == 2
+    assert main([f"tracking_uri={uri}", "experiment=clear", "sweep=nope", f"out={tmp_path}"]) == 2
     assert "dvm" in capsys.readouterr().err
-    assert main(["--tracking-uri", uri, "--experiment", "clear", "--parent", "abc", "--out", str(tmp_path)]) == 2
-    assert main(["--tracking-uri", f"sqlite:///{tmp_path / 'missing.db'}", "--experiment", "x"]) == 2
+    assert main([f"tracking_uri={uri}", "experiment=clear", "parent=abc", f"out={tmp_path}"]) == 2
+    assert main([f"tracking_uri=sqlite:///{tmp_path / 'missing.db'}", "experiment=x"]) == 2
     assert "no MLflow database" in capsys.readouterr().err
 
 

@@ -50,12 +50,14 @@ def test_moe_64e_three_steps_logs_an_mlflow_run(tmp_path):
 
     # The run's checkpoint generates in both languages and evaluates (issue 10's commands).
     checkpoints = outputs[0] / "checkpoints"
-    generated = module(tmp_path, "moe_morpheus.inference.generate", "--checkpoint", str(checkpoints), "--max-new-tokens", "8",
-                       "--prompt", "It is a truth universally acknowledged that", "--prompt", "天下大势，[MASK]久必合。")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("It is a truth universally acknowledged that\n天下大势，[MASK]久必合。\n", encoding="utf-8")
+    generated = module(tmp_path, "moe_morpheus.inference.generate", f"checkpoint={checkpoints}", "max_new_tokens=8",
+                       f"file={prompts}")
     assert ">>> It is a truth universally acknowledged that" in generated and ">>> 天下大势" in generated
-    evaluated = module(tmp_path, "moe_morpheus.inference.evaluate", "--checkpoint", str(checkpoints), "--items", "2")
+    evaluated = module(tmp_path, "moe_morpheus.inference.evaluate", f"checkpoint={checkpoints}", "items=2")
     assert "valid/zh_gmask/perplexity" in evaluated and "eval/mip_heldout/chrf" in evaluated
-    missing = module(tmp_path, "moe_morpheus.inference.generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x",
+    missing = module(tmp_path, "moe_morpheus.inference.generate", f"checkpoint={tmp_path / 'nowhere'}", "prompt=x",
                      check=False)
     assert "does not exist: pass a run's checkpoints folder" in missing
 
@@ -86,8 +88,8 @@ def test_multirun_makes_a_parent_with_nested_children(tmp_path):
     from moe_morpheus.report.__main__ import main as report
 
     out = tmp_path / "report"
-    assert report(["--experiment", "moe_morpheus", "--sweep", "dense_vs_moe",
-                   "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)]) == 0
+    assert report(["experiment=moe_morpheus", "sweep=dense_vs_moe", f"tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                   f"out={out}"]) == 0
     text = (out / "report.md").read_text()
     for run_id in children.run_id:
         assert run_id in text

@@ -82,8 +82,8 @@ def test_driver_runs_stages_once(sweep):
 def test_convert_then_train_and_init_from_dense_with_lineage(sweep, tmp_path):
     dense = _run(sweep, f"{SWEEP}/s1/dense")
     dense_checkpoints = sweep / "sweep" / "s1" / "dense" / "checkpoints"
-    convert = subprocess.run([sys.executable, "-m", "moe_morpheus.upcycle", str(dense_checkpoints), "upcycled",
-                              *TARGET, *FAST], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    convert = subprocess.run([sys.executable, "-m", "moe_morpheus.upcycle", f"init.from_dense={dense_checkpoints}",
+                              "convert.out=upcycled", *TARGET, *FAST], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert convert.returncode == 0, convert.stderr[-3000:]
     manifest = json.loads((tmp_path / "upcycled" / "step_00000000" / "checkpoint.json").read_text())
     assert manifest["model_shape"]["moe.num_experts"] == 8
