@@ -63,11 +63,16 @@ class ExperimentConfig:
     init: InitConfig = field(default_factory=InitConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
 
+    @property
+    def run_variant(self) -> str:
+        """The run's ``variant`` tag: ``variant`` when set, else derived from the model and its start."""
+        if self.variant is not None:
+            return self.variant
+        upcycled = self.init.from_dense is not None and self.moe.enabled
+        return "upcycled" if upcycled else "moe" if self.moe.enabled else "dense"
+
     def __post_init__(self) -> None:
-        if self.variant is None:
-            upcycled = self.init.from_dense is not None and self.moe.enabled
-            self.variant = "upcycled" if upcycled else "moe" if self.moe.enabled else "dense"
-        if self.variant not in ("dense", "moe", "upcycled"):
+        if self.variant not in (None, "dense", "moe", "upcycled"):
             raise ConfigError(f"variant={self.variant!r}: choose dense, moe or upcycled (or null)")
         self.parallel.validate_model(self.model)
         if self.moe.enabled:

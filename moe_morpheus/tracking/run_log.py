@@ -47,7 +47,7 @@ class RunLogger:
 
         uri = resolve_uri(exp.tracking.uri)
         # A converted checkpoint trained via checkpoint.resume is an upcycled run too.
-        variant = "upcycled" if lineage and lineage["kind"] == "upcycled" else exp.variant
+        variant = "upcycled" if lineage and lineage["kind"] == "upcycled" else exp.run_variant
         lineage_tag, lineage_params = lineage_tags(lineage) if lineage else ({}, {})
         tags = run_tags(variant, exp.name, exp.sweep, f"{exp.layout}-dp{dp}", extra=lineage_tag)
         if any(v > 1 for v in planned_epochs.values()):

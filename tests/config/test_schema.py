@@ -29,7 +29,7 @@ GROUPS = ["data", "experiment", "hydra", "model", "moe", "parallel", "sweeps", "
 
 
 @pytest.mark.parametrize("schema", [ModelConfig, MoEConfig, ParallelConfig, DataConfig, TrainerConfig,
-                                    BudgetConfig, UpcycleConfig, SweepConfig])
+                                    BudgetConfig, UpcycleConfig, SweepConfig, ExperimentConfig])
 def test_building_a_config_keeps_every_field_as_written(schema):
     built = schema()
     for f in fields(schema):
@@ -52,6 +52,17 @@ def test_moe_or_none_and_vpp():
     dense, moe = compose_experiment(["+experiment=dense"]), compose_experiment(["+experiment=moe_8e"])
     assert dense.moe_or_none is None and moe.moe_or_none is moe.moe
     assert ParallelConfig().vpp == 1 and ParallelConfig(pp=2, virtual_pp=2).vpp == 2
+
+
+def test_variant_stays_as_written_and_run_variant_derives_it(tmp_path):
+    dense, moe = compose_experiment(["+experiment=dense"]), compose_experiment(["+experiment=moe_8e"])
+    source = str(tmp_path / "dense" / "checkpoints")
+    upcycled = compose_experiment(["+experiment=upcycle_64e", f"init.from_dense={source}"])
+    assert (dense.variant, moe.variant, upcycled.variant) == (None, None, None)
+    assert (dense.run_variant, moe.run_variant, upcycled.run_variant) == ("dense", "moe", "upcycled")
+    assert compose_experiment(["+experiment=moe_8e", "variant=upcycled"]).run_variant == "upcycled"
+    with pytest.raises(ConfigError, match="variant='sparse': choose dense, moe or upcycled"):
+        compose_experiment(["+experiment=moe_8e", "variant=sparse"])
 
 
 def test_divisors_near():
