@@ -156,6 +156,13 @@ def test_group_files_only_override(group, schema):
         assert _repeats(values, _defaults(schema)) == [], path.name
 
 
+def test_model_presets_name_every_dimension_of_their_shape():
+    # A changed ModelConfig default must not change a named model (docs/design.md#configuration).
+    shape = {"num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"}
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
+        assert shape <= set(OmegaConf.to_container(OmegaConf.load(path))), path.name
+
+
 def test_root_config_sets_no_schema_value():
     root = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))
     assert set(root) == {"defaults", "hydra"}
