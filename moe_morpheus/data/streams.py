@@ -23,6 +23,7 @@ from moe_morpheus.data.infilling import (
     pack,
     sample_gmask_start,
     sample_mask_spans,
+    span_length_cdf,
     span_length_probs,
 )
 from moe_morpheus.data.mip import DIRECTIONS, MipTemplates
@@ -124,10 +125,10 @@ class TextStream(Stream):
             raise DataError(f"data.sources.{name}: no training windows (corpus of {corpus.doc_lengths.sum()} "
                             f"tokens); add text or lower data.valid_fraction")
         self.corpus, self.units, self.cfg = corpus, units, cfg
-        self.probs = span_length_probs(cfg.span_lambda, cfg.max_span_length)
+        self.cdf = span_length_cdf(span_length_probs(cfg.span_lambda, cfg.max_span_length))
 
     def _mask_spans(self, length: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-        return sample_mask_spans(length, rng, ratio=self.cfg.mask_ratio, probs=self.probs)
+        return sample_mask_spans(length, rng, ratio=self.cfg.mask_ratio, cdf=self.cdf)
 
     def cut(self, d: int, a: int, b: int, rng: np.random.Generator, force: int | None
             ) -> list[tuple[tuple, int]]:
@@ -141,7 +142,7 @@ class TextStream(Stream):
                 while length + 2 * len(spans) > self.seq_length:
                     length = min(length - 1, self.seq_length - 2 * len(spans))
                     spans = self._mask_spans(length, rng)
-                order = tuple(int(k) for k in rng.permutation(len(spans)))
+                order = tuple(rng.permutation(len(spans)).tolist())
                 out.append(((MASK, d, a, a + length, (tuple(spans), order)), length + 2 * len(spans)))
             else:
                 start = sample_gmask_start(length, rng, min_ratio=self.cfg.gmask_min_ratio)
@@ -150,8 +151,9 @@ class TextStream(Stream):
         return out
 
     def plan(self, rng, force=None, valid=False, units=None):
-        units = self.units if units is None else units
-        pieces = [p for u in rng.permutation(len(units)) for p in self.cut(*units[u], rng, force)]
+        # Python ints: cut() does scalar arithmetic per piece (~110k pieces per epoch at sequence 64).
+        units = (self.units if units is None else units).tolist()
+        pieces = [p for u in rng.permutation(len(units)).tolist() for p in self.cut(*units[u], rng, force)]
         return [[pieces[i][0] for i in row] for row in first_fit([n for _, n in pieces], self.seq_length)]
 
     def build(self, piece):

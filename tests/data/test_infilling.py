@@ -14,6 +14,7 @@ from moe_morpheus.data.infilling import (
     pack,
     sample_gmask_start,
     sample_mask_spans,
+    span_length_cdf,
     span_length_probs,
 )
 
@@ -81,12 +82,12 @@ def test_truncated_poisson_probs():
 
 def test_span_statistics_over_many_samples():
     rng = np.random.default_rng(1)
-    probs = span_length_probs(3.0, 39)
+    cdf = span_length_cdf(span_length_probs(3.0, 39))
     covered = total = 0
     lengths = []
     for _ in range(2000):
         n = int(rng.integers(64, 256))
-        spans = sample_mask_spans(n, rng, ratio=0.15, probs=probs)
+        spans = sample_mask_spans(n, rng, ratio=0.15, cdf=cdf)
         assert all(0 <= s < e <= n for s, e in spans)
         assert all(e + 1 <= s2 for (_, e), (s2, _) in zip(spans, spans[1:]))  # one unmasked token between
         assert sum(e - s for s, e in spans) >= math.ceil(0.15 * n)
@@ -103,18 +104,18 @@ def test_span_statistics_over_many_samples():
 def test_span_placement_is_uniform():
     # One span of fixed length 1 in a text of 10: every start equally likely.
     rng = np.random.default_rng(2)
-    probs = np.array([1.0])
-    starts = np.bincount([sample_mask_spans(10, rng, ratio=0.1, probs=probs)[0][0] for _ in range(5000)],
+    cdf = span_length_cdf(np.array([1.0]))
+    starts = np.bincount([sample_mask_spans(10, rng, ratio=0.1, cdf=cdf)[0][0] for _ in range(5000)],
                          minlength=10)
     assert starts.min() > 400 and starts.max() < 600
 
 
 def test_short_texts_still_get_a_span():
     rng = np.random.default_rng(3)
-    probs = span_length_probs(3.0, 39)
+    cdf = span_length_cdf(span_length_probs(3.0, 39))
     for n in range(1, 12):
         for _ in range(50):
-            spans = sample_mask_spans(n, rng, ratio=0.15, probs=probs)
+            spans = sample_mask_spans(n, rng, ratio=0.15, cdf=cdf)
             assert spans and all(0 <= s < e <= n for s, e in spans)
             assert all(e + 1 <= s2 for (_, e), (s2, _) in zip(spans, spans[1:]))
 
