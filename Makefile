@@ -16,9 +16,13 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(PY) train.py +experiment=moe_64e
 
+# Two pytest workers (pytest-xdist), one test file per worker at a time (--dist loadfile keeps a
+# file's module fixtures, e.g. the reference runs of tests/train/test_checkpoint_resume.py, in one
+# worker). Most of the suite's time is single-threaded (process start-up, imports, data planning),
+# so two workers fill the two cores of the CI machine.
 test: $(STAMP)
 	$(PY) -m ruff check moe_morpheus tests benchmarks train.py
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The edit loop: ruff and the in-process unit tests; tests marked slow (they spawn processes) are left out.
 test-fast: $(STAMP)
