@@ -1,0 +1,80 @@
+"""Kill-and-resume runs of ``train.py`` for the checkpoint tests: a 20-step run with a checkpoint
+every 5, a SIGKILL of the whole job at a random moment after step 10's checkpoint, and the losses
+read back from MLflow for a bit-for-bit comparison."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from mlflow.tracking import MlflowClient
+
+from tests.helpers.train_app import REPO, SMALL
+
+# 20 steps, a checkpoint every 5; evaluation only at the end (the losses under test are training's).
+RUN = ["+experiment=moe_8e", "trainer.steps=20", "checkpoint.interval_steps=5", "trainer.eval_interval=0", *SMALL]
+EP2 = ["launch.nproc_per_node=2", "parallel.ep=2"]
+
+
+def env() -> dict:
+    return dict(os.environ, PYTHONWARNINGS="ignore::UserWarning", OMP_NUM_THREADS="1")
+
+
+def command(tmp: Path, run_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+            f"hydra.run.dir={run_dir}", *RUN, *args]
+
+
+def train(tmp: Path, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(command(tmp, run_dir, *args), cwd=tmp, capture_output=True, text=True, env=env(),
+                            timeout=600)
+    assert result.returncode == 0, f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def train_and_kill(tmp: Path, run_dir: Path, *args: str) -> float:
+    """Start a run, SIGKILL it and all its processes at a random moment after step 10's
+    checkpoint is complete; returns the delay (printed, to reproduce a failure)."""
+    log = (tmp / "killed.log").open("w")
+    proc = subprocess.Popen(command(tmp, run_dir, *args), cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+                            env=env())
+    marker = run_dir / "checkpoints" / "step_00000010" / "checkpoint.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, f"the run ended before step 10's checkpoint:\n{(tmp / 'killed.log').read_text()}"
+        assert time.monotonic() < deadline, "no checkpoint of step 10 within 300 s"
+        time.sleep(0.02)
+    delay = random.uniform(0.0, 0.3)
+    print(f"SIGKILL {delay:.3f} s after step 10's checkpoint")
+    time.sleep(delay)
+    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for process in family:  # the whole job dies at once, as when a node fails
+        process.kill()
+    proc.wait()
+    assert proc.returncode == -9, "the run had already finished: it was not killed mid-run"
+    return delay
+
+
+def metric(tmp: Path, key: str) -> dict[int, list[float]]:
+    """Every value logged for ``key`` by the only MLflow run, by step (a resumed run logs the
+    steps after its checkpoint again)."""
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("moe_morpheus").experiment_id])
+    assert len(runs) == 1, "a resumed run must continue its MLflow run, not open another"
+    assert runs[0].info.status == "FINISHED"
+    values: dict[int, list[float]] = {}
+    for m in client.get_metric_history(runs[0].info.run_id, key):
+        values.setdefault(m.step, []).append(m.value)
+    return values
+
+
+def assert_same_losses(reference: dict, resumed: dict) -> None:
+    assert sorted(resumed) == list(range(1, 21))
+    for step in range(11, 21):
+        assert resumed[step] and all(v == reference[step][0] for v in resumed[step]), (step, resumed[step],
+                                                                                       reference[step])
