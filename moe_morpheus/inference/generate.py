@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         args, _ = parse_options(GenerateOptions, sys.argv[1:] if argv is None else argv,
                                 prog="moe_morpheus.inference.generate", summary=main.__doc__)
         prompts = [args.prompt] if args.prompt is not None else [
-            line.rstrip("\n") for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+            line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
         model, tokenizer, exp = load_for_inference(args.checkpoint)
     except (ConfigError, CheckpointError, OSError) as error:
         return fail(error)
