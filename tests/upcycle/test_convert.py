@@ -266,3 +266,15 @@ def test_sweep_plan_equal_extra_and_equal_total_compute(tmp_path):
     assert all("trainer.seed=3" in args for args in stages.values())
     with pytest.raises(ConfigError, match="must be positive"):
         load_config(["extra_fractions=[0.0]"])
+
+
+def test_the_convert_command_names_a_missing_source_output_or_moe_target(tmp_path, capsys):
+    from moe_morpheus.upcycle.__main__ import main
+
+    assert main(["+experiment=upcycle_64e", f"convert.out={tmp_path}"]) == 2
+    assert "no source: pass init.from_dense=PATH" in capsys.readouterr().err
+    assert main(["+experiment=dense", f"init.from_dense={tmp_path}", f"convert.out={tmp_path}"]) == 2
+    assert "the target has no MoE layer" in capsys.readouterr().err
+    assert main(["+experiment=upcycle_64e", f"init.from_dense={tmp_path}"]) == 2
+    assert "missing convert.out=..." in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
