@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from moe_morpheus.config.data import DataConfig
+from moe_morpheus.config.data import DataConfig, resolve_path
 from moe_morpheus.data.corpus import Corpus, DataError
 from moe_morpheus.data.infilling import (
     Sample,
@@ -27,6 +27,7 @@ from moe_morpheus.data.infilling import (
     span_length_probs,
 )
 from moe_morpheus.data.mip import DIRECTIONS, MipTemplates
+from moe_morpheus.data.plan_cache import PlanCache, plan_key
 from moe_morpheus.data.tokenizer import EOP_ID, GMASK_ID, MASK_ID, PAD_ID, SOP_ID
 
 OPEN_ROWS = 32
@@ -84,9 +85,13 @@ class Stream(ABC):
     def build(self, piece: tuple) -> Sample:
         """The sample of one piece of a plan."""
 
+    def planned(self, key: tuple[int, ...], **options) -> list[list[tuple]]:
+        """``plan`` with the generator seeded by ``key`` (a stream may keep its plans: TextStream)."""
+        return self.plan(seeded_rng(*key), **options)
+
     def _locate(self, j: int) -> tuple[int, int]:
         while self._starts[-1] <= j:
-            rows = self.plan(seeded_rng(self.seed, name_key(self.name), len(self._plans)))
+            rows = self.planned((self.seed, name_key(self.name), len(self._plans)))
             self._plans.append(rows)
             self._starts.append(self._starts[-1] + len(rows))
         e = bisect.bisect_right(self._starts, j) - 1
@@ -126,6 +131,16 @@ class TextStream(Stream):
                             f"tokens); add text or lower data.valid_fraction")
         self.corpus, self.units, self.cfg = corpus, units, cfg
         self.cdf = span_length_cdf(span_length_probs(cfg.span_lambda, cfg.max_span_length))
+        self.cache = PlanCache(resolve_path(cfg.cache_dir) / "plans")
+
+    def planned(self, key, **options):
+        # A plan is indices into the windows (no tokens): the windows and settings determine it.
+        units = options.get("units", self.units)
+        cfg = self.cfg
+        digest = plan_key(self.name, self.seq_length, key, options.get("force"),
+                          options.get("valid", False), cfg.mask_prob, cfg.mask_ratio, cfg.span_lambda,
+                          cfg.max_span_length, cfg.gmask_min_ratio, np.asarray(units))
+        return self.cache.get(f"{self.name}-{digest}", lambda: super(TextStream, self).planned(key, **options))
 
     def _mask_spans(self, length: int, rng: np.random.Generator) -> list[tuple[int, int]]:
         return sample_mask_spans(length, rng, ratio=self.cfg.mask_ratio, cdf=self.cdf)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from moe_morpheus.config.data import DataConfig
-from moe_morpheus.data.streams import GMASK, MASK, MIP, MipStream, Stream, TextStream, name_key, seeded_rng
+from moe_morpheus.data.streams import GMASK, MASK, MIP, MipStream, Stream, TextStream, name_key
 
 
 class RowsDataset:
@@ -105,12 +105,11 @@ def build_valid_sets(streams: dict[str, Stream], held_out: dict[str, np.ndarray]
         if not isinstance(stream, TextStream) or len(held_out[name]) == 0:
             continue
         for suffix, kind in (("mask", MASK), ("gmask", GMASK)):
-            rng = seeded_rng(cfg.valid_seed, name_key(f"{name}_{suffix}"))
-            plans = stream.plan(rng, force=kind, units=held_out[name])
+            plans = stream.planned((cfg.valid_seed, name_key(f"{name}_{suffix}")), force=kind, units=held_out[name])
             sets[f"{name}_{suffix}"] = _rows(stream, plans, units, parallel, cfg.valid_rows)
     mip = streams.get("mip")
     if isinstance(mip, MipStream):
-        plans = mip.plan(seeded_rng(cfg.valid_seed, name_key("mip_heldout")), valid=True)
+        plans = mip.planned((cfg.valid_seed, name_key("mip_heldout")), valid=True)
         if plans:
             sets["mip_heldout"] = _rows(mip, plans, units, parallel, cfg.valid_rows)
     return sets
