@@ -16,6 +16,7 @@ and an unreadable file is planned again and replaced.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -71,15 +72,16 @@ class PlanCache:
             return _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
         except FileNotFoundError:
             pass
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as error:
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as error:
             log.warning("plan cache file %s is unreadable (%s): planning again", path, error)
         plan = compute()
-        self.directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL))
             os.replace(tmp, path)
         except OSError as error:  # a read-only or full cache folder costs speed, not the run
             log.warning("plan cache: cannot write %s (%s)", path, error)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         return plan

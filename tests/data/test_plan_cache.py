@@ -66,3 +66,11 @@ def test_a_numpy_scalar_is_refused(tmp_path):
     # plans through the same loader, so a numpy scalar in a plan fails there).
     (tmp_path / "k.pkl").write_bytes(pickle.dumps([(np.int64(3),)]))
     assert PlanCache(tmp_path).get("k", lambda: [[(1,)]]) == [[(1,)]]
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_speed_not_the_run(tmp_path, caplog):
+    blocker = tmp_path / "plans"
+    blocker.write_text("a file where the folder should be")
+    with caplog.at_level(logging.WARNING):
+        assert PlanCache(blocker).get("k", lambda: [[(1,)]]) == [[(1,)]]
+    assert "cannot write" in caplog.text
