@@ -8,9 +8,9 @@ that take no experiment (``report``, ``inference.*``, ``data.tokenizer_training`
 defaults and meanings, and rejects a key it does not have with the one-line message ``train.py``
 gives, naming the nearest real key.
 
-Values are read as YAML (``3``, ``0.5``, ``true``, ``null``, ``[0.006,0.012]``) except for text
-fields, which take the text as written: a prompt such as ``prompt=[MASK] is the capital`` is not
-YAML.
+Values are typed by their field: ``3``, ``1e-3``, ``true``, ``null`` (only where the field may be
+empty), lists as ``[0.006,0.012]``; text is taken as written, so a prompt such as
+``prompt=[MASK] is the capital`` is not parsed.
 """
 
 from __future__ import annotations
@@ -34,23 +34,39 @@ def option(default=dataclasses.MISSING, *, help: str, factory=dataclasses.MISSIN
     return dataclasses.field(default=default, default_factory=factory, metadata={"help": help})
 
 
-def _parse_value(key: str, raw: str, tp: typing.Any) -> typing.Any:
-    if tp is str or tp is Path:
-        return None if raw == "null" else tp(raw)
+def _scalar(key: str, raw: object, tp: typing.Any) -> typing.Any:
+    """``raw`` (a YAML value or text) as ``tp``: ``1e-3`` is a float, ``true`` a bool."""
+    try:
+        if tp is bool and str(raw).lower() in ("true", "false"):
+            return str(raw).lower() == "true"
+        if tp is int and not isinstance(raw, (bool, float)):
+            return int(str(raw))
+        if tp is float and not isinstance(raw, bool):
+            return float(str(raw))
+        if tp in (str, Path):
+            return tp(str(raw))
+    except ValueError:
+        pass
+    raise ConfigError(f"{key}={raw}: expected {getattr(tp, '__name__', tp)}")
+
+
+def _parse_value(key: str, raw: str, tp: typing.Any, optional: bool) -> typing.Any:
+    if raw in ("null", ""):
+        if optional:
+            return None
+        raise ConfigError(f"{key}={raw}: {key} needs a value, it cannot be empty")
+    if typing.get_origin(tp) is not list:
+        return _scalar(key, raw, tp)  # text as written: a prompt such as "[MASK] is" is not YAML
     import yaml
 
     try:
-        value = yaml.safe_load(raw)
+        items = yaml.safe_load(raw)
     except yaml.YAMLError:
-        raise ConfigError(f"{key}={raw}: not a value of type {getattr(tp, '__name__', tp)}") from None
-    origin = typing.get_origin(tp) or tp
-    if value is None:
-        return None
-    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), list: lambda v: isinstance(v, list)}
-    if origin in ok and not ok[origin](value):
-        raise ConfigError(f"{key}={raw}: expected {getattr(origin, '__name__', origin)}")
-    return float(value) if origin is float else value
+        items = None
+    if not isinstance(items, list):
+        raise ConfigError(f"{key}={raw}: expected a list, e.g. {key}=[1,2]")
+    (item_type,) = typing.get_args(tp)
+    return [_scalar(key, item, item_type) for item in items]
 
 
 def help_text(schema: type, prog: str, summary: str, prefix: str | None = None) -> str:
@@ -82,14 +98,15 @@ def parse_options(schema: type[T], argv: Sequence[str], *, prog: str, summary: s
         print(help_text(schema, prog, summary, prefix))
         raise SystemExit(0)
     types = field_types(schema)
+    hints = typing.get_type_hints(schema)
     values: dict[str, typing.Any] = {}
     rest = []
     for arg in argv:
         key, equals, raw = arg.partition("=")
         if prefix is not None and key.startswith(prefix + "."):
             key = key[len(prefix) + 1:]
-        elif prefix is not None and not key.startswith("-"):
-            rest.append(arg)
+        elif prefix is not None and (equals or key.startswith("~")) and not key.startswith("-"):
+            rest.append(arg)  # a Hydra override (~key deletes a key)
             continue
         if not equals or key.startswith("-"):
             flag = key.lstrip("-").replace("-", "_")
@@ -105,7 +122,10 @@ def parse_options(schema: type[T], argv: Sequence[str], *, prog: str, summary: s
             near = difflib.get_close_matches(f"{prefix}.{key}", names, n=1, cutoff=0.6)
             hint = f": did you mean {near[0]}?" if near else ""
             raise ConfigError(f"unknown key {prefix}.{key}{hint} (keys of {prefix}: {', '.join(names)})")
-        values[key] = _parse_value(arg.partition("=")[0], raw, types[key])
+        if key in values:
+            raise ConfigError(f"{arg.partition('=')[0]} is given twice: give it once")
+        optional = type(None) in typing.get_args(hints[key])
+        values[key] = _parse_value(arg.partition("=")[0], raw, types[key], optional)
     missing = [f.name for f in dataclasses.fields(schema) if f.name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

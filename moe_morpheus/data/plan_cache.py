@@ -9,9 +9,9 @@ a small model on one core takes 14.5 s with its plans read against 18.6 s planni
 The key hashes everything the plan is made from: the stream's inputs (its windows, the objective
 settings, the sequence length, the seed tuple, the options; a plan holds indices, no tokens), numpy's version (the generator's draws),
 and the source of the modules that plan (``streams.py``, ``infilling.py``), so an edited planner
-never reads an old plan. Files are written atomically and read with an unpickler that admits no
-class at all (a plan is tuples, lists and ints): a cache folder cannot make the loader run code,
-and an unreadable file is planned again and replaced.
+never reads an old plan. Files are written atomically with a SHA-256 of their pickle and read with an unpickler that
+admits no class at all (a plan is tuples, lists and ints): a cache folder cannot make the loader
+run code, and a damaged or unreadable file is planned again and replaced.
 """
 
 from __future__ import annotations
@@ -60,6 +60,17 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"a plan holds no objects, found {module}.{name}")
 
 
+def _load(data: bytes) -> list:
+    """A plan file: the SHA-256 of the pickle, then the pickle (a damaged file fails the check)."""
+    digest, payload = data[:32], data[32:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError("checksum mismatch")
+    plan = _PlainUnpickler(io.BytesIO(payload)).load()
+    if not isinstance(plan, list):
+        raise ValueError(f"a plan is a list, found {type(plan).__name__}")
+    return plan
+
+
 class PlanCache:
     """``get(key, compute)``: the plan stored under ``key``, else ``compute()``, stored."""
 
@@ -69,16 +80,17 @@ class PlanCache:
     def get(self, key: str, compute: Callable[[], list]) -> list:
         path = self.directory / f"{key}.pkl"
         try:
-            return _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
+            return _load(path.read_bytes())
         except FileNotFoundError:
             pass
-        except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as error:
+        except Exception as error:  # any damage: a plan read wrong would silently change the data
             log.warning("plan cache file %s is unreadable (%s): planning again", path, error)
         plan = compute()
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL))
+            payload = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+            tmp.write_bytes(hashlib.sha256(payload).digest() + payload)
             os.replace(tmp, path)
         except OSError as error:  # a read-only or full cache folder costs speed, not the run
             log.warning("plan cache: cannot write %s (%s)", path, error)

@@ -211,8 +211,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from moe_morpheus.config.experiment import compose_experiment
 
+    args = sys.argv[1:] if argv is None else argv
+    if "--help" in args or "-h" in args:
+        print("usage: python -m moe_morpheus.planning.budget [Hydra overrides]\n\nThe run plan (parameters, "
+              "Chinchilla budget, FLOPs) of a configuration, without building the model. Overrides as for "
+              "train.py, e.g. +experiment=moe_64e model=morpheus_30b")
+        return 0
     try:
-        exp = compose_experiment(sys.argv[1:] if argv is None else argv)
+        exp = compose_experiment(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

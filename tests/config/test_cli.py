@@ -29,6 +29,8 @@ def test_values_are_typed_and_defaults_fill_the_rest():
     assert options == Options("a/b", None, 4, 1.0, True, [3, 4, 5]) and rest == []
     assert isinstance(options.rate, float)
     assert parse("checkpoint=x")[0] == Options("x")
+    assert parse("checkpoint=x", "rate=1e-3")[0].rate == 0.001  # YAML 1.1 would read "1e-3" as text
+    assert parse("checkpoint=x", "prompt=null")[0].prompt is None  # a field that may be empty
 
 
 def test_text_is_taken_as_written_not_as_yaml():
@@ -41,7 +43,11 @@ def test_text_is_taken_as_written_not_as_yaml():
     (["checkpoint=x", "itemz=3"], "unknown config key itemz: did you mean items?"),
     (["checkpoint=x", "items=many"], "items=many: expected int"),
     (["checkpoint=x", "items=true"], "items=true: expected int"),
-    (["checkpoint=x", "seeds=3"], "seeds=3: expected list"),
+    (["checkpoint=x", "seeds=3"], r"seeds=3: expected a list, e.g. seeds=\[1,2\]"),
+    (["checkpoint=x", "seeds=[1,x]"], "seeds=x: expected int"),
+    (["checkpoint=null"], "checkpoint=null: checkpoint needs a value, it cannot be empty"),
+    (["checkpoint=x", "items="], "items=: items needs a value"),
+    (["checkpoint=x", "items=1", "items=2"], "items is given twice: give it once"),
     (["items=3"], r"missing checkpoint=\.\.\. \(python -m tool --help lists the keys\)"),
     (["--checkpoint", "x"], r"--checkpoint: arguments are key=value, e.g. checkpoint=\.\.\."),
 ])
@@ -51,9 +57,13 @@ def test_bad_arguments_name_the_problem_and_the_fix(argv, message):
 
 
 def test_a_prefix_separates_the_tools_keys_from_hydra_overrides():
-    options, rest = parse("+experiment=dense", "tool.checkpoint=c", "trainer.steps=5", "tool.items=2", prefix="tool")
+    options, rest = parse("+experiment=dense", "tool.checkpoint=c", "trainer.steps=5", "~trainer.lr", "tool.items=2",
+                          prefix="tool")
     assert (options.checkpoint, options.items) == ("c", 2)
-    assert rest == ["+experiment=dense", "trainer.steps=5"]
+    assert rest == ["+experiment=dense", "trainer.steps=5", "~trainer.lr"]
+    # The old positional form is refused with the key=value form, not handed to Hydra.
+    with pytest.raises(ConfigError, match=r"outputs/dense: arguments are key=value, e.g. tool.checkpoint="):
+        parse("outputs/dense", "tool.checkpoint=c", prefix="tool")
     with pytest.raises(ConfigError, match=r"unknown key tool.itemz: did you mean tool.items\? \(keys of tool: "):
         parse("tool.checkpoint=c", "tool.itemz=2", prefix="tool")
 
@@ -84,3 +94,7 @@ def test_every_tool_answers_help_and_rejects_a_flag(capsys):
         assert stop.value.code == 0 and "keys:" in capsys.readouterr().out, tool.__name__
         assert tool.main(["--bogus"]) == 2, tool.__name__
         assert "arguments are key=value" in capsys.readouterr().err, tool.__name__
+    # planning.budget has no keys of its own: its help names the overrides it takes.
+    from moe_morpheus.planning import budget
+
+    assert budget.main(["--help"]) == 0 and "Hydra overrides" in capsys.readouterr().out

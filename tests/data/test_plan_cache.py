@@ -4,6 +4,7 @@ is planned again, never trusted."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -51,20 +52,28 @@ def test_an_unreadable_or_hostile_file_is_planned_again(tmp_path, caplog):
         return plan
 
     assert cache.get("k", compute) == plan and cache.get("k", compute) == plan and len(calls) == 1
+    good = (tmp_path / "k.pkl").read_bytes()
     (tmp_path / "k.pkl").write_bytes(b"not a pickle")
     with caplog.at_level(logging.WARNING):
         assert cache.get("k", compute) == plan
     assert "unreadable" in caplog.text and len(calls) == 2
+    # One flipped byte anywhere: the checksum catches it (an intact pickle of other ints would load).
+    for at in (0, 40, len(good) - 2):
+        (tmp_path / "k.pkl").write_bytes(good[:at] + bytes([good[at] ^ 1]) + good[at + 1:])
+        assert cache.get("k", compute) == plan
+    assert len(calls) == 5
     # A pickle that would build an object (here: call os.system) is refused, not loaded.
-    (tmp_path / "k.pkl").write_bytes(pickle.dumps([os.system]))
-    assert cache.get("k", compute) == plan and len(calls) == 3
-    assert cache.get("k", compute) == plan and len(calls) == 3  # rewritten: read again
+    payload = pickle.dumps([os.system])
+    (tmp_path / "k.pkl").write_bytes(hashlib.sha256(payload).digest() + payload)
+    assert cache.get("k", compute) == plan and len(calls) == 6
+    assert cache.get("k", compute) == plan and len(calls) == 6  # rewritten: read again
 
 
 def test_a_numpy_scalar_is_refused(tmp_path):
     # It would need a class to unpickle: plans hold Python ints only (the first test reads real
     # plans through the same loader, so a numpy scalar in a plan fails there).
-    (tmp_path / "k.pkl").write_bytes(pickle.dumps([(np.int64(3),)]))
+    payload = pickle.dumps([(np.int64(3),)])
+    (tmp_path / "k.pkl").write_bytes(hashlib.sha256(payload).digest() + payload)
     assert PlanCache(tmp_path).get("k", lambda: [[(1,)]]) == [[(1,)]]
 
 
