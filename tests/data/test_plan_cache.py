@@ -83,3 +83,25 @@ def test_a_cache_folder_that_cannot_be_written_costs_speed_not_the_run(tmp_path,
     with caplog.at_level(logging.WARNING):
         assert PlanCache(blocker).get("k", lambda: [[(1,)]]) == [[(1,)]]
     assert "cannot write" in caplog.text
+
+
+def test_every_setting_a_text_stream_plans_with_reaches_its_key(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from moe_morpheus.config.data import DataConfig
+
+    keys = []
+    monkeypatch.setattr(PlanCache, "get", lambda self, key, compute: keys.append(key) or [])
+    units = np.array([[0, 0, 50], [1, 0, 60]], dtype=np.int64)
+    cfg = DataConfig(cache_dir=str(tmp_path), seed=1)
+    changes = [{}, {"mask_prob": 0.4}, {"mask_ratio": 0.2}, {"span_lambda": 4.0}, {"max_span_length": 20},
+               {"gmask_min_ratio": 0.5}]
+    for change in changes:
+        TextStream("en", None, units, replace(cfg, **change), 64).planned((1, 2, 0))
+    stream = TextStream("en", None, units, cfg, 64)
+    stream.planned((1, 2, 1))
+    stream.planned((1, 2, 0), force=0)
+    stream.planned((1, 2, 0), units=units[:1])
+    TextStream("en", None, units, cfg, 128).planned((1, 2, 0))
+    TextStream("en", None, units + 1, cfg, 64).planned((1, 2, 0))
+    assert len(keys) == len(changes) + 5 and len(set(keys)) == len(keys)
