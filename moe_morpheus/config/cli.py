@@ -102,7 +102,8 @@ def parse_options(schema: type[T], argv: Sequence[str], *, prog: str, summary: s
     values: dict[str, typing.Any] = {}
     rest = []
     for arg in argv:
-        key, equals, raw = arg.partition("=")
+        written, equals, raw = arg.partition("=")
+        key = written
         if prefix is not None and key.startswith(prefix + "."):
             key = key[len(prefix) + 1:]
         elif prefix is not None and (equals or key.startswith("~")) and not key.startswith("-"):
@@ -123,9 +124,9 @@ def parse_options(schema: type[T], argv: Sequence[str], *, prog: str, summary: s
             hint = f": did you mean {near[0]}?" if near else ""
             raise ConfigError(f"unknown key {prefix}.{key}{hint} (keys of {prefix}: {', '.join(names)})")
         if key in values:
-            raise ConfigError(f"{arg.partition('=')[0]} is given twice: give it once")
+            raise ConfigError(f"{written} is given twice: give it once")
         optional = type(None) in typing.get_args(hints[key])
-        values[key] = _parse_value(arg.partition("=")[0], raw, types[key], optional)
+        values[key] = _parse_value(written, raw, types[key], optional)
     missing = [f.name for f in dataclasses.fields(schema) if f.name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

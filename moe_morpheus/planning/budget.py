@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     (parameters, Chinchilla budget, FLOPs) of a configuration, without building the model."""
     import sys
 
+    from moe_morpheus.config.cli import fail
     from moe_morpheus.config.experiment import compose_experiment
 
     args = sys.argv[1:] if argv is None else argv
@@ -220,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exp = compose_experiment(args)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error)
     moe = exp.moe_or_none
     tokens_per_step = exp.trainer.global_batch_size * exp.model.seq_length
     budget = exp.budget
