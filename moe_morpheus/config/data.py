@@ -8,15 +8,20 @@ working directory (Hydra output folders included) finds the demo corpus.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from moe_morpheus.config.errors import check
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("text", "parallel")
-FORMATS = ("auto", "jsonl", "text")
+FORMATS = ("auto", "jsonl", "parquet", "text")
+# Compression is told by the last suffix and undone while streaming (moe_morpheus/data/readers.py).
+COMPRESSIONS = (".gz", ".zst")
 
 
 def resolve_path(path: str) -> Path:
@@ -24,18 +29,31 @@ def resolve_path(path: str) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
+def format_of(fmt: str, path: str | Path) -> str:
+    """The reading format of one shard: ``fmt`` unless it is ``auto``, which tells by the name
+    (.jsonl/.json, compressed or not: JSONL; .parquet: Parquet; anything else: plain text)."""
+    if fmt != "auto":
+        return fmt
+    suffixes = [s for s in Path(path).suffixes if s not in COMPRESSIONS]
+    last = suffixes[-1] if suffixes else ""
+    return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(last, "text")
+
+
 @dataclass
 class SourceConfig:
-    """One corpus. ``kind=text``: JSONL records with ``text_field``, or a plain text file (one
-    document per file). ``kind=parallel``: JSONL en-zh pairs; feeds MIP, and the blank-infilling
-    blend too when ``weight`` > 0 (each pair as the document "en\\nzh")."""
+    """One corpus: a file, a glob or a list of files and globs (its shards, read as one corpus in
+    sorted path order). ``kind=text``: JSONL records or Parquet rows with ``text_field``, or plain
+    text files (one document per file). ``kind=parallel``: en-zh pairs (JSONL or Parquet); feeds
+    MIP, and the blank-infilling blend too when ``weight`` > 0 (each pair as the document "en\\nzh").
+    JSONL and text may be compressed (.gz, .zst)."""
 
-    path: str = ""
+    # str or list[str] (OmegaConf's structured configs have no unions of primitives).
+    path: Any = ""
     kind: str = "text"
     lang: str = "en"
     # Share of the self-supervised (blank infilling) rows, normalised over all sources.
     weight: float = 1.0
-    # auto: .jsonl/.json(.gz) are JSONL, anything else is plain text.
+    # auto: by each shard's name (format_of); or one of FORMATS for every shard.
     format: str = "auto"
     text_field: str = "text"
     en_field: str = "en"
@@ -43,26 +61,35 @@ class SourceConfig:
 
     def validate(self, name: str) -> None:
         where = f"data.sources.{name}"
-        check(bool(self.path), f"{where}.path is empty: point it at a .jsonl(.gz) or .txt(.gz) file")
+        if not isinstance(self.path, str):
+            self.path = list(self.path) if isinstance(self.path, Sequence) else self.path
+            check(isinstance(self.path, list) and all(isinstance(p, str) and p for p in self.path),
+                  f"{where}.path={self.path!r} must be a path, a glob or a list of them")
+        check(bool(self.path), f"{where}.path is empty: point it at a .jsonl(.gz/.zst), .parquet or .txt "
+                               f"file, a glob (shards/*.jsonl.zst) or a list of them")
         check(self.kind in KINDS, f"{where}.kind={self.kind!r}: choose one of {KINDS}")
         check(self.format in FORMATS, f"{where}.format={self.format!r}: choose one of {FORMATS}")
         check(self.weight >= 0 and math.isfinite(self.weight),
               f"{where}.weight={self.weight} must be a finite number >= 0 (0: not in the infilling blend)")
         if self.kind == "parallel":
-            check(self.resolved_format == "jsonl",
-                  f"{where}: parallel pairs must be JSONL records with {self.en_field!r} and "
-                  f"{self.zh_field!r} fields (got a {self.resolved_format} file {self.path})")
+            for pattern in self.patterns:
+                check(format_of(self.format, pattern) != "text",
+                      f"{where}: parallel pairs must be JSONL records or Parquet rows with {self.en_field!r} "
+                      f"and {self.zh_field!r} fields (got the text file(s) {pattern}; set {where}.format)")
 
     @property
-    def resolved_path(self) -> Path:
-        return resolve_path(self.path)
+    def patterns(self) -> list[str]:
+        """The configured paths and globs, as written."""
+        return [self.path] if isinstance(self.path, str) else list(self.path)
 
-    @property
-    def resolved_format(self) -> str:
-        if self.format != "auto":
-            return self.format
-        suffixes = [s for s in Path(self.path).suffixes if s != ".gz"]
-        return "jsonl" if suffixes and suffixes[-1] in (".jsonl", ".json") else "text"
+
+def sources_left_to_configs(schema: DictConfig, key: str = "data") -> DictConfig:
+    """``schema`` (a structured config holding a DataConfig at ``key``) with no sources. Hydra
+    merges a data config's ``sources`` into the schema's mapping key by key, so with the demo
+    sources there a corpus named in conf/data/NAME.yaml or on the command line would be trained
+    together with the demo's; DataConfig turns "none configured" back into the demo sources."""
+    OmegaConf.update(schema, f"{key}.sources", {}, merge=False)
+    return schema
 
 
 def demo_sources() -> dict[str, SourceConfig]:
@@ -81,12 +108,19 @@ class DataConfig:
     """Sources, blend and objective of the training data (GLM, Du et al. 2022; GLM-130B;
     docs/design.md#blank-infilling)."""
 
-    # Corpora by name (the name labels validation sets and cache files); default: the bilingual
-    # demo corpus.
+    # Corpora by name (the name labels validation sets and cache files); default, and what an
+    # empty mapping means: the bilingual demo corpus. The Hydra schemas start from an empty
+    # mapping (sources_left_to_configs), so that conf/data/NAME.yaml replaces the demo sources
+    # instead of being merged into them.
     sources: dict[str, SourceConfig] = field(default_factory=demo_sources)
     tokenizer: str = "data/tokenizer/demo_8k.model"
-    # Tokenised corpora (.bin/.idx) keyed by input bytes and tokenizer; /cache/ is git-ignored.
+    # Tokenised shards (.bin/.idx) keyed by input and tokenizer; /cache/ is git-ignored.
     cache_dir: str = "cache/data"
+    # Training tokenises shards missing from the cache itself while they total at most this many
+    # MB of input (one process, about 1-2 MB/s: the demo's 2.6 MB take 2 s); more fails naming
+    # them and `python -m moe_morpheus.data.prepare`, which tokenises with a pool of workers and
+    # across machines. 0: never tokenise at start.
+    tokenize_on_start_mb: float = 256.0
     # Seed of the training stream (blend, data order, objectives and spans). None: the run's
     # trainer.seed, resolved by ExperimentConfig.seeds, so seeds of one configuration also
     # differ in their data; set it to pin the data across seeds. build_data needs it resolved.
@@ -121,8 +155,9 @@ class DataConfig:
     valid_rows: int | None = 1024
 
     def __post_init__(self) -> None:
-        check(isinstance(self.sources, Mapping) and len(self.sources) > 0,
-              "data.sources is empty: configure at least one corpus (path, kind, lang, weight)")
+        check(isinstance(self.sources, Mapping), "data.sources must map names to corpora (path, kind, lang, weight)")
+        if not self.sources:
+            self.sources = demo_sources()
         self.sources = {name: src if isinstance(src, SourceConfig) else SourceConfig(**dict(src))
                         for name, src in self.sources.items()}
         for name, src in self.sources.items():
@@ -133,6 +168,8 @@ class DataConfig:
               "data.sources: every weight is 0; give at least one source a positive weight")
         check(bool(self.tokenizer), "data.tokenizer is empty: set the path of a .model file")
         check(bool(self.cache_dir), "data.cache_dir is empty: set a folder for tokenised corpora")
+        check(self.tokenize_on_start_mb >= 0,
+              f"data.tokenize_on_start_mb={self.tokenize_on_start_mb} must be >= 0 (0: never tokenise at start)")
         check(0.0 <= self.mask_prob <= 1.0, f"data.mask_prob={self.mask_prob} must be in [0, 1]")
         check(0.0 < self.mask_ratio < 0.5,
               f"data.mask_ratio={self.mask_ratio} must be in (0, 0.5): spans need unmasked gaps between them")
@@ -186,3 +223,33 @@ class DataConfig:
             else:
                 shares[name] += share
         return shares
+
+
+@dataclass
+class PrepareConfig:
+    """``python -m moe_morpheus.data.prepare`` (conf/prepare.yaml): tokenise a data config's
+    shards ahead of training, with a pool of workers, on one machine or spread over many."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    # Which shards, a Python slice "A:B" over the numbered list of every source's shards in
+    # config order (the command prints it): "0:500" on one machine, "500:1000" on another, or a
+    # Hydra multirun over ranges. ":" takes all.
+    shards: str = ":"
+    # Worker processes; None: one per core (each tokenises whole shards, one SentencePiece thread).
+    workers: int | None = None
+    # Hash every byte of the shards already tokenised and re-tokenise those whose content changed
+    # (the cache key samples 192 KiB of each; moe_morpheus/data/shards.py).
+    verify: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.shard_slice(0)
+        check(self.workers is None or self.workers >= 1, f"workers={self.workers} must be >= 1 or null (one per core)")
+
+    def shard_slice(self, count: int) -> range:
+        """The shard numbers ``shards`` selects out of ``count``."""
+        parts = str(self.shards).split(":")
+        ok = len(parts) == 2 and all(p.strip().lstrip("-").isdigit() or not p.strip() for p in parts)
+        check(ok, f"shards={self.shards!r} must be a range A:B (e.g. 0:500, 500:, :)")
+        a, b = (int(p) if p.strip() else None for p in parts)
+        return range(count)[slice(a, b)]

@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from moe_morpheus.config.budget import BudgetConfig
-from moe_morpheus.config.data import DataConfig
+from moe_morpheus.config.data import DataConfig, sources_left_to_configs
 from moe_morpheus.config.errors import ConfigError
 from moe_morpheus.config.keys import check_keys, check_overrides
 from moe_morpheus.config.model import ModelConfig
@@ -129,7 +129,8 @@ class ExperimentConfig:
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="experiment_schema", node=OmegaConf.structured(ExperimentConfig))
+    ConfigStore.instance().store(name="experiment_schema",
+                                 node=sources_left_to_configs(OmegaConf.structured(ExperimentConfig)))
 
 
 def to_experiment(cfg: DictConfig) -> ExperimentConfig:

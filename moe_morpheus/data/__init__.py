@@ -13,7 +13,7 @@ import importlib
 _EXPORTS = {
     "DataConfig": "config", "SourceConfig": "config", "build_data": "dataset", "Data": "dataset",
     "batch_iterator": "dataset", "unigram_cross_entropy": "dataset", "Tokenizer": "tokenizer",
-    "DataError": "corpus", "TokenizerError": "tokenizer",
+    "DataError": "readers", "TokenizerError": "tokenizer",
 }
 __all__ = sorted(_EXPORTS)
 

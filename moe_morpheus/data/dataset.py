@@ -37,9 +37,10 @@ import numpy as np
 import torch
 
 from moe_morpheus.config.data import DataConfig, resolve_path
-from moe_morpheus.data.corpus import Corpus, DataError, build_corpus
+from moe_morpheus.data.corpus import Corpus, build_corpus
 from moe_morpheus.data.infilling import ROW_KEYS
 from moe_morpheus.data.mip import MipTemplates
+from moe_morpheus.data.readers import DataError
 from moe_morpheus.data.streams import MipStream, Stream, TextStream, name_key, seeded_rng
 from moe_morpheus.data.tokenizer import Tokenizer
 from moe_morpheus.data.validation import RowsDataset, build_valid_sets
@@ -189,8 +190,9 @@ def build_data(data_cfg: DataConfig, seq_length: int, *, progress: bool = True) 
     corpora: dict[str, Corpus] = {}
     windows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, src in data_cfg.sources.items():
-        report = build_corpus(name, src, tokenizer, cache_dir, progress=progress)
-        corpora[name] = corpus = Corpus(report.prefix, tokenizer)
+        report = build_corpus(name, src, tokenizer, cache_dir, progress=progress,
+                              tokenize_limit_mb=data_cfg.tokenize_on_start_mb)
+        corpora[name] = corpus = Corpus(report.index, tokenizer)
         windows[name] = train, valid = split_windows(corpus, data_cfg.split_chunk_tokens,
                                                     data_cfg.valid_fraction, window)
         stats[name] = {**report.stats, "train_tokens": int((train[:, 2] - train[:, 1]).sum()),

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from moe_morpheus.config.data import DataConfig, resolve_path
-from moe_morpheus.data.corpus import Corpus, DataError
+from moe_morpheus.data.corpus import Corpus
 from moe_morpheus.data.infilling import (
     Sample,
     build_gmask_sample,
@@ -28,6 +28,7 @@ from moe_morpheus.data.infilling import (
 )
 from moe_morpheus.data.mip import DIRECTIONS, MipTemplates
 from moe_morpheus.data.plan_cache import PlanCache, plan_key
+from moe_morpheus.data.readers import DataError
 from moe_morpheus.data.tokenizer import EOP_ID, GMASK_ID, MASK_ID, PAD_ID, SOP_ID
 
 OPEN_ROWS = 32

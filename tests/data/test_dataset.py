@@ -281,7 +281,11 @@ def test_unigram_baseline(demo_data):
 
 @pytest.mark.parametrize("change, message", [
     (dict(mask_prob=1.5), r"data.mask_prob=1.5 must be in \[0, 1\]"),
-    (dict(sources={}), "data.sources is empty"),
+    (dict(sources=["x.jsonl"]), "data.sources must map names to corpora"),
+    (dict(sources={"en": SourceConfig(path=["a.jsonl", ""])}), r"data.sources.en.path=\['a.jsonl', ''\] must be a path"),
+    (dict(sources={"en": SourceConfig(path="a/*.txt.zst", kind="parallel")}),
+     r"data.sources.en: parallel pairs must be JSONL records or Parquet rows .*a/\*.txt.zst"),
+    (dict(tokenize_on_start_mb=-1), "data.tokenize_on_start_mb=-1"),
     (dict(sources={"en": SourceConfig(path="x.jsonl", weight=-1)}), r"data.sources.en.weight=-1"),
     (dict(sources={"en": SourceConfig(path="x.jsonl", kind="book")}), r"data.sources.en.kind='book'"),
     (dict(sources={"en": {"path": "x.jsonl"}}), "data.mip_ratio=0.1 needs a source with kind=parallel"),
@@ -331,3 +335,17 @@ def test_model_mask_agrees_with_the_data_contract(demo_data):
     model_mask = glm_attention_mask(batch["segment_ids"], batch["prefix_mask"])[:, 0].numpy()
     for b in range(4):
         assert np.array_equal(model_mask[b], attention_mask(batch["segment_ids"][b], batch["prefix_mask"][b]))
+
+
+def test_a_data_config_of_ones_own_replaces_the_demo_sources():
+    from omegaconf import OmegaConf
+
+    from moe_morpheus.config.data import demo_sources, sources_left_to_configs
+    from moe_morpheus.config.experiment import ExperimentConfig, to_experiment
+
+    schema = sources_left_to_configs(OmegaConf.structured(ExperimentConfig))
+    assert to_experiment(schema).data.sources == demo_sources()  # nothing configured: the demo corpus
+    # conf/data/NAME.yaml is merged into the schema: its corpora alone, not added to the demo's.
+    mine = OmegaConf.merge(schema, {"data": {"mip_ratio": 0, "sources": {"web": {"path": ["a/*.jsonl.zst", "b.parquet"]}}}})
+    assert to_experiment(mine).data.sources == {"web": SourceConfig(path=["a/*.jsonl.zst", "b.parquet"])}
+    assert DataConfig(sources={}).sources == demo_sources()

@@ -15,3 +15,21 @@ def train_rows_digest(data, indices) -> str:
         for key in sorted(data.train[i]):
             h.update(data.train[i][key].tobytes())
     return h.hexdigest()
+
+
+def write_jsonl(path, records, raw_lines=()):
+    """JSONL records (then raw byte lines) at ``path``, compressed by its suffix (.gz, .zst)."""
+    import gzip
+    import json
+
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in records] + list(raw_lines)
+    data = b"\n".join(lines) + b"\n"
+    if path.suffix == ".gz":
+        data = gzip.compress(data)
+    elif path.suffix == ".zst":
+        import zstandard
+
+        data = zstandard.ZstdCompressor().compress(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
