@@ -26,7 +26,7 @@ import torch
 
 from moe_morpheus.config.data import DataConfig
 from moe_morpheus.data.dataset import batch_iterator, build_data
-from moe_morpheus.data.tokenizer_training import blend_texts, train_tokenizer
+from moe_morpheus.data.train_tokenizer import blend_texts, train_tokenizer
 
 
 def stand_in_step_ms(batch: dict[str, torch.Tensor], vocab: int = 8192, hidden: int = 256, layers: int = 4,

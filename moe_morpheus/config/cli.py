@@ -3,7 +3,7 @@
 Tools that take an experiment (``train.py``, ``planning.budget``, ``planning.plan``,
 ``upcycle``) read Hydra overrides (``+experiment=moe_64e trainer.steps=5``); the few options of
 their own are keys of a small dataclass written with the tool's prefix (``plan.gpus=8``). Tools
-that take no experiment (``report``, ``inference.*``, ``data.tokenizer_training``,
+that take no experiment (``report``, ``inference.*``, ``data.train_tokenizer``,
 ``upcycle.sweep``) read only their dataclass's keys. Every tool answers ``--help`` with its keys,
 defaults and meanings, and rejects a key it does not have with the one-line message ``train.py``
 gives, naming the nearest real key.

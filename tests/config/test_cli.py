@@ -80,14 +80,14 @@ def test_help_lists_every_key_with_its_default(capsys):
 
 def test_every_tool_answers_help_and_rejects_a_flag(capsys):
     """Each ``python -m moe_morpheus.<tool>`` parses through the same function."""
-    from moe_morpheus.data import tokenizer_training
+    from moe_morpheus.data import train_tokenizer
     from moe_morpheus.inference import evaluate, export, generate
     from moe_morpheus.planning import plan
     from moe_morpheus.report import __main__ as report
     from moe_morpheus.upcycle import __main__ as upcycle
     from moe_morpheus.upcycle import sweep
 
-    tools = [tokenizer_training, evaluate, export, generate, plan, report, upcycle, sweep]
+    tools = [train_tokenizer, evaluate, export, generate, plan, report, upcycle, sweep]
     for tool in tools:
         with pytest.raises(SystemExit) as stop:
             tool.main(["--help"])

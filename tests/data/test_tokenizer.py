@@ -11,7 +11,7 @@ import sentencepiece as spm
 
 from moe_morpheus.config.data import DataConfig, resolve_path
 from moe_morpheus.data import tokenizer as T
-from moe_morpheus.data import tokenizer_training as TT
+from moe_morpheus.data import train_tokenizer as TT
 
 MIXED = [
     "话说天下大势，分久必合，合久必分。 Emma Woodhouse, handsome, clever, and rich.",
@@ -88,17 +88,32 @@ def test_blend_follows_weights():
     cfg = DataConfig()
     shares = cfg.tokenizer_shares()
     assert shares == pytest.approx({"en": 0.45, "zh": 0.315, "parallel": 0.235})
+    samples = TT.sample_blend(cfg, max_chars=200_000)
+    # Every demo source has more than its share of 200k: each gives exactly its share, held-out included.
+    assert {s.name: s.chars for s in samples} == {name: int(share * 200_000) for name, share in shares.items()}
     texts = TT.blend_texts(cfg, max_chars=200_000)
-    assert 0.99 * 200_000 <= sum(map(len, texts)) <= 200_000
+    assert 0.85 * 200_000 <= sum(map(len, texts)) < 200_000  # about 5% held out
     zh = sum(len(t) for t in texts if any("\u4e00" <= c <= "\u9fff" for c in t[:50]))
     assert zh > 0.3 * 200_000  # Sanguo plus the Chinese halves of the pairs
 
 
 def test_train_command(tmp_path, capsys):
     out = tmp_path / "cli.model"
-    assert TT.main([f"data_config={resolve_path('conf/data/demo.yaml')}", "vocab_size=3000", "max_chars=60000",
-                    f"output={out}"]) == 0
+    demo = resolve_path("data/tokenizer/demo_8k.model")
+    assert TT.main([f"data_config={resolve_path('conf/data/demo.yaml')}", "vocab_size=3000", "max_chars=100000",
+                    f"output={out}", f"compare={demo}"]) == 0
     tok = T.Tokenizer(out)
-    assert tok.vocab_size == 3000 and "vocab 3000" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert tok.vocab_size == 3000 and "vocab 3000" in captured.err
+    # The table is printed for the new model and the compared one, and written next to the model.
+    assert captured.out.count("\nall           en ") == 2 and f"the same text with {demo}" in captured.out
+    report = json.loads((tmp_path / "cli.model.json").read_text())
+    assert report["settings"]["vocab_size"] == 3000 and report["settings"]["character_coverage"] == 0.9995
+    assert report["settings"]["byte_fallback"] is True and report["vocab_size"] == 3000
+    assert set(report["sample"]) == {"en", "zh", "parallel"}
+    assert sum(s["train_chars"] + s["heldout_chars"] for s in report["sample"].values()) <= 100_000
+    assert report["git"] is None or len(report["git"]["commit"]) == 40
+    assert [(r["source"], r["lang"]) for r in report["compare"]["compression"]] == \
+        [(r["source"], r["lang"]) for r in report["compression"]]
     assert TT.main(["vocab_size=100", f"output={out}"]) == 2
     assert "vocab_size=100 is too small" in capsys.readouterr().err
