@@ -15,7 +15,7 @@ kernels):
 4. W > 1: the per-expert counts are exchanged first (all-to-all of E-sized blocks), then the
    rows (``all_to_all_single`` with those splits). Received rows come grouped by (source rank,
    local expert); one permutation makes them (local expert, source rank) for the experts.
-5. experts on the sorted buffer (batched weights: one matmul per local expert, no token loop).
+5. experts on the sorted buffer (batched weights: grouped GEMMs over the experts' row blocks).
 6. the way back mirrors 4, and the combine is ONE weighted ``index_add``:
    out[t] = sum_k score[t, k] * expert_{idx[t, k]}(x[t]); dropped assignments add nothing.
 7. slice group: all-gather the slices (backward: own rows).
