@@ -1,7 +1,7 @@
 """Tokenising a source's shards once into Megatron-Core's indexed format, and reading them back
 as one corpus.
 
-Each shard becomes ``<cache_dir>/<source>/<file name>-<key>.{bin,idx,json}`` (keys:
+Each shard becomes ``<cache_dir>/shards/<source>/<file name>-<key>.{bin,idx,json}`` (keys:
 moe_morpheus/data/shards.py), written under temporary names and renamed, the .json last, so an
 interrupted build leaves no shard that looks complete and a rerun does only what is missing.
 When every shard of a source is there, an index over them (``<source>-<set key>.index.json``)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
+import psutil
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -73,7 +74,7 @@ def remove_stale_temporaries(cache_dir: Path) -> int:
     """Delete temporaries (corpus.tokenise_shard) left by dead processes of this host; a live
     process, or one of another host sharing the folder, keeps its own."""
     host, removed = socket.gethostname(), 0
-    for path in cache_dir.glob("*/.*.tmp-*"):
+    for path in cache_dir.glob("shards/*/.*.tmp-*"):
         stem = path.name.rsplit(".tmp-", 1)[1].split(".")[0]
         owner, _, pid = stem.rpartition("-")
         if owner != host or not pid.isdigit() or _alive(int(pid)):
@@ -84,13 +85,11 @@ def remove_stale_temporaries(cache_dir: Path) -> int:
 
 
 def _alive(pid: int) -> bool:
+    # A worker killed with its parent is a zombie until init reaps it: it is not writing.
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _forget(shard: Shard, name: str, shards_of_source: list[Shard], cache_dir: Path) -> None:

@@ -80,8 +80,10 @@ def _decompressed(path: Path, raw: io.BufferedReader) -> io.BufferedIOBase:
     if path.suffix == ".zst":
         import zstandard
 
+        # A small read-ahead: what is buffered when the stream breaks is lost (1 MB lost ~2 in 3 of
+        # a test shard's last documents before the damage; 64 KiB loses at most that much text).
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True),
-                                 buffer_size=_BLOCK)
+                                 buffer_size=1 << 16)
     return raw
 
 

@@ -3,7 +3,7 @@
 A source's ``path`` is a file, a glob or a list of them; its shards are the files in the order
 written, each glob's matches sorted by path, repeats dropped.
 
-Cache key of a shard (tokenised into ``<cache_dir>/<source>/<file name>-<key>.{bin,idx,json}``):
+Cache key of a shard (tokenised into ``<cache_dir>/shards/<source>/<file name>-<key>.{bin,idx,json}``):
 the reading settings, the tokenizer's fingerprint, the shard's absolute path, size, modification
 time and a SHA-256 of three 64 KiB samples (start, middle, end). Computing it costs a stat and
 192 KiB of reads, not a pass over the file: 100 GB of shards would take 10-15 minutes to hash at
@@ -41,7 +41,7 @@ class Shard:
     path: Path
     size: int
     key: str
-    # <cache_dir>/<source>/<name>-<key>, without extension
+    # <cache_dir>/shards/<source>/<name>-<key>, without extension
     prefix: str
 
     @property
@@ -93,7 +93,7 @@ def source_shards(name: str, src: SourceConfig, tokenizer_fingerprint: str, cach
         # The file name keeps the cache readable; the key (which includes the full path) keeps two
         # shards of one name in different folders apart.
         label = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name)[:80]
-        shards.append(Shard(path, stat.st_size, digest, str(cache_dir / name / f"{label}-{digest}")))
+        shards.append(Shard(path, stat.st_size, digest, str(cache_dir / "shards" / name / f"{label}-{digest}")))
     return shards
 
 

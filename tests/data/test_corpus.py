@@ -36,11 +36,11 @@ def test_build_read_and_cache(tmp_path, demo_tokenizer):
         assert ids[-1] == EOS_ID and demo_tokenizer.decode(ids) == text
         assert corpus.tokens(d, 1, 4).tolist() == ids[1:4].tolist()
     files = _files(tmp_path / "cache")
-    # <source>-<set key>.index.json and <source>/<shard file name>-<key>.{bin,idx,json}; no temporary.
+    # <source>-<set key>.index.json and shards/<source>/<shard file name>-<key>.{bin,idx,json}; no temporary.
     names = [str(f.relative_to(tmp_path / "cache")) for f in files]
-    assert len(names) == 4 and names[3].startswith("c-") and names[3].endswith(".index.json")
-    assert [n.rsplit(".", 1)[1] for n in names[:3]] == ["bin", "idx", "json"]
-    assert all(n.startswith("c/c.jsonl-") for n in names[:3])
+    assert len(names) == 4 and names[0].startswith("c-") and names[0].endswith(".index.json")
+    assert [n.rsplit(".", 1)[1] for n in names[1:]] == ["bin", "idx", "json"]
+    assert all(n.startswith("shards/c/c.jsonl-") for n in names[1:])
     mtimes = [f.stat().st_mtime_ns for f in files]
 
     again = _build("c", src, demo_tokenizer, tmp_path / "cache")

@@ -115,13 +115,13 @@ def test_an_unreadable_shard_fails_with_its_path_and_the_rest_is_kept(corpus, tm
 def test_stale_temporaries_of_dead_processes_only(tmp_path):
     import socket
 
-    (tmp_path / "en").mkdir()
+    (tmp_path / "shards" / "en").mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = socket.gethostname()
-    stale = tmp_path / "en" / f".x-abc.tmp-{host}-{dead.pid}.bin"
-    live = tmp_path / "en" / f".y-abc.tmp-{host}-{os.getpid()}.bin"
-    other_host = tmp_path / "en" / f".z-abc.tmp-elsewhere-{dead.pid}.bin"
+    stale = tmp_path / "shards" / "en" / f".x-abc.tmp-{host}-{dead.pid}.bin"
+    live = tmp_path / "shards" / "en" / f".y-abc.tmp-{host}-{os.getpid()}.bin"
+    other_host = tmp_path / "shards" / "en" / f".z-abc.tmp-elsewhere-{dead.pid}.bin"
     for p in (stale, live, other_host):
         p.write_bytes(b"partial")
     assert remove_stale_temporaries(tmp_path) == 1
