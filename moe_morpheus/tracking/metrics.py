@@ -155,7 +155,8 @@ class RunMetrics:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
-        """Around the training: the MLflow run ends FINISHED, KILLED (Ctrl-C) or FAILED."""
+        """Around the training: the MLflow run ends FINISHED, KILLED (Ctrl-C, or a signal that stopped
+        the run after saving: train/interrupts.py raises a KeyboardInterrupt) or FAILED."""
         status = "FAILED"
         try:
             yield
@@ -167,8 +168,13 @@ class RunMetrics:
             self.finish(status)
 
     def finish(self, status: str) -> None:
-        """Close the MLflow run with its summary and the expert load (moe_load.json)."""
+        """Close the MLflow run with its summary and the expert load (moe_load.json). A run that did
+        not finish gets no ``final/*``: they would claim the planned tokens (a resumed run logs them
+        when it finishes)."""
         if not self.logger:
+            return
+        if status != "FINISHED":
+            self.logger.finish(status, {}, self.load.fractions())
             return
         plan = self.plan
         tokens = plan.steps * plan.tokens_per_step

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -129,4 +130,36 @@ def run_tags(
         # fills it in for fluent runs started from a script inside the checkout.
         tags["mlflow.source.git.commit"] = commit
     tags.update(extra or {})
+    return tags
+
+
+def short_count(n: float) -> str:
+    """634_421 -> '634K', 1_234_567_890 -> '1.2B': a parameter count readable in a run name."""
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            value = n / div
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return str(int(n))
+
+
+def readable_run_name(experiment: str, variant: str, size: str, seed: int, started: float,
+                      job: int | None = None) -> str:
+    """A run name that tells runs apart in the MLflow table: experiment, variant, size (model
+    preset and active parameters), seed, start time (to the second), and the job number within a
+    multirun (two jobs of one sweep may start in the same second with the same seed)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    job_part = f"-j{job}" if job is not None else ""
+    return f"{experiment}-{variant}-{size}-s{seed}-{stamp}{job_part}"
+
+
+def filter_tags(*, model: str | None, experts: int, top_k: int, active_params: int, total_params: int,
+                budget_fraction: float, seed: int) -> dict[str, str]:
+    """Short tags for what a researcher filters on in the runs table and search API
+    (``tags.experts = '8' and tags.model = 'glm_tiny'``), next to ``variant`` and ``sweep``; the
+    same values are also params under their config keys (``moe.num_experts``, ``trainer.seed``).
+    A dense run has 0 experts and top-k 0."""
+    tags = {"experts": str(experts), "top_k": str(top_k), "active_params": str(active_params),
+            "total_params": str(total_params), "budget_fraction": f"{budget_fraction:.4g}", "seed": str(seed)}
+    if model is not None:
+        tags["model"] = model
     return tags

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +36,39 @@ def lineage_tags(lineage: dict) -> tuple[dict[str, str], dict[str, str]]:
     return tags, params
 
 
+def _hydra_job() -> tuple[str | None, int | None]:
+    """(model preset chosen on the command line, job number within a multirun) when running
+    under Hydra (train.py), else (None, None)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None, None
+    hc = HydraConfig.get()
+    return hc.runtime.choices.get("model"), hc.job.num if hc.mode == RunMode.MULTIRUN else None
+
+
+def run_identity(exp: ExperimentConfig, variant: str, plan: RunPlan, counts: ParamCounts,
+                 output_dir: Path) -> tuple[str, dict[str, str]]:
+    """(run name, tags) that find the run: a readable unique name unless ``tracking.run_name`` is
+    set, the filter tags, and MLflow's Source and Description (the command and the run folder)."""
+    from moe_morpheus.tracking.names import filter_tags, readable_run_name, short_count
+
+    preset, job = _hydra_job()
+    size = f"{preset}-{short_count(counts.active)}" if preset else short_count(counts.active)
+    seed = exp.seeds.trainer
+    name = exp.tracking.run_name or readable_run_name(exp.name, variant, size, seed, time.time(), job)
+    moe = exp.moe_or_none
+    tags = filter_tags(model=preset, experts=moe.num_experts if moe else 0, top_k=moe.top_k if moe else 0,
+                       active_params=counts.active, total_params=counts.total,
+                       budget_fraction=plan.budget_fraction, seed=seed)
+    command = " ".join(["train.py", *sys.argv[1:]])
+    tags.update({"mlflow.source.name": "train.py", "mlflow.source.type": "LOCAL",
+                 "mlflow.note.content": f"`{command}`\n\nrun folder: `{output_dir.resolve()}`",
+                 "run_dir": str(output_dir.resolve())})
+    return name, tags
+
+
 class RunLogger:
     """The run's MLflow side (rank 0) for ``exp`` and its resolved ``config``: ``plan`` and
     ``counts`` (planning.budget), ``dp`` data-parallel ranks, ``planned_epochs`` per data source
@@ -50,11 +85,14 @@ class RunLogger:
         variant = "upcycled" if lineage and lineage["kind"] == "upcycled" else exp.run_variant
         lineage_tag, lineage_params = lineage_tags(lineage) if lineage else ({}, {})
         tags = run_tags(variant, exp.name, exp.sweep, f"{exp.layout}-dp{dp}", extra=lineage_tag)
+        run_name, identity = run_identity(exp, variant, plan, counts, output_dir)
+        tags.update(identity)
         if any(v > 1 for v in planned_epochs.values()):
             tags["data_repeated"] = "true"
             log.warning("this run repeats data: planned epochs per source %s", planned_epochs)
-        self.tracker = Tracker(uri, exp.tracking.experiment, exp.tracking.run_name or exp.name, rank=0, tags=tags,
-                               parent_run_id=parent_run_id, resume_run_id=resume_run_id, local_dir=output_dir)
+        self.tracker = Tracker(uri, exp.tracking.experiment, run_name, rank=0, tags=tags,
+                               parent_run_id=parent_run_id, resume_run_id=resume_run_id, local_dir=output_dir,
+                               finish_timeout_s=exp.tracking.finish_timeout_s)
         params = flatten_config(config)
         params.update({
             "count.total_params": counts.total, "count.active_params": counts.active,

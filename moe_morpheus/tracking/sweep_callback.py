@@ -34,7 +34,7 @@ from moe_morpheus.tracking.names import (
     git_commit,
     resolve_uri,
 )
-from moe_morpheus.tracking.tracker import ensure_experiment, limit_http_retries
+from moe_morpheus.tracking.store import ensure_experiment, limit_http_retries
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,13 @@ through a small delivery queue:
   replayed metrics have their original timestamps.
 * A call that MLflow rejects as invalid (HTTP 4xx: bad name, unknown run) is dropped with a
   warning: retrying it could never succeed and would block the queue behind it.
-* Records still undelivered when the process ends stay in the spool file. A later Tracker with
-  the same ``local_dir`` (a resumed run) adopts and replays them before its own records.
+* ``finish`` waits up to ``finish_timeout_s`` (``tracking.finish_timeout_s``) for an absent
+  server, asking every 2 s. Records still undelivered then stay in the spool file, next to
+  ``spool_target.json`` (URI and experiment); ``python -m moe_morpheus.tracking sync RUN_FOLDER``
+  delivers them, and a later Tracker with the same ``local_dir`` (a resumed run) adopts and
+  replays them before its own records.
+* A server that refuses our credentials (HTTP 401/403) is an outage too: the records wait in
+  the spool for the right MLFLOW_TRACKING_USERNAME / _PASSWORD instead of being dropped.
 
 MLflow's HTTP client retries for minutes by default; trackers set
 ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT=5`` unless the user set
@@ -34,8 +39,6 @@ import json
 import logging
 import os
 import time
-import urllib.error
-import urllib.request
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -52,11 +55,11 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from moe_morpheus.config.tracking import TrackingConfig
 from moe_morpheus.tracking.names import (
     LOCAL_SUBDIR,
     PARENT_TAG,
     RUN_STATUSES,
-    TrackingUnreachableError,
     TrackingWarning,
     batched,
     fit_key,
@@ -64,69 +67,23 @@ from moe_morpheus.tracking.names import (
     flatten_config,
     resolve_uri,
 )
+from moe_morpheus.tracking.store import (
+    CREDENTIALS_HINT,
+    check_reachable,
+    ensure_experiment,
+    is_auth_error,
+    is_permanent,
+    limit_http_retries,
+)
 
+# check_reachable and ensure_experiment are imported from here by train/app.py and upcycle/sweep.py.
+__all__ = ["Tracker", "check_reachable", "ensure_experiment", "is_permanent", "limit_http_retries"]
 log = logging.getLogger(__name__)
-
-def limit_http_retries() -> None:
-    # setdefault: a user who exported their own values keeps them.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-
-
-def check_reachable(uri: str | None, timeout: float = 5.0) -> None:
-    """Raise :class:`TrackingUnreachableError` naming the URI unless the store answers.
-
-    For the app's strict mode; without it a Tracker spools locally instead. HTTP(S) servers
-    are asked for ``/health`` (any HTTP answer counts: an auth proxy saying 401 is reachable);
-    other stores (SQLite, databases) are asked for one experiment, which for SQLite also
-    creates the database.
-    """
-    uri = resolve_uri(uri)
-    limit_http_retries()
-    try:
-        if uri.startswith(("http://", "https://")):
-            try:
-                with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-                    pass
-            except urllib.error.HTTPError:
-                pass
-        else:
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as exc:
-        raise TrackingUnreachableError(
-            f"MLflow tracking store {uri} is not reachable ({exc}). Start the server, fix "
-            "tracking.uri, or drop strict mode to train with local spooling."
-        ) from exc
-
-
-def is_permanent(exc: Exception) -> bool:
-    """True for errors about the request itself, which no retry can fix: MLflow's 4xx codes
-    (except 429, rate limiting) and INVALID_STATE (e.g. a deleted run), which MLflow maps to
-    HTTP 500 although retrying it would block the spool forever."""
-    if not isinstance(exc, MlflowException):
-        return False
-    status = exc.get_http_status_code()
-    return (400 <= status < 500 and status != 429) or exc.error_code == "INVALID_STATE"
-
-
-def ensure_experiment(client: MlflowClient, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        try:
-            return client.create_experiment(name)
-        except MlflowException as exc:
-            # Another process created it between our lookup and create.
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            exp = client.get_experiment_by_name(name)
-    if exp.lifecycle_stage == "deleted":
-        raise MlflowException(
-            f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore) "
-            "or choose another experiment name",
-            error_code=INVALID_STATE,
-        )
-    return exp.experiment_id
-
+# The spool's companion: where its records go (python -m moe_morpheus.tracking sync reads it).
+TARGET_FILE = "spool_target.json"
+# While finish() waits for an absent server, it asks again this often (a refused connection costs
+# milliseconds, a black-holed host MLFLOW_HTTP_REQUEST_TIMEOUT = 5 s per ask).
+FINISH_POLL_S = 2.0
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
@@ -155,11 +112,13 @@ class Tracker:
         resume_run_id: str | None = None,
         local_dir: str | Path,
         retry_interval_s: float = 60.0,
+        finish_timeout_s: float = TrackingConfig.finish_timeout_s,
     ) -> None:
         self.uri = resolve_uri(uri)
         self.experiment = experiment
         self.run_name = run_name
         self.retry_interval_s = retry_interval_s
+        self.finish_timeout_s = finish_timeout_s
         self._active = rank == 0
         self._tags = dict(tags)
         self._parent_run_id = parent_run_id
@@ -194,6 +153,15 @@ class Tracker:
     def run_id(self) -> str | None:
         """The MLflow run id; None on ranks other than 0 and while the run's creation is spooled."""
         return self._run_id
+
+    @property
+    def pending(self) -> list[dict[str, Any]]:
+        """The records not yet delivered, oldest first (a copy)."""
+        return list(self._pending)
+
+    def run_id_of(self, record: Mapping[str, Any]) -> str | None:
+        """The MLflow run a (delivered or pending) record belongs to, once it is known."""
+        return record.get("run_id") or self._run_ids.get(record["key"])
 
     def start(self, params: Mapping[str, Any], config_yaml: str) -> None:
         """Create (or resume) the run; log tags, the flattened params and ``config.yaml``."""
@@ -251,12 +219,28 @@ class Tracker:
             self.log_metrics(summary, self._last_step)
         self._submit({"op": "terminate", "status": status, "time": _now_ms()})
         if self._pending:
-            self._drain()
+            self.flush(self.finish_timeout_s)
         if self._pending:
             self._warn(
                 f"{len(self._pending)} MLflow records could not be delivered to {self.uri}; they "
-                f"stay in {self.spool_path} and are replayed by the next Tracker using this local_dir"
+                f"stay in {self.spool_path}: deliver them with `python -m moe_morpheus.tracking sync "
+                f"{self._dir.parent}` when the server answers (a resumed run replays them too)"
             )
+
+    def flush(self, timeout_s: float) -> bool:
+        """Deliver the spool now, asking again every 2 s for up to ``timeout_s`` seconds while the
+        server is away; True when nothing is left undelivered."""
+        if not self._active:
+            return True
+        deadline = time.monotonic() + timeout_s
+        self._drain()
+        if self._pending and timeout_s > 0:
+            log.warning("MLflow at %s does not answer; waiting up to %g s to deliver %d records "
+                        "(tracking.finish_timeout_s)", self.uri, timeout_s, len(self._pending))
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(min(FINISH_POLL_S, max(0.0, deadline - time.monotonic())))
+            self._drain()
+        return not self._pending
 
     # Delivery queue -------------------------------------------------------------------------
 
@@ -277,6 +261,9 @@ class Tracker:
     def _spool(self, record: dict[str, Any]) -> None:
         self._pending.append(record)
         self._dir.mkdir(parents=True, exist_ok=True)
+        if not self.spool_path.exists():
+            target = {"uri": self.uri, "experiment": self.experiment}
+            (self._dir / TARGET_FILE).write_text(json.dumps(target) + "\n")
         with self.spool_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -304,8 +291,9 @@ class Tracker:
         self._next_retry = time.monotonic() + self.retry_interval_s
         if not self._outage:
             self._outage = True
+            reason = f"refused the credentials: {CREDENTIALS_HINT}" if is_auth_error(exc) else f"failed ({exc})"
             self._warn(
-                f"MLflow tracking at {self.uri} failed ({exc}); training continues, records are "
+                f"MLflow tracking at {self.uri} {reason}; training continues, records are "
                 f"spooled to {self.spool_path} and replayed when it answers "
                 f"(retry every {self.retry_interval_s:g} s)"
             )

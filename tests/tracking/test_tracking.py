@@ -21,7 +21,9 @@ from mlflow.protos.databricks_pb2 import (
     INTERNAL_ERROR,
     INVALID_PARAMETER_VALUE,
     INVALID_STATE,
+    PERMISSION_DENIED,
     REQUEST_LIMIT_EXCEEDED,
+    UNAUTHENTICATED,
 )
 from omegaconf import OmegaConf
 
@@ -36,8 +38,9 @@ from moe_morpheus.tracking.names import (
     resolve_uri,
     run_tags,
 )
+from moe_morpheus.tracking.store import check_reachable, is_permanent
 from moe_morpheus.tracking.sweep_callback import MLflowSweepCallback, parent_run_id
-from moe_morpheus.tracking.tracker import Tracker, check_reachable, is_permanent
+from moe_morpheus.tracking.tracker import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -125,9 +128,18 @@ def test_check_reachable(store):
     assert time.monotonic() - t0 < 5
 
     class Health(http.server.BaseHTTPRequestHandler):
+        # /health, then the experiment search that proves the credentials (401 when status=401).
+        status = 200
+
         def do_GET(self):
             self.send_response(200 if self.path == "/health" else 404)
             self.end_headers()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(Health.status)
+            self.end_headers()
+            self.wfile.write(b'{"experiments": []}' if Health.status == 200 else b"not authenticated")
 
         def log_message(self, *args):
             pass
@@ -136,6 +148,9 @@ def test_check_reachable(store):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         check_reachable(f"http://127.0.0.1:{server.server_port}", timeout=2)
+        Health.status = 401
+        with pytest.raises(TrackingUnreachableError, match="refused the credentials: set MLFLOW_TRACKING_USERNAME"):
+            check_reachable(f"http://127.0.0.1:{server.server_port}", timeout=2)
     finally:
         server.shutdown()
 
@@ -184,7 +199,8 @@ def test_nonzero_rank_does_nothing(tmp_path, experiment, recwarn):
 
 def test_unreachable_server_spools_then_replays_elsewhere(tmp_path, store, experiment):
     dead = closed_port_uri()
-    t = Tracker(dead, experiment, "offline", rank=0, tags={"variant": "dense"}, local_dir=tmp_path)
+    t = Tracker(dead, experiment, "offline", rank=0, tags={"variant": "dense"}, local_dir=tmp_path,
+                finish_timeout_s=0)
     t0 = time.monotonic()
     with pytest.warns(TrackingWarning) as caught:
         t.start({"lr": 0.1}, "lr: 0.1\n")
@@ -195,7 +211,7 @@ def test_unreachable_server_spools_then_replays_elsewhere(tmp_path, store, exper
     messages = [str(w.message) for w in caught]
     assert sum("failed" in m for m in messages) == 1  # warned once per outage
     assert dead in messages[0]
-    assert "could not be delivered" in messages[-1]
+    assert "could not be delivered" in messages[-1] and "moe_morpheus.tracking sync" in messages[-1]
     assert t.run_id is None
     records = [json.loads(line) for line in t.spool_path.read_text().splitlines()]
     assert [r["op"] for r in records] == [
@@ -397,3 +413,7 @@ def test_is_permanent_classifies_errors():
     assert not is_permanent(MlflowException("down", error_code=INTERNAL_ERROR))
     assert not is_permanent(MlflowException("slow", error_code=REQUEST_LIMIT_EXCEEDED))
     assert not is_permanent(ConnectionError("down"))
+    # Wrong or missing credentials: the records wait for the right ones instead of being dropped.
+    assert not is_permanent(MlflowException("who", error_code=UNAUTHENTICATED))
+    assert not is_permanent(MlflowException("no", error_code=PERMISSION_DENIED))
+
