@@ -204,6 +204,14 @@ def demo_batch_warning(model_cfg: ModelConfig, moe_cfg: MoEConfig | None, global
             f"takes trainer=cluster (conf/trainer/cluster.yaml)")
 
 
+def model_line(name: str, model: ModelConfig, moe: MoEConfig | None) -> str:
+    """``NAME: L layers, hidden H, ...``: the shape of a model in one line (budget, train.log)."""
+    return (f"{name}: {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads, "
+            f"FFN {model.ffn_hidden}, seq {model.seq_length}, vocab {model.vocab_size}"
+            + (f", {moe.num_experts} experts top-{moe.top_k} every {moe.layer_freq} layer(s), experts "
+               f"{moe.expert_hidden(model)} wide" if moe else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m moe_morpheus.planning.budget +experiment=NAME [model=PRESET] [overrides]``: the run plan
     (parameters, Chinchilla budget, FLOPs) of a configuration, without building the model."""
@@ -229,11 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = BudgetConfig(chinchilla_fraction=1.0, tokens_per_param=budget.tokens_per_param, params=budget.params)
     plan = plan_run(exp.model, moe, budget, tokens_per_step, steps=exp.trainer.steps,
                     tokens=exp.trainer.tokens if exp.trainer.steps is None else None)
-    print(f"{exp.name}: {exp.model.num_layers} layers, hidden {exp.model.hidden_size}, "
-          f"{exp.model.num_attention_heads} heads, FFN {exp.model.ffn_hidden}, seq {exp.model.seq_length}, "
-          f"vocab {exp.model.vocab_size}" + (f", {moe.num_experts} experts top-{moe.top_k} every "
-                                             f"{moe.layer_freq} layer(s), experts {moe.expert_hidden(exp.model)} wide"
-                                             if moe else ""))
+    print(model_line(exp.name, exp.model, moe))
     print(format_budget(plan))
     warning = demo_batch_warning(exp.model, moe, exp.trainer.global_batch_size)
     if warning:

@@ -6,15 +6,20 @@
 - ``launch.nproc_per_node > 1`` outside torchrun (a sweep job, or a plain ``python train.py``)
   starts ``torchrun`` for this job with the same overrides and output folder.
 - A multirun's jobs attach to the sweep's MLflow parent run (moe_morpheus.tracking).
+- A signal stops the run after a saved step (train/interrupts.py): one line says how to resume,
+  the exit code is 128 + the signal (130 for Ctrl-C, 143 for SIGTERM), no traceback.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -25,6 +30,7 @@ from moe_morpheus.config import ConfigError
 from moe_morpheus.config.experiment import check_command_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger("moe_morpheus.run")
 
 
 def _fail(message: str, output_dir: Path | None) -> None:
@@ -61,27 +67,79 @@ def _check_sweep(hydra_cfg) -> None:
                           f"default job")
 
 
+def _resume_command(output_dir: Path) -> str:
+    from moe_morpheus.train.interrupts import resume_command
+
+    hydra_cfg = HydraConfig.get()
+    multirun = Path(hydra_cfg.sweep.dir).resolve() if hydra_cfg.mode == RunMode.MULTIRUN else None
+    return resume_command(output_dir, multirun_dir=multirun)
+
+
 def _torchrun(nproc: int, output_dir: Path, parent_run_id: str | None) -> float:
-    """Run this job as ``torchrun --nproc_per_node=N train.py <same overrides>``."""
+    """Run this job as ``torchrun --nproc_per_node=N train.py <same overrides>``.
+
+    torchrun runs in a session of its own, so a terminal's Ctrl-C reaches this process only; a
+    signal here is passed to the ranks themselves (not to torchrun, which would answer it with a
+    traceback of its own). The ranks save, exit 0 and leave the exit code to this process."""
+    from moe_morpheus.train.interrupts import LAUNCHER_COMMAND_ENV, SIGNALS, exit_code
+
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("launch.nproc_per_node")]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         str(REPO_ROOT / "train.py"), *overrides, "launch.nproc_per_node=1", f"hydra.run.dir={output_dir}",
     ]
-    env = dict(os.environ)
+    env = dict(os.environ, **{LAUNCHER_COMMAND_ENV: _resume_command(output_dir)})
     if parent_run_id:
         from moe_morpheus.tracking.names import PARENT_RUN_ENV
 
         env[PARENT_RUN_ENV] = parent_run_id
-    print("launching: " + " ".join(command), flush=True)
-    subprocess.run(command, check=True, env=env)
+    log.info("launching: %s", shlex.join(command))
+    started = time.time()
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    received = []
+
+    def forward(signum, frame):
+        import psutil
+
+        received.append(signum)
+        for rank in psutil.Process(process.pid).children(recursive=True):
+            rank.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in SIGNALS}
+    try:
+        code = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     result = output_dir / "result.txt"
+    finished = result.exists() and result.stat().st_mtime >= started
+    if received and not finished:
+        raise SystemExit(exit_code(received[0]))
+    if code != 0:
+        print(f"error: the job's torchrun exited with code {code} (its output is above)", file=sys.stderr, flush=True)
+        raise SystemExit(code if 0 < code < 128 else 1)
     return float(result.read_text()) if result.exists() else float("nan")
+
+
+def _interrupted(stop, output_dir: Path) -> None:
+    """Exit after :class:`~moe_morpheus.train.interrupts.Interrupted`: one line (rank 0) with the
+    command that resumes the run; under train.py's own torchrun the launcher sets the exit code."""
+    from moe_morpheus.train.interrupts import LAUNCHER_COMMAND_ENV, exit_code
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        saved = f"saved {stop.checkpoint}" if stop.checkpoint else "nothing trained yet, nothing saved"
+        run = f"MLflow run {stop.run_id} KILLED" if stop.run_id else "MLflow run KILLED"
+        log.info("interrupted (%s) after step %d: %s; %s; resume with: %s", signal.Signals(stop.signum).name,
+                 stop.step, saved, run, _resume_command(output_dir))
+    logging.shutdown()
+    raise SystemExit(0 if os.environ.get(LAUNCHER_COMMAND_ENV) else exit_code(stop.signum))
 
 
 def run(cfg: DictConfig) -> float:
     # Megatron-Core logs every parameter's bucket at INFO; keep the console for the run itself.
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    # Python warnings (tracking outages, deprecations) into train.log as well as the console.
+    logging.captureWarnings(True)
     from moe_morpheus.config.experiment import to_experiment
     from moe_morpheus.tracking.names import TrackingUnreachableError, resolve_uri
     from moe_morpheus.tracking.sweep_callback import parent_run_id
@@ -104,15 +162,32 @@ def run(cfg: DictConfig) -> float:
         return _torchrun(exp.launch.nproc_per_node, output_dir, parent)
 
     from moe_morpheus import parallel
+    from moe_morpheus.train.interrupts import LAUNCHER_COMMAND_ENV, Interrupted
     from moe_morpheus.train.trainer import Trainer
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         result = Trainer(exp, output_dir, resolved_config=resolved, parent_run_id=parent).train()
     except ConfigError as error:
         parallel.destroy()
         _fail(str(error), output_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
-        (output_dir / "result.txt").write_text(f"{result.valid_losses['mean']}\n")
+    except Interrupted as stop:
+        parallel.destroy()
+        _interrupted(stop, output_dir)
+    except KeyboardInterrupt:  # a second signal: stopped at once, nothing saved
+        if rank0:
+            print(f"stopped without saving; resume from the last checkpoint with: {_resume_command(output_dir)}",
+                  file=sys.stderr, flush=True)
+        # The other ranks' collectives may be half done: no clean teardown to wait for. Under
+        # train.py's own torchrun the launcher gives the exit code (a rank's would add torchrun's traceback).
+        os._exit(0 if os.environ.get(LAUNCHER_COMMAND_ENV) else 130)
     parallel.destroy()
-    return result.valid_losses["mean"]
+    path = output_dir / "result.txt"
+    if result is None:  # already finished: the result of the run that finished it
+        value = float(path.read_text()) if path.exists() else float("nan")
+    else:
+        value = result.valid_losses["mean"]
+    if rank0:
+        path.write_text(f"{value}\n")
+    return value

@@ -27,10 +27,13 @@ from moe_morpheus.config import ConfigError
 from moe_morpheus.config.experiment import ExperimentConfig
 from moe_morpheus.data import batch_iterator, build_data
 from moe_morpheus.model import build_model
-from moe_morpheus.planning.budget import RunPlan, format_budget, param_counts, plan_run
+from moe_morpheus.planning.budget import RunPlan, format_budget, model_line, param_counts, plan_run
 from moe_morpheus.tracking.metrics import RunMetrics
+from moe_morpheus.train import console
 from moe_morpheus.train.build import build_run_metrics, build_training, checkpoint_dir
 from moe_morpheus.train.checkpoint import TrainState
+from moe_morpheus.train.checkpoint.store import checkpoint_name
+from moe_morpheus.train.interrupts import Interrupted, Interrupts
 from moe_morpheus.train.optim import GradNorms, grad_norms, lr_at
 from moe_morpheus.train.step import count_target_tokens, forward_backward, wrap_ddp
 
@@ -189,16 +192,27 @@ class Trainer:
         return losses, tasks
 
     # ------------------------------------------------------------------ the loop
-    def train(self) -> TrainResult:
+    def train(self) -> TrainResult | None:
         """Set up, start (fresh, resumed, or from a dense checkpoint) and train to ``plan.steps``:
-        each step logged, evaluated and saved when due; a rollback returns to the last checkpoint."""
+        each step logged, evaluated and saved when due; a rollback returns to the last checkpoint.
+        None: resumed from the final checkpoint, nothing to do. A signal (train/interrupts.py)
+        stops every rank after the same step, saves it and raises :class:`Interrupted`."""
         self.setup()
         t = self.exp.trainer
         state = self._start_state()
+        if state.step >= self.plan.steps:
+            if is_rank0():
+                console.log.info("this run already finished (step %d of %d, %s): nothing to do; raise trainer.steps "
+                                 "to train it further", state.step, self.plan.steps, self.output_dir)
+            return None
         run = self._open_run(state)
         train_iter = self._batches(state.consumed_samples)
-        with run.recording(), _progress(self.plan.steps, state.step, enabled=is_rank0() and t.progress) as progress:
+        saved_step = state.step  # a resumed state is on disk; a fresh one at step 0 holds nothing to save
+        with Interrupts(announce=is_rank0()) as interrupts, run.recording(), \
+                _progress(self.plan.steps, state.step, enabled=is_rank0() and t.progress) as progress:
             while state.step < self.plan.steps:
+                if signum := interrupts.agreed(self.device):
+                    raise self._stop(signum, state, saved_step, run)
                 step = state.step
                 micro_batches = [next(train_iter) for _ in range(self.num_microbatches)]
                 start = time.perf_counter()
@@ -216,13 +230,23 @@ class Trainer:
                 metrics.update(evaluation or {})
                 if last or step % t.log_interval == 0 or evaluation is not None:
                     run.log(metrics, state.step)
-                self.checkpointer.maybe_save(state, last)
+                    if is_rank0():
+                        console.step_line(state.step, self.plan.steps, metrics)
+                if self.checkpointer.maybe_save(state, last) is not None:
+                    saved_step = state.step
                 progress.update(1)
                 progress.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{run.throughput.last:,.0f}",
                                      budget=f"{metrics['budget_fraction']:.1%}", refresh=False)
-            if not run.valid_history:  # resumed from the final checkpoint: nothing left to train
-                run.validation(*self.evaluate(), full=True)
         return self._result(run)
+
+    def _stop(self, signum: int, state: TrainState, saved_step: int, run: RunMetrics) -> Interrupted:
+        """Save ``state`` (unless it is saved already) for a run stopped by ``signum``."""
+        path = None
+        if state.step > saved_step:
+            path = self.checkpointer.save(state)
+        elif state.step > 0:
+            path = self.checkpointer.dir / checkpoint_name(state.step)
+        return Interrupted(signum, state.step, path, run.run_id)
 
     def _start_state(self) -> TrainState:
         """Resume (``checkpoint.resume``), else start from a dense checkpoint (``init.from_dense``,
@@ -248,10 +272,20 @@ class Trainer:
                                 dp=self.dp, epochs=self.data.epochs, unigram_entropy=entropy,
                                 output_dir=self.output_dir, parent_run_id=self.parent_run_id, rank0=is_rank0())
         if is_rank0():
-            print(format_budget(self.plan), flush=True)
+            exp = self.exp
+            console.run_started(self.output_dir, self.tracking_uri, run.run_id,
+                                f"{model_line(exp.name, exp.model, exp.moe_or_none)}; variant {exp.run_variant}, "
+                                f"layout {exp.layout}-dp{self.dp}, seed {exp.trainer.seed}", state.step)
+            console.log.info(format_budget(self.plan))
         if state.lineage and state.step == 0:
             run.handoff(self.evaluate()[0])
         return run
+
+    @property
+    def tracking_uri(self) -> str:
+        from moe_morpheus.tracking.names import resolve_uri
+
+        return resolve_uri(self.exp.tracking.uri)
 
     def _batches(self, start_sample: int):
         t = self.exp.trainer
@@ -298,7 +332,10 @@ class Trainer:
         if not (last or (t.eval_interval and (step + 1) % t.eval_interval == 0)):
             return None
         full = last or t.eval_subset == 1.0
-        return run.validation(*self.evaluate(full=full), full=full)
+        metrics = run.validation(*self.evaluate(full=full), full=full)
+        if is_rank0():
+            console.evaluation_line(step + 1, metrics, full=full)
+        return metrics
 
     def _result(self, run: RunMetrics) -> TrainResult:
         tokens, entropy = self.plan.steps * self.tokens_per_step, run.unigram_entropy
@@ -309,8 +346,10 @@ class Trainer:
         )
         if is_rank0():
             verdict = "below" if result.valid_losses["mean"] < entropy else "NOT below"
-            print(f"validation loss {result.valid_losses['mean']:.3f} nats/token is {verdict} the corpus's "
-                  f"unigram entropy {entropy:.3f}; {run.throughput.mean:,.0f} tokens/s", flush=True)
+            console.log.info(f"validation loss {result.valid_losses['mean']:.3f} nats/token is {verdict} the "
+                             f"corpus's unigram entropy {entropy:.3f}; {run.throughput.mean:,.0f} tokens/s")
+            console.run_ended(self.output_dir, self.tracking_uri, run.run_id,
+                              f"finished: step {self.plan.steps} of {self.plan.steps}")
         return result
 
 

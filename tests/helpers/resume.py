@@ -78,3 +78,34 @@ def assert_same_losses(reference: dict, resumed: dict) -> None:
     for step in range(11, 21):
         assert resumed[step] and all(v == reference[step][0] for v in resumed[step]), (step, resumed[step],
                                                                                        reference[step])
+
+
+def train_and_signal(tmp: Path, run_dir: Path, signum: int, *args: str) -> subprocess.CompletedProcess:
+    """Start a run and send ``signum`` to the ``train.py`` process once step 5's checkpoint is
+    complete, as a terminal's Ctrl-C, ``timeout`` or Slurm would; its output and exit code."""
+    out = tmp / "signalled.log"
+    with out.open("w") as log:
+        proc = subprocess.Popen(command(tmp, run_dir, *args), cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+                                env=env())
+        marker = run_dir / "checkpoints" / "step_00000005" / "checkpoint.json"
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None, f"the run ended before step 5's checkpoint:\n{out.read_text()}"
+            assert time.monotonic() < deadline, "no checkpoint of step 5 within 300 s"
+            time.sleep(0.02)
+        os.kill(proc.pid, signum)
+        proc.wait(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), "")
+
+
+def run_status(tmp: Path) -> str:
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("moe_morpheus").experiment_id])
+    return run.info.status
+
+
+def resume_line(output: str) -> str:
+    """The one line an interrupted run prints, with the command that resumes it."""
+    lines = [line for line in output.splitlines() if "resume with: " in line]
+    assert len(lines) == 1, output[-3000:]
+    return lines[0]

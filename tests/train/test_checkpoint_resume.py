@@ -1,9 +1,11 @@
-"""End to end through the CLI, one process: exact resume after SIGKILL, a kill during a save, and
-injected NaN and loss spike with rollback. Losses are compared bit for bit, read back from MLflow.
+"""End to end through the CLI, one process: exact resume after SIGKILL, SIGTERM saves and the command
+it prints resumes exactly, a kill during a save, and injected NaN and loss spike with rollback. Losses are compared bit for bit, read back from MLflow.
 (Two processes: test_checkpoint_resume_two_processes.py.)"""
 
 from __future__ import annotations
 
+import shlex
+import signal
 import subprocess
 from dataclasses import replace
 
@@ -11,7 +13,17 @@ import pytest
 import torch
 
 from moe_morpheus.data.dataset import build_data
-from tests.helpers.resume import assert_same_losses, command, env, metric, train, train_and_kill
+from tests.helpers.resume import (
+    assert_same_losses,
+    command,
+    env,
+    metric,
+    resume_line,
+    run_status,
+    train,
+    train_and_kill,
+    train_and_signal,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +40,37 @@ def test_sigkill_then_resume_is_exact(tmp_path, reference):
     resumed = train(tmp_path, tmp_path / "run")
     assert "resumed from" in resumed.stdout
     assert_same_losses(reference, metric(tmp_path, "train/loss"))
+
+
+def test_sigterm_saves_and_the_printed_command_resumes_exactly(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    stopped = train_and_signal(tmp_path, run_dir, signal.SIGTERM)
+    assert stopped.returncode == 143 and "Traceback" not in stopped.stdout, stopped.stdout[-3000:]
+    line = resume_line(stopped.stdout)
+    step = int(line.split("after step ")[1].split(":")[0])
+    assert step >= 5 and f"saved {run_dir / 'checkpoints' / f'step_{step:08d}'}" in line
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "checkpoint.json").is_file()
+    assert run_status(tmp_path) == "KILLED"
+
+    resumed = subprocess.run(shlex.split(line.split("resume with: ")[1]), cwd=tmp_path, capture_output=True,
+                             text=True, env=env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:08d}'}" in resumed.stdout
+    losses = metric(tmp_path, "train/loss")  # the same MLflow run, FINISHED
+    assert sorted(losses) == list(range(1, 21))
+    assert all(v == reference[s][0] for s, values in losses.items() for v in values), (losses, reference)
+    # train.log holds both processes' story: the start, the steps, the interruption, the resume, the end.
+    log = (run_dir / "train.log").read_text()
+    for text in ("run started", "step 5/20 loss", "interrupted (SIGTERM)", "resumed from", "step 20/20 loss",
+                 "evaluation (full sets)", "finished: step 20 of 20"):
+        assert text in log, text
+
+    # Resuming a finished run: nothing evaluated, nothing logged, exit 0.
+    again = subprocess.run(shlex.split(line.split("resume with: ")[1]), cwd=tmp_path, capture_output=True,
+                           text=True, env=env(), timeout=600)
+    assert again.returncode == 0 and "already finished (step 20 of 20" in again.stdout
+    assert "tokens/s" not in again.stdout and run_status(tmp_path) == "FINISHED"
+    assert len(metric(tmp_path, "valid/loss")[20]) == 1
 
 
 def test_a_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, reference):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,8 @@ from moe_morpheus.train.checkpoint.store import (
     remove_partial,
     verify_checkpoint,
 )
+
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -72,7 +75,7 @@ class Checkpointer:
             path = self._explicit(Path(self.cfg.resume))
         state = self._load(path)
         if dist.get_rank() == 0:
-            print(f"resumed from {path} (step {state.step}, {state.consumed_samples} samples consumed)", flush=True)
+            log.info("resumed from %s (step %d, %d samples consumed)", path, state.step, state.consumed_samples)
         return state
 
     def _explicit(self, path: Path) -> Path:

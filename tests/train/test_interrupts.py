@@ -1,0 +1,61 @@
+"""train/interrupts.py in-process: a signal only raises a flag, a repeat within the grace period
+is the same interrupt, a later one stops at once, and the resume command pins the run folder.
+(Real signals to real runs, 1 and 2 processes: test_checkpoint_resume*.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from moe_morpheus.train.interrupts import Interrupts, exit_code, resume_argv
+from tests.helpers.distributed import run_distributed
+
+
+def test_a_signal_raises_a_flag_and_the_handlers_come_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with Interrupts(announce=False, repeat_grace_s=60) as interrupts:
+        assert interrupts.agreed() == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # within the grace period: the same interrupt again
+        assert interrupts.agreed() == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert exit_code(signal.SIGINT) == 130 and exit_code(signal.SIGTERM) == 143
+
+
+def test_a_second_interrupt_after_the_grace_period_stops_at_once():
+    with Interrupts(announce=False, repeat_grace_s=0.05) as interrupts:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode boundary
+        assert interrupts.received == signal.SIGINT
+
+
+def test_the_resume_command_pins_the_folder_and_resumes_from_the_run_itself():
+    argv = ["python", "train.py", "+experiment=moe_8e", "hydra.run.dir=old", "checkpoint.resume=upcycled/step_0"]
+    assert resume_argv(argv, Path("/r/run")) == ["python", "train.py", "+experiment=moe_8e", "hydra.run.dir=/r/run"]
+    multirun = resume_argv(["python", "train.py", "-m", "+sweeps=s"], Path("/m/0_x"), multirun_dir=Path("/m"))
+    assert multirun == ["python", "train.py", "-m", "+sweeps=s", "hydra.sweep.dir=/m"]
+
+
+def _agree(signalled_rank: int) -> int:
+    import torch.distributed
+
+    from moe_morpheus import parallel
+    from moe_morpheus.config import ParallelConfig
+
+    parallel.initialize(ParallelConfig())
+    interrupts = Interrupts(announce=False)
+    if torch.distributed.get_rank() == signalled_rank:
+        interrupts.received = signal.SIGUSR1
+    return interrupts.agreed()
+
+
+@pytest.mark.slow
+def test_every_rank_stops_when_one_rank_was_signalled():
+    assert run_distributed(_agree, 2, 1) == [signal.SIGUSR1, signal.SIGUSR1]
