@@ -1,16 +1,30 @@
-"""End to end through the CLI, two processes with EP=2: exact resume after SIGKILL, and an elastic
+"""End to end through the CLI, two processes with EP=2: exact resume after SIGKILL, Ctrl-C (SIGINT to
+``train.py``, which runs torchrun) saves and the command it prints resumes exactly, and an elastic
 restart under ``torchrun --max-restarts=1`` after a rank crashes. Losses are compared bit for bit,
 read back from MLflow."""
 
 from __future__ import annotations
 
+import shlex
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers.resume import EP2, RUN, assert_same_losses, env, metric, train, train_and_kill
+from tests.helpers.resume import (
+    EP2,
+    RUN,
+    assert_same_losses,
+    env,
+    metric,
+    resume_line,
+    run_status,
+    train,
+    train_and_kill,
+    train_and_signal,
+)
 from tests.helpers.train_app import REPO
 
 pytestmark = pytest.mark.slow
@@ -34,6 +48,23 @@ def test_sigkill_then_resume_is_exact_with_two_processes_and_ep2(tmp_path, refer
     train_and_kill(tmp_path, tmp_path / "run", *EP2)
     train(tmp_path, tmp_path / "run", *EP2)
     assert_same_losses(reference_ep2, metric(tmp_path, "train/loss"))
+
+
+def test_ctrl_c_with_two_processes_saves_and_the_printed_command_resumes_exactly(tmp_path, reference_ep2):
+    run_dir = tmp_path / "run"
+    stopped = train_and_signal(tmp_path, run_dir, signal.SIGINT, *EP2)
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stdout, stopped.stdout[-3000:]
+    line = resume_line(stopped.stdout)
+    step = int(line.split("after step ")[1].split(":")[0])
+    # Both ranks saved the same step: the checkpoint is complete (every rank's shards in its manifest).
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "checkpoint.json").is_file() and step >= 5
+    assert run_status(tmp_path) == "KILLED"
+    resumed = subprocess.run(shlex.split(line.split("resume with: ")[1]), cwd=tmp_path, capture_output=True,
+                             text=True, env=env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    losses = metric(tmp_path, "train/loss")
+    assert sorted(losses) == list(range(1, 21))
+    assert all(v == reference_ep2[s][0] for s, values in losses.items() for v in values), (losses, reference_ep2)
 
 
 def test_a_crashed_rank_under_torchrun_max_restarts_resumes_and_finishes(tmp_path, reference_ep2):
