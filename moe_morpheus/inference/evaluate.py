@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,17 +224,22 @@ def cloze_accuracy(generator: Generator, tokenizer, rows, lang: str, max_items: 
     return hits / len(items)
 
 
-def task_metrics(model_chunk, data, seq_length: int, max_items: int = 16) -> dict[str, float]:
-    """Zero-shot translation and cloze metrics (keys ``eval/...``) for a one-chunk model."""
+def task_metrics(model_chunk, data, seq_length: int, max_items: int = 16, *,
+                 on_task: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Zero-shot translation and cloze metrics (keys ``eval/...``) for a one-chunk model;
+    ``on_task(name)`` is called as each task starts (a progress bar)."""
     generator = Generator(model_chunk, data.tokenizer.vocab_size, seq_length)
     metrics: dict[str, float] = {}
+    on_task = on_task or (lambda name: None)
     with dropless_routing([model_chunk]):
         if "mip_heldout" in data.valid:
+            on_task("translation")
             scores = translation_scores(generator, data.tokenizer, data.valid["mip_heldout"].rows, max_items)
             metrics.update({f"eval/mip_heldout/{k}": v for k, v in scores.items()})
         for lang in ("en", "zh"):
             name = f"{lang}_gmask"
             if name in data.valid:
+                on_task(f"cloze {lang}")
                 accuracy = cloze_accuracy(generator, data.tokenizer, data.valid[name].rows, lang, max_items)
                 if accuracy is not None:
                     metrics[f"eval/cloze_{lang}/accuracy"] = accuracy
@@ -242,7 +248,8 @@ def task_metrics(model_chunk, data, seq_length: int, max_items: int = 16) -> dic
 
 @dataclass
 class EvaluateOptions:
-    checkpoint: str = option(help="a run's checkpoint folder (its newest valid checkpoint) or one step_* folder")
+    checkpoint: str = option(help="a run folder, its checkpoints folder (the newest valid checkpoint) or one "
+                                  "step_* folder")
     items: int = option(32, help="items per generation task (translation, cloze)")
     mlflow: bool = option(False, help="also log the numbers to the checkpoint's MLflow run at its step")
 
@@ -250,9 +257,13 @@ class EvaluateOptions:
 def main(argv: list[str] | None = None) -> int:
     """``python -m moe_morpheus.inference.evaluate checkpoint=DIR [items=N] [mlflow=true]``: loss and
     perplexity per validation set, translation chrF / exact match, cloze accuracy; with
-    ``mlflow=true`` the numbers are also logged to the checkpoint's MLflow run at its step."""
+    ``mlflow=true`` the numbers are also logged to the checkpoint's MLflow run at its step.
+    ``DIR`` is a run folder, its ``checkpoints`` folder (the newest valid checkpoint) or one
+    ``step_*`` folder. A progress bar on stderr names the stage."""
     import json
     import sys
+
+    from tqdm.auto import tqdm
 
     from moe_morpheus.data import build_data
     from moe_morpheus.inference.load import load_for_inference
@@ -264,23 +275,37 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, exp, info = load_for_inference(args.checkpoint, with_info=True)
     except (ConfigError, CheckpointError) as error:
         return fail(error)
+    # Stages, not items: data, validation losses, then each generation task (the slow part).
+    progress = tqdm(total=5, desc="evaluate: data", unit="stage", dynamic_ncols=True)
+
+    def stage(name: str) -> None:
+        progress.update(1)
+        progress.set_description(f"evaluate: {name}")
+
     data = build_data(exp.data_config(), exp.model.seq_length, progress=False)
+    stage("validation losses")
     valid = validation_losses([model], data.valid, micro_batch_size=exp.trainer.micro_batch_size)
     results = valid.metrics()
     results.update({f"valid/{k}/perplexity": math.exp(v[0]) for k, v in valid.sets.items()})
-    results.update(task_metrics(model, data, exp.model.seq_length, args.items))
+    results.update(task_metrics(model, data, exp.model.seq_length, args.items, on_task=stage))
+    progress.close()
     width = max(map(len, results))
     for key, value in results.items():
         print(f"{key:<{width}}  {value:10.4f}")
     print(json.dumps({"checkpoint": str(info["path"]), "step": info["step"], **results}))
-    if args.mlflow and info.get("run_id"):
+    if args.mlflow:
+        if not info.get("run_id"):
+            print(f"mlflow=true: {info['path']} records no MLflow run; nothing was logged", file=sys.stderr)
+            return 0
         from mlflow.tracking import MlflowClient
 
         from moe_morpheus.tracking.names import resolve_uri
 
-        client = MlflowClient(tracking_uri=resolve_uri(exp.tracking.uri))
+        uri = resolve_uri(exp.tracking.uri)
+        client = MlflowClient(tracking_uri=uri)
         for key, value in results.items():
             client.log_metric(info["run_id"], key, value, step=info["step"])
+        print(f"logged {len(results)} metrics to MLflow run {info['run_id']} at {uri} (step {info['step']})")
     return 0
 
 

@@ -86,18 +86,27 @@ def configs_from_manifest(manifest: dict) -> tuple[ModelConfig, MoEConfig | None
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and the tokenizer of ``checkpoint`` into
-    ``out_dir``. Runs as a world of one (call it outside any other process group)."""
+    """Write ``model.safetensors``, ``config.json`` and the tokenizer of ``checkpoint`` (a step
+    folder, a run's checkpoints folder or its run folder: ``find_checkpoint``) into ``out_dir``.
+    Runs as a world of one (call it outside any other process group)."""
 
     from moe_morpheus.config import ParallelConfig
     from moe_morpheus.config.data import resolve_path
     from moe_morpheus.model import build_model
     from moe_morpheus.parallel import initialize
-    from moe_morpheus.train.checkpoint import load_model_weights, read_manifest
+    from moe_morpheus.train.checkpoint import (
+        CheckpointError,
+        find_checkpoint,
+        load_model_weights,
+        read_manifest,
+    )
 
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"out={out_dir} is a file: name a folder to write the export into")
+    initialize(ParallelConfig())  # a world of one: verifying and loading are collectives
+    checkpoint = find_checkpoint(checkpoint)  # before the model is built: a wrong path costs nothing
     model_cfg, moe_cfg, config = configs_from_manifest(read_manifest(checkpoint))
-    initialize(ParallelConfig(), model_cfg)
     (model,) = build_model(model_cfg, moe_cfg, ParallelConfig())
     load_model_weights(checkpoint, [model])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,13 +124,15 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 @dataclass
 class ExportOptions:
-    checkpoint: str = option(help="a step_* folder written by the trainer")
+    checkpoint: str = option(help="a run folder, its checkpoints folder (the newest valid checkpoint) or one "
+                                  "step_* folder")
     out: str = option(help="the folder to write model.safetensors, config.json and tokenizer.model to")
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m moe_morpheus.inference.export checkpoint=DIR out=DIR``: one safetensors file, a JSON
-    config and the tokenizer, from a checkpoint of any parallel layout."""
+    config and the tokenizer, from a checkpoint of any parallel layout. ``DIR`` is a run folder,
+    its ``checkpoints`` folder (the newest valid checkpoint) or one ``step_*`` folder."""
     from moe_morpheus.train.checkpoint import CheckpointError
 
     try:

@@ -140,11 +140,40 @@ class Generator:
         return text, spans
 
 
+def marked_text(tokenizer, prompt_ids: list[int], spans: list[list[int]], marks: tuple[str, str] = ("[[", "]]")
+                ) -> str:
+    """The prompt with every mask replaced by its generated span between ``marks`` (a continuation
+    after ``[gMASK]`` too), so what the model wrote is told apart from what was given. Pieces are
+    decoded as differences of growing prefixes: decoding them one by one would drop the spaces at
+    the seams (SentencePiece strips a leading one)."""
+    pieces: list[tuple[list[int], bool]] = [([], False)]
+    spans_left = iter(spans)
+    for token in prompt_ids + ([] if any(t in (MASK_ID, GMASK_ID) for t in prompt_ids) else [GMASK_ID]):
+        if token in (MASK_ID, GMASK_ID):
+            pieces += [(next(spans_left), True), ([], False)]
+        else:
+            pieces[-1][0].append(token)
+    out, seen, before = [], [], ""
+    for ids, generated in pieces:
+        seen += ids
+        text = tokenizer.decode(seen)
+        piece = text[len(before):] if text.startswith(before) else tokenizer.decode(ids)
+        before = text
+        if generated:  # spaces around a fill stay outside the marks
+            core = piece.strip()
+            lead, trail = piece[:len(piece) - len(piece.lstrip())], piece[len(piece.rstrip()):]
+            piece = f"{lead}{marks[0]}{core}{marks[1]}{trail}"
+        out.append(piece)
+    return "".join(out)
+
+
 @dataclass
 class GenerateOptions:
-    checkpoint: str = option(help="a run's checkpoint folder (its newest valid checkpoint) or one step_* folder")
+    checkpoint: str = option(help="a run folder, its checkpoints folder (the newest valid checkpoint) or one "
+                                  "step_* folder")
     prompt: str | None = option(None, help="the text; [MASK] marks a blank, else the text is continued")
     file: str | None = option(None, help="a text file with one prompt per line (instead of prompt)")
+    marks: bool = option(True, help="put what the model wrote between [[ and ]]; false: plain text")
     max_new_tokens: int = option(48, help="tokens generated per span at most")
     temperature: float = option(0.0, help="0 = greedy")
     top_k: int = option(0, help="sample from the k likeliest tokens (0 = all)")
@@ -155,24 +184,43 @@ class GenerateOptions:
         if (self.prompt is None) == (self.file is None):
             raise ConfigError("give exactly one of prompt=TEXT or file=PATH")
 
+    def prompts(self) -> list[str]:
+        """The prompts, checked before any model is built."""
+        if self.prompt is not None:
+            if not self.prompt.strip():
+                raise ConfigError(EMPTY_PROMPT)
+            return [self.prompt]
+        path = Path(self.file)
+        if not path.is_file():
+            raise ConfigError(f"file={path}: no such file; give a text file with one prompt per line")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"file={path} holds no prompt: write one prompt per line")
+        return prompts
+
+
+EMPTY_PROMPT = "the prompt is empty: give the text to continue or to fill, e.g. prompt='Paris is the [MASK] of France.'"
+
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m moe_morpheus.inference.generate checkpoint=CKPT (prompt=TEXT | file=F) [key=value]``.
 
-    ``CKPT`` is a run's checkpoint folder (``outputs/<name>/<run>/checkpoints``, its newest valid
-    checkpoint is used) or one ``step_*`` folder. Put ``[MASK]`` in the text to fill blanks;
-    otherwise the text is continued after ``[gMASK]``.
+    ``CKPT`` is a run folder (``outputs/<name>/<run>``), its ``checkpoints`` folder (the newest
+    valid checkpoint is used) or one ``step_*`` folder. Put ``[MASK]`` in the text to fill blanks;
+    otherwise the text is continued after ``[gMASK]``. What the model wrote is printed between
+    ``[[`` and ``]]`` (``marks=false``: plain text).
     """
     import sys
 
     from moe_morpheus.inference.load import load_for_inference
     from moe_morpheus.train.checkpoint import CheckpointError
 
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        args, _ = parse_options(GenerateOptions, sys.argv[1:] if argv is None else argv,
-                                prog="moe_morpheus.inference.generate", summary=main.__doc__)
-        prompts = [args.prompt] if args.prompt is not None else [
-            line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if "prompt=" in argv:  # the parser reads an empty value as "not given"
+            raise ConfigError(EMPTY_PROMPT)
+        args, _ = parse_options(GenerateOptions, argv, prog="moe_morpheus.inference.generate", summary=main.__doc__)
+        prompts = args.prompts()
         model, tokenizer, exp = load_for_inference(args.checkpoint)
     except (ConfigError, CheckpointError, OSError) as error:
         return fail(error)
@@ -180,8 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     for prompt in prompts:
         ids = tokenizer.encode_with_masks(prompt)
-        text, _ = generator.generate(ids, sampling)
-        print(f">>> {prompt}\n{tokenizer.decode(text)}\n", flush=True)
+        try:
+            text, spans = generator.generate(ids, sampling)
+        except GenerationError as error:
+            return fail(error)
+        shown = marked_text(tokenizer, ids, spans) if args.marks else tokenizer.decode(text)
+        print(f">>> {prompt}\n{shown}\n", flush=True)
     return 0
 
 

@@ -61,7 +61,9 @@ def test_export_reproduces_training_logits(tmp_path):
 
     path, logits, batch = run_distributed(_save_and_logits, 2, str(tmp_path / "ckpt"))[0]
     out = tmp_path / "export"
-    assert main([f"checkpoint={path}", f"out={out}"]) == 0
+    # The checkpoints folder, as generate and evaluate take it: its newest checkpoint is exported.
+    assert main([f"checkpoint={tmp_path / 'ckpt'}", f"out={out}"]) == 0
+    assert path.endswith("step_00000001")
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "tokenizer.model"}
     config = json.loads((out / "config.json").read_text())
     assert config["moe"]["num_experts"] == 4 and config["padded_vocab_size"] == 256
@@ -127,4 +129,5 @@ def test_export_usage_and_bad_checkpoint(tmp_path, capsys):
     assert main([]) == 2
     assert "missing checkpoint=..., out=..." in capsys.readouterr().err
     assert main([f"checkpoint={tmp_path}", f"out={tmp_path / 'out'}"]) == 2
-    assert "has no checkpoint.json" in capsys.readouterr().err
+    assert "holds no complete checkpoint (step_*/checkpoint.json): pass a run's checkpoints folder, the run " \
+           "folder above it or one step_* folder in it" in capsys.readouterr().err

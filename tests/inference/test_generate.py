@@ -8,7 +8,7 @@ import torch
 
 from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
 from moe_morpheus.data.tokenizer import EOP_ID, EOS_ID, GMASK_ID, MASK_ID
-from moe_morpheus.inference.generate import GenerationError, Generator, Sampling, _filter
+from moe_morpheus.inference.generate import GenerationError, Generator, Sampling, _filter, main, marked_text
 from tests.helpers.distributed import run_distributed
 from tests.helpers.presets import TINY_GLM
 
@@ -90,3 +90,27 @@ def test_prompt_markers_become_mask_tokens(demo_tokenizer):
     assert ids.count(MASK_ID) == 1 and ids[-1] == GMASK_ID
     assert tokenizer.decode(ids) == "Elizabeth  Darcy. 天下大势"
     assert tokenizer.encode("[MASK]") != [MASK_ID]  # plain encode keeps the text
+
+
+def test_fills_are_marked_in_the_printed_text(demo_tokenizer):
+    tok = demo_tokenizer
+    prompt = tok.encode_with_masks("The capital of France is [MASK], and of Italy [MASK].")
+    spans = [tok.encode("Paris"), tok.encode("Rome")]
+    assert marked_text(tok, prompt, spans) == "The capital of France is [[Paris]], and of Italy [[Rome]]."
+    # A continuation after the implicit [gMASK]; the space before it stays outside the marks.
+    assert marked_text(tok, tok.encode("Once upon a"), [tok.encode(" time there was")]) == \
+        "Once upon a [[time there was]]"
+    assert marked_text(tok, prompt, [[], spans[1]]) == "The capital of France is [[]], and of Italy [[Rome]]."
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prompt="], "the prompt is empty: give the text to continue or to fill"),
+    (["prompt=   "], "the prompt is empty"),
+    (["file=nowhere.txt"], "file=nowhere.txt: no such file; give a text file with one prompt per line"),
+    (["prompt=a", "file=b"], "give exactly one of prompt=TEXT or file=PATH"),
+], ids=["empty", "blank", "no-file", "both"])
+def test_prompt_mistakes_are_one_line_before_any_checkpoint_is_read(tmp_path, capsys, args, message):
+    # The checkpoint does not exist either: the prompt is checked first, before anything is loaded.
+    assert main([f"checkpoint={tmp_path / 'nowhere'}", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -4,6 +4,7 @@ MLflow run, and clear errors (torchrun jobs: test_app_two_processes.py)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,21 @@ pytestmark = pytest.mark.slow
 
 
 def test_moe_64e_three_steps_logs_an_mlflow_run(tmp_path):
-    train(tmp_path, "+experiment=moe_64e", "trainer.steps=3", "trainer.eval_interval=2", "trainer.seed=5",
-          "upcycle.seed=7", *SMALL)
+    result = train(tmp_path, "+experiment=moe_64e", "trainer.steps=3", "trainer.eval_interval=2", "trainer.seed=5",
+                   "upcycle.seed=7", *SMALL)
     frame = runs(tmp_path)
     assert len(frame) == 1
     run = MlflowClient().get_run(frame.run_id[0])
     assert run.info.status == "FINISHED"
+    # The run names its folder and MLflow run at the start and the end, and train.log holds its story.
+    (folder,) = (tmp_path / "outputs" / "moe_64e").iterdir()
+    where = f"{folder}; MLflow run {run.info.run_id} at sqlite:///{tmp_path}/mlflow.db"
+    assert f"run started: {where}" in result.stdout and f"finished: step 3 of 3; run folder {where}" in result.stdout
+    log = (folder / "train.log").read_text()
+    for text in ("run started", "config: moe_64e: 2 layers, hidden 64", "budget:", "step 1/3 loss", "step 3/3 loss",
+                 "step 2 evaluation (subset): valid_subset/loss", "step 3 evaluation (full sets): valid/loss",
+                 "validation loss", "finished: step 3 of 3"):
+        assert text in log, text
     assert run.data.tags["variant"] == "moe" and run.data.tags["experiment"] == "moe_64e"
     assert run.data.tags["parallel_layout"] == "tp1-pp1-ep1-dp1"
     assert run.data.params["moe.num_experts"] == "64" and run.data.params["model.hidden_size"] == "64"
@@ -52,11 +62,18 @@ def test_moe_64e_three_steps_logs_an_mlflow_run(tmp_path):
     checkpoints = outputs[0] / "checkpoints"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("It is a truth universally acknowledged that\n天下大势，[MASK]久必合。\n", encoding="utf-8")
-    generated = module(tmp_path, "moe_morpheus.inference.generate", f"checkpoint={checkpoints}", "max_new_tokens=8",
+    # Every form of checkpoint path: the run folder, its checkpoints folder (above), one step folder.
+    generated = module(tmp_path, "moe_morpheus.inference.generate", f"checkpoint={outputs[0]}", "max_new_tokens=8",
                        f"file={prompts}")
     assert ">>> It is a truth universally acknowledged that" in generated and ">>> 天下大势" in generated
-    evaluated = module(tmp_path, "moe_morpheus.inference.evaluate", f"checkpoint={checkpoints}", "items=2")
+    # The fills between [[ and ]] (a space the model put before a fill stays outside the marks).
+    assert "It is a truth universally acknowledged that [[" in generated
+    assert re.search(r"\n天下大势， ?\[\[[^\]]*\]\]久必合。", generated), generated
+    evaluated = module(tmp_path, "moe_morpheus.inference.evaluate", f"checkpoint={checkpoints / 'step_00000003'}",
+                       "items=2", "mlflow=true")
     assert "valid/zh_gmask/perplexity" in evaluated and "eval/mip_heldout/chrf" in evaluated
+    assert "evaluate: cloze zh" in evaluated  # the progress bar names its stage
+    assert f"metrics to MLflow run {run.info.run_id} at sqlite:///{tmp_path}/mlflow.db (step 3)" in evaluated
     missing = module(tmp_path, "moe_morpheus.inference.generate", f"checkpoint={tmp_path / 'nowhere'}", "prompt=x",
                      check=False)
     assert "does not exist: pass a run's checkpoints folder" in missing

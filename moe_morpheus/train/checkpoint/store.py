@@ -186,16 +186,27 @@ def remove_partial(directory: Path) -> None:
 
 
 def find_checkpoint(path: str | Path, *, checksums: bool = True) -> Path:
-    """A checkpoint folder (``step_*``), or the newest valid one in a run's checkpoints folder."""
+    """The checkpoint a tool was pointed at, in any of the forms every tool accepts: one ``step_*``
+    folder, a run's ``checkpoints`` folder (its newest valid checkpoint) or the run folder above it.
+    A wrong path raises CheckpointError naming what to pass instead."""
     path = Path(path)
+    forms = "pass a run's checkpoints folder, the run folder above it or one step_* folder in it"
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist: pass a run's checkpoints folder or one step_* folder in it")
+        raise CheckpointError(f"{path} does not exist: {forms}")
+    if path.is_file():
+        hint = f": pass {path.parent}, the folder that holds it" if (path.parent / MANIFEST).is_file() else ""
+        raise CheckpointError(f"{path} is a file, not a checkpoint folder{hint or ': ' + forms}")
     if (path / MANIFEST).is_file():
         problems = verify_checkpoint(path, checksums=checksums)
         if problems:
             raise CheckpointError(f"checkpoint {path} is damaged: " + "; ".join(problems))
         return path
+    if STEP_NAME.match(path.name):
+        raise CheckpointError(f"{path} has no {MANIFEST}: a save that did not complete; pass the checkpoints "
+                              f"folder {path.parent} to use its newest complete checkpoint")
+    if not complete_checkpoints(path) and (path / "checkpoints").is_dir():
+        path = path / "checkpoints"  # a run folder
     found = newest_valid(path, checksums=checksums)
     if found is None:
-        raise CheckpointError(f"{path} holds no complete checkpoint (step_*/{MANIFEST})")
+        raise CheckpointError(f"{path} holds no complete checkpoint (step_*/{MANIFEST}): {forms}")
     return found
