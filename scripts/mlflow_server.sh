@@ -10,6 +10,10 @@
 #   AUTH=1                                  MLflow's basic authentication (a shared server): every request
 #                                           needs a user; the admin is created on first start with the
 #                                           password in MLFLOW_AUTH_ADMIN_PASSWORD (required then)
+#   AUTH_CACHE_TTL_S=600                    how long a worker trusts a checked password: each check is a
+#                                           scrypt hash, 3-4 s per request on 2 busy cores, and a run
+#                                           makes a request per logged step (a changed password reaches
+#                                           the other workers after this long)
 #   DEFAULT_PERMISSION=EDIT                 what every signed-in user may do in every experiment (EDIT: log
 #                                           runs into a team's shared experiment; READ: only their own)
 #   MLFLOW=.venv/bin/mlflow                 the mlflow executable
@@ -43,6 +47,7 @@ default_permission = ${DEFAULT_PERMISSION:-EDIT}
 database_uri = sqlite:///$DIR/basic_auth.db
 admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = ${AUTH_CACHE_TTL_S:-600}
 INI
   export MLFLOW_AUTH_CONFIG_PATH="$DIR/basic_auth.ini"
   # The auth app's CSRF protection refuses to start without a secret shared by all workers and

@@ -4,6 +4,7 @@ documented command) in its own process group on a free port, and stopped with th
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -44,11 +45,24 @@ class Server:
                 raise RuntimeError(f"mlflow server exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
-                    return self
+                    pass
             except OSError:
                 time.sleep(0.5)
+                continue
+            if self.auth:
+                self._sign_in()
+            return self
         self.stop()
         raise TimeoutError(f"mlflow server did not answer within {timeout:.0f} s:\n{self.log()[-3000:]}")
+
+    def _sign_in(self) -> None:
+        """One signed-in request: the first check of a password is a scrypt hash (3-4 s on 2 busy
+        cores, near the clients' 5 s timeout); the server caches it (AUTH_CACHE_TTL_S)."""
+        token = base64.b64encode(f"{ADMIN['MLFLOW_TRACKING_USERNAME']}:{ADMIN['MLFLOW_TRACKING_PASSWORD']}".encode())
+        request = urllib.request.Request(f"{self.uri}/api/2.0/mlflow/experiments/search?max_results=1",
+                                         headers={"Authorization": f"Basic {token.decode()}"})
+        with urllib.request.urlopen(request, timeout=60):
+            pass
 
     def stop(self) -> None:
         if self.proc is None:
