@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-fast lint clean-venv
+.PHONY: train test test-fast lint clean-venv mlflow-server
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m ruff check moe_morpheus tests benchmarks train.py
 	$(PY) -m pytest -q -m "not slow" tests
+
+# An MLflow tracking server on 127.0.0.1:5000 (runs in mlflow_server/mlflow.db, artifacts beside them);
+# train with tracking.uri=http://127.0.0.1:5000. Options (HOST, PORT, AUTH=1): scripts/mlflow_server.sh.
+mlflow-server: $(STAMP)
+	scripts/mlflow_server.sh mlflow_server
 
 lint: $(STAMP)
 	$(PY) -m ruff check --fix moe_morpheus tests benchmarks train.py
