@@ -1,6 +1,14 @@
 """MoE layer speed on this machine's CPU: fwd + bwd time over a dense GeGLU FFN and over a roofline.
 
-Run: ``.venv/bin/python benchmarks/moe_layer.py`` (about two minutes on 2 cores).
+Run: ``.venv/bin/python benchmarks/moe_layer.py [--json benchmarks/results/moe_layer.json --label after]``
+(about two minutes on 2 cores). ``--json`` adds the run under ``runs.<label>`` of that file with
+the commit of the ``moe_morpheus`` it imported (``--commit`` names it where that is no checkout:
+``PYTHONPATH=<exported tree>`` benchmarks another commit with this script).
+
+``--baseline-experts FILE`` (another commit's ``moe/experts.py``: ``git show <commit>:moe_morpheus/
+moe/experts.py > FILE``) also times every FMoE with that file's expert kernel, same weights and
+routing, in the same round-robin: a before/after of the experts within one run, immune to the
+minutes-long swings of a shared machine that separate runs see (+-10% here).
 
 1. 4096 tokens, hidden 256, expert hidden 256, 64 experts, top-2, against a dense GeGLU FFN of
    hidden 512 (the same active parameters: 2 x 256) on the same tokens. Goal: <= 1.3 (the ideal
@@ -14,12 +22,18 @@ Run: ``.venv/bin/python benchmarks/moe_layer.py`` (about two minutes on 2 cores)
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import moe_morpheus
 from moe_morpheus.moe import FMoE, GeGLUExperts
 
 TOKENS, HIDDEN, EXPERT_HIDDEN, TOP_K = 4096, 256, 256, 2
@@ -106,6 +120,24 @@ def native_layer(num_experts: int, expert=None) -> FMoE:
                 expert=expert or GeGLUExperts(num_experts, HIDDEN, EXPERT_HIDDEN))
 
 
+def baseline_layer(layer: FMoE, experts_py: Path) -> FMoE:
+    """A copy of ``layer`` (same gate and expert weights) whose experts run ``_GroupedGeGLU`` of
+    another ``experts.py`` (its parameters in GeGLUExperts' order, as every version has them)."""
+    spec = importlib.util.spec_from_file_location("baseline_experts", experts_py)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class BaselineExperts(GeGLUExperts):
+        def forward(self, x_ND, counts_E):
+            return module._GroupedGeGLU.apply(x_ND.contiguous(), [int(c) for c in counts_E], self.w_value_EFD,
+                                              self.b_value_EF, self.w_gate_proj_EFD, self.b_gate_proj_EF,
+                                              self.w_out_EDF, self.b_out_ED)
+
+    base = native_layer(layer.num_expert, BaselineExperts(layer.num_expert, HIDDEN, EXPERT_HIDDEN))
+    base.load_state_dict(layer.state_dict())
+    return base
+
+
 def megatron_moe_layer(num_experts: int, *, hidden: int = HIDDEN, expert_hidden: int = EXPERT_HIDDEN,
                        dispatcher: str = "allgather", dtype: torch.dtype = torch.float32,
                        grouped_gemm: bool = False, device: str = "cpu") -> nn.Module:
@@ -131,10 +163,32 @@ def megatron_moe_layer(num_experts: int, *, hidden: int = HIDDEN, expert_hidden:
     return layer.to(device)
 
 
+def source_commit() -> str:
+    """The commit of the imported moe_morpheus, "+dirty" if its moe/ differs from it."""
+    src = Path(moe_morpheus.__file__).parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "moe"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout: give --commit)"
+    return commit + ("+dirty" if dirty else "")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="add this run to that file (e.g. benchmarks/results/moe_layer.json)")
+    parser.add_argument("--label", default="run", help="the run's key under runs in --json")
+    parser.add_argument("--commit", help="the commit of the moe_morpheus benchmarked (default: from its checkout)")
+    parser.add_argument("--baseline-experts", type=Path, help="another experts.py, timed in the same run")
+    parser.add_argument("--baseline-commit", default="", help="the commit --baseline-experts comes from (recorded)")
+    args = parser.parse_args()
+
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tokens {TOKENS}, hidden {HIDDEN}, "
-          f"expert hidden {EXPERT_HIDDEN}, top-{TOP_K}, fp32, forward + backward, best of 7 round-robin")
+          f"expert hidden {EXPERT_HIDDEN}, top-{TOP_K}, fp32, forward + backward, best of 7 round-robin; "
+          f"moe_morpheus from {Path(moe_morpheus.__file__).parent}")
     x = torch.randn(TOKENS, HIDDEN, requires_grad=True)
     grad = torch.randn(TOKENS, HIDDEN)
 
@@ -148,29 +202,61 @@ def main() -> None:
         "FMoE, 64 experts (one module per expert)": (per_expert, x, grad, None),
         "Megatron-Core MoELayer, 64 experts (allgather)": (mcore, x3, grad3, lambda out: out[0]),
     }
+    if args.baseline_experts:
+        candidates["FMoE, 64 experts (baseline experts)"] = (baseline_layer(ours, args.baseline_experts), x, grad, None)
     seconds = timed({name: fwd_bwd(m, xi, gi, *([u] if u else [])) for name, (m, xi, gi, u) in candidates.items()})
     dense = seconds["dense GeGLU FFN, hidden 512"]
+    layers = {}
     print("\n| layer | ms | / dense |\n| --- | ---: | ---: |")
     for name, (module, *_rest) in candidates.items():
+        layers[name] = {"ms": seconds[name] * 1e3, "over_dense": seconds[name] / dense}
         note = ""
         if isinstance(module, FMoE):
-            note = f" (load max/mean {module.pop_stats()['load_max_over_mean']:.2f})"
+            layers[name]["load_max_over_mean"] = module.pop_stats()["load_max_over_mean"]
+            note = f" (load max/mean {layers[name]['load_max_over_mean']:.2f})"
         print(f"| {name}{note} | {seconds[name] * 1e3:.1f} | {seconds[name] / dense:.2f} |")
 
     # The sweep and the roofline probes are timed in one round-robin, so that both see the same
     # machine (the ratio is meaningless if the probes ran in a quieter or busier moment).
     sweep = {num_experts: native_layer(num_experts) for num_experts in (8, 16, 32, 64, 128, 256)}
+    fns = {e: fwd_bwd(layer, x, grad) for e, layer in sweep.items()}
+    if args.baseline_experts:
+        fns.update({("baseline", e): fwd_bwd(baseline_layer(layer, args.baseline_experts), x, grad)
+                    for e, layer in sweep.items()})
     probes = roofline_probes()
-    best = timed({**{e: fwd_bwd(layer, x, grad) for e, layer in sweep.items()}, **probes}, reps=5)
+    best = timed({**fns, **probes}, reps=5)
     peak = max(key[1] / best[key] for key in probes if key[0] == "matmul")
     bandwidth = next(key[1] / best[key] for key in probes if key[0] == "copy")
     print(f"\nroofline: matmul peak {peak / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print("\n| experts | ms | roofline ms | / roofline | load max/mean |\n| ---: | ---: | ---: | ---: | ---: |")
+    extra = " baseline ms | baseline / roofline |" if args.baseline_experts else ""
+    print(f"\n| experts | ms | roofline ms | / roofline | load max/mean |{extra}\n"
+          f"| ---: | ---: | ---: | ---: | ---: |{' ---: | ---: |' if extra else ''}")
+    roofline = {}
     for num_experts, layer in sweep.items():
         bound = roofline_seconds(num_experts, peak, bandwidth)
         balance = layer.pop_stats()["load_max_over_mean"]
-        print(f"| {num_experts} | {best[num_experts] * 1e3:.1f} | {bound * 1e3:.1f} | "
-              f"{best[num_experts] / bound:.2f} | {balance:.2f} |")
+        row = roofline[num_experts] = {"ms": best[num_experts] * 1e3, "roofline_ms": bound * 1e3,
+                                       "over_roofline": best[num_experts] / bound, "load_max_over_mean": balance}
+        line = (f"| {num_experts} | {row['ms']:.1f} | {bound * 1e3:.1f} | {row['over_roofline']:.2f} | "
+                f"{balance:.2f} |")
+        if args.baseline_experts:
+            base = best[("baseline", num_experts)]
+            row.update(baseline_ms=base * 1e3, baseline_over_roofline=base / bound)
+            line += f" {base * 1e3:.1f} | {base / bound:.2f} |"
+        print(line)
+
+    if args.json:
+        results = json.loads(args.json.read_text()) if args.json.exists() else {}
+        run = {"commit": args.commit or source_commit(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "layers_64_experts": layers, "matmul_peak_flops": peak, "copy_bytes_per_s": bandwidth,
+               "sweep": roofline}
+        if args.baseline_experts:
+            run["baseline_experts"] = {"file": str(args.baseline_experts), "commit": args.baseline_commit}
+        results.setdefault("runs", {})[args.label] = run
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"\nwritten {args.json} (runs.{args.label})")
 
 
 if __name__ == "__main__":
