@@ -15,25 +15,38 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.helpers.distributed import free_port
-from tests.helpers.train_app import REPO, SMALL, train
+from tests.helpers.train_app import REPO, SMALL
 
 pytestmark = pytest.mark.slow
 
 ARGS = ["+experiment=moe_8e", "parallel.ep=2", "trainer.steps=3", *SMALL]
 
 
-def two_nodes(folder: Path, *args: str) -> None:
-    """``torchrun --nnodes=2 --node_rank=R --nproc_per_node=1 --rdzv_backend=c10d`` for R = 0, 1,
-    both from ``folder`` (a cluster's shared filesystem)."""
+def torchrun(folder: Path, launcher: list[str], *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONWARNINGS="ignore::UserWarning", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", *launcher, str(REPO / "train.py"), *args,
+         f"tracking.uri=sqlite:///{folder}/mlflow.db"],
+        cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def single_node(folder: Path, *args: str) -> None:
+    """``torchrun --standalone --nproc_per_node=2`` (what ``launch.nproc_per_node=2`` starts, without
+    the extra Hydra process in front)."""
+    node = torchrun(folder, ["--standalone", "--nproc_per_node=2"], *args)
+    log = node.communicate(timeout=600)[0]
+    assert node.returncode == 0, log[-5000:]
+
+
+def two_nodes(folder: Path, *args: str) -> None:
+    """``torchrun --nnodes=2 --node_rank=R --nproc_per_node=1 --rdzv_backend=c10d`` for R = 0, 1,
+    both from ``folder`` (a cluster's shared filesystem)."""
     port = free_port()
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
-         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=multinode-test",
-         str(REPO / "train.py"), *args, f"tracking.uri=sqlite:///{folder}/mlflow.db"],
-        cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    nodes = [torchrun(folder, ["--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                               f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=multinode-test"], *args)
+             for rank in (0, 1)]
     try:
         logs = [node.communicate(timeout=600)[0] for node in nodes]
     finally:
@@ -57,7 +70,7 @@ def test_two_nodes_train_one_run_with_the_single_node_losses(tmp_path):
     (tmp_path / "nodes").mkdir()
     two_nodes(tmp_path / "nodes", *ARGS)
     (tmp_path / "single").mkdir()
-    train(tmp_path / "single", *ARGS, "launch.nproc_per_node=2")
+    single_node(tmp_path / "single", *ARGS)
 
     multi, multi_losses = the_run(tmp_path / "nodes")
     single, single_losses = the_run(tmp_path / "single")
