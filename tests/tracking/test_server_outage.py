@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from moe_morpheus.tracking.names import TrackingWarning
+from moe_morpheus.tracking.sync import main
 from moe_morpheus.tracking.tracker import Tracker
 from tests.helpers.mlflow_server import Server
 from tests.helpers.train_app import SMALL, train
@@ -22,16 +23,23 @@ from tests.helpers.train_app import SMALL, train
 pytestmark = pytest.mark.slow
 
 
-def sync(*args: str) -> subprocess.CompletedProcess:
+def sync_command(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moe_morpheus.tracking", "sync", *args], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"})
+
+
+def sync(capsys, *args: str) -> tuple[int, str]:
+    """The same command in this process (a fresh interpreter costs 3-7 s here)."""
+    capsys.readouterr()
+    code = main(["sync", *args])
+    return code, capsys.readouterr().out
 
 
 def losses(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
 
 
-def test_server_away_then_back_sync_delivers_and_ends_runs(tmp_path):
+def test_server_away_then_back_sync_delivers_and_ends_runs(tmp_path, capsys):
     (tmp_path / "server").mkdir()
     server = Server(tmp_path / "server").start()
     client = MlflowClient(tracking_uri=server.uri)
@@ -59,7 +67,7 @@ def test_server_away_then_back_sync_delivers_and_ends_runs(tmp_path):
         assert time.monotonic() - t0 < 120
         run_dir = tmp_path / "outputs" / "away"
         assert (run_dir / "mlflow" / "spool.jsonl").exists()
-        assert sync(str(run_dir)).returncode == 1  # still away: the spool is kept
+        assert sync_command(str(run_dir)).returncode == 1  # still away: the spool is kept
 
         # 3. Back within tracking.finish_timeout_s of a run's end: finish waits and delivers.
         threading.Thread(target=server.start, daemon=True).start()
@@ -73,18 +81,18 @@ def test_server_away_then_back_sync_delivers_and_ends_runs(tmp_path):
 
         # 4. Back after the other two ended: sync delivers in order and ends each as it ended.
         assert client.get_run(during.run_id).info.status == "RUNNING"
-        done = sync(str(tmp_path / "during"))
-        assert done.returncode == 0 and "FINISHED" in done.stdout, done.stderr
+        code, out = sync(capsys, str(tmp_path / "during"))
+        assert code == 0 and "FINISHED" in out
         assert client.get_run(during.run_id).info.status == "FINISHED"
         assert losses(client, during.run_id) == [(0, 2.0), (1, 1.0)]
-        done = sync(str(run_dir))
-        assert done.returncode == 0 and "FINISHED" in done.stdout, done.stderr
+        code, out = sync(capsys, str(run_dir))
+        assert code == 0 and "FINISHED" in out
         assert not (run_dir / "mlflow" / "spool.jsonl").exists()
         away = client.search_runs([client.get_experiment_by_name("moe_morpheus").experiment_id])
         assert len(away) == 1 and away[0].info.status == "FINISHED"
         assert [s for s, _ in losses(client, away[0].info.run_id)] == [1, 2, 3]
         assert away[0].info.run_name.startswith("moe_8e-moe-glm_tiny-")
         assert "config.yaml" in {a.path for a in client.list_artifacts(away[0].info.run_id)}
-        assert "nothing to sync" in sync(str(run_dir)).stdout
+        assert "nothing to sync" in sync(capsys, str(run_dir))[1]
     finally:
         server.stop()
