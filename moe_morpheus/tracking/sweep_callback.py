@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,8 @@ class MLflowSweepCallback(Callback):
         (sweep_dir / PARENT_RUN_FILE).write_text(self.run_id)
         os.environ[PARENT_RUN_ENV] = self.run_id
         atexit.register(self._end, "FAILED")
+        self._sweep_dir = sweep_dir
+        print(f"multirun {sweep_dir}: MLflow parent run {self.run_id} at {self.uri}", file=sys.stderr, flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.run_id is None:
@@ -121,7 +124,12 @@ class MLflowSweepCallback(Callback):
                 stacklevel=2,
             )
             failed = False
+        run_id = self.run_id
         self._end("FAILED" if failed else "FINISHED")
+        # What a researcher does next, with the names this sweep was logged under.
+        print(f"multirun {self._sweep_dir} ended {'FAILED' if failed else 'FINISHED'} (MLflow parent run {run_id}); "
+              f"report: python -m moe_morpheus.report experiment={self.experiment} sweep={self.name} "
+              f"tracking_uri={self.uri}", file=sys.stderr, flush=True)
 
     def _end(self, status: str) -> None:
         try:

@@ -90,10 +90,16 @@ def module(tmp_path: Path, name: str, *args: str, check: bool = True) -> str:
 
 
 def test_multirun_makes_a_parent_with_nested_children(tmp_path):
-    train(tmp_path, "-m", "+sweeps=dense_vs_moe", "+experiment=dense,moe_8e", "trainer.seed=1",
-          "budget.chinchilla_fraction=0.0005", *SMALL)
+    result = train(tmp_path, "-m", "+sweeps=dense_vs_moe", "+experiment=dense,moe_8e", "trainer.seed=1",
+                   "budget.chinchilla_fraction=0.0005", *SMALL)
     frame = runs(tmp_path)
     parents = frame[frame["tags.mlflow.parentRunId"].isna()]
+    # The multirun names its folder and parent run, and at the end the command that reports it.
+    parent = parents.run_id.iloc[0]
+    assert re.search(rf"multirun \S+: MLflow parent run {parent} at sqlite:///", result.stderr), result.stderr[-2000:]
+    printed = re.search(rf"ended FINISHED \(MLflow parent run {parent}\); report: python -m moe_morpheus.report "
+                        rf"(.+)", result.stderr)
+    assert printed, result.stderr[-2000:]
     children = frame[frame["tags.mlflow.parentRunId"].notna()]
     assert len(parents) == 1 and parents["tags.sweep"].iloc[0] == "dense_vs_moe"
     assert sorted(children["tags.experiment"]) == ["dense", "moe_8e"]
@@ -105,8 +111,9 @@ def test_multirun_makes_a_parent_with_nested_children(tmp_path):
     from moe_morpheus.report.__main__ import main as report
 
     out = tmp_path / "report"
-    assert report(["experiment=moe_morpheus", "sweep=dense_vs_moe", f"tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-                   f"out={out}"]) == 0
+    assert printed.group(1).split() == ["experiment=moe_morpheus", "sweep=dense_vs_moe",
+                                        f"tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    assert report([*printed.group(1).split(), f"out={out}"]) == 0
     text = (out / "report.md").read_text()
     for run_id in children.run_id:
         assert run_id in text
