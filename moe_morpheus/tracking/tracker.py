@@ -84,6 +84,10 @@ TARGET_FILE = "spool_target.json"
 # While finish() waits for an absent server, it asks again this often (a refused connection costs
 # milliseconds, a black-holed host MLFLOW_HTTP_REQUEST_TIMEOUT = 5 s per ask).
 FINISH_POLL_S = 2.0
+# An interrupted run (status KILLED) waits at most this long for an absent server: Slurm sends
+# SIGKILL 30 s (its default KillWait) after the SIGTERM that stopped the run, and the checkpoint
+# is already saved; what is not delivered stays in the spool for `sync`.
+KILLED_WAIT_S = 10.0
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
@@ -219,7 +223,7 @@ class Tracker:
             self.log_metrics(summary, self._last_step)
         self._submit({"op": "terminate", "status": status, "time": _now_ms()})
         if self._pending:
-            self.flush(self.finish_timeout_s)
+            self.flush(min(self.finish_timeout_s, KILLED_WAIT_S) if status == "KILLED" else self.finish_timeout_s)
         if self._pending:
             self._warn(
                 f"{len(self._pending)} MLflow records could not be delivered to {self.uri}; they "

@@ -27,6 +27,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 from omegaconf import OmegaConf
 
+from moe_morpheus.tracking import tracker as tracker_module
 from moe_morpheus.tracking.names import (
     PARENT_RUN_ENV,
     PARENT_RUN_FILE,
@@ -197,6 +198,18 @@ def test_nonzero_rank_does_nothing(tmp_path, experiment, recwarn):
     assert len(recwarn) == 0  # the dead URI was never contacted
 
 
+@pytest.mark.parametrize("status, waited", [("FINISHED", 300.0), ("KILLED", tracker_module.KILLED_WAIT_S)])
+def test_an_interrupted_run_waits_less_for_an_absent_server(tmp_path, monkeypatch, experiment, status, waited):
+    # Slurm kills 30 s after its SIGTERM: a KILLED run must not wait tracking.finish_timeout_s (300 s here).
+    t = Tracker(closed_port_uri(), experiment, "away", rank=0, tags={}, local_dir=tmp_path, finish_timeout_s=300)
+    asked = []
+    monkeypatch.setattr(Tracker, "flush", lambda self, timeout_s: asked.append(timeout_s) or False)
+    with pytest.warns(TrackingWarning):
+        t.start({"lr": 0.1}, "lr: 0.1\n")
+        t.finish(status)
+    assert asked == [waited] and tracker_module.KILLED_WAIT_S < 30
+
+
 def test_unreachable_server_spools_then_replays_elsewhere(tmp_path, store, experiment):
     dead = closed_port_uri()
     t = Tracker(dead, experiment, "offline", rank=0, tags={"variant": "dense"}, local_dir=tmp_path,
@@ -337,6 +350,8 @@ APP = """
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
+
+from moe_morpheus.tracking import tracker as tracker_module
 from moe_morpheus.tracking.sweep_callback import parent_run_id
 from moe_morpheus.tracking.tracker import Tracker
 
