@@ -1,0 +1,81 @@
+"""``python train.py -m hydra/launcher=slurm`` against a real Slurm (``scripts/local_slurm.sh up``):
+one job submitted through hydra-submitit-launcher runs its 2 ranks (train.py's torchrun) inside
+its allocation and logs under the sweep's MLflow parent run. Skipped, with the reason, when
+``sinfo`` does not answer or the launcher plugin is not installed (CI without Slurm stays green).
+
+The preempt-and-requeue path (``scancel --signal=USR1``, ``scontrol requeue``) was run by hand
+(README.md "On a Slurm cluster"); it takes minutes on 2 cores, too long for a test here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers.train_app import REPO, SMALL
+
+pytestmark = pytest.mark.slow
+
+
+def _slurm_missing() -> str | None:
+    try:
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+    except ImportError:
+        return "hydra-submitit-launcher is not installed (pip install -e '.[slurm]')"
+    try:
+        answer = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=5)
+    except FileNotFoundError:
+        return "no sinfo: Slurm is not installed (scripts/local_slurm.sh up)"
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 5 s (scripts/local_slurm.sh up)"
+    if answer.returncode != 0:
+        return f"sinfo failed: {answer.stderr.strip()} (scripts/local_slurm.sh up)"
+    if "idle" not in answer.stdout.split() and "mix" not in answer.stdout.split():
+        return f"no idle Slurm node (sinfo: {answer.stdout.strip()})"
+    return None
+
+
+@pytest.fixture
+def slurm():
+    reason = _slurm_missing()
+    if reason:
+        print(f"skipped: {reason}")
+        pytest.skip(reason)
+
+
+# The allocation this machine can give: no GPUs, its 2 cores, one task that starts the ranks with
+# torchrun (launch.nproc_per_node), a few GB. The job folder is named by its number only: train.py
+# passes it to torchrun as hydra.run.dir=..., where Hydra's default subdir (the overrides, with
+# `=` in them) does not parse.
+LOCAL = [
+    "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=0",
+    f"hydra.launcher.cpus_per_task={min(os.cpu_count() or 2, 2)}", "hydra.launcher.mem_gb=4",
+    "hydra.launcher.timeout_min=10", "hydra.sweep.subdir=job${hydra.job.num}",
+]
+
+
+def test_a_sweep_job_runs_its_ranks_in_a_slurm_allocation(slurm, tmp_path: Path):
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    command = [sys.executable, str(REPO / "train.py"), "-m", *LOCAL, "hydra/callbacks=mlflow", "+experiment=moe_8e",
+               "sweep=slurm_test", "trainer.seed=1", "trainer.steps=2", "trainer.eval_interval=0", *SMALL,
+               "launch.nproc_per_node=2", "parallel.ep=2", f"hydra.sweep.dir={tmp_path}/multirun",
+               f"tracking.uri={db}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::UserWarning")
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=400)
+    logs = "\n".join(p.read_text() for p in (tmp_path / "multirun" / ".submitit").rglob("*_log.*"))
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}\n{logs[-3000:]}"
+    # The job ran under Slurm (submitit's log of the job) with 2 ranks (train.py's torchrun).
+    assert "Starting with JobEnvironment" in logs and "--nproc_per_node=2" in logs, logs[-3000:]
+    assert (tmp_path / "multirun" / "job0" / "result.txt").is_file()
+
+    client = MlflowClient(db)
+    runs = client.search_runs([client.get_experiment_by_name("moe_morpheus").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 1, [r.data.tags.get("mlflow.runName") for r in runs]
+    assert children[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert children[0].info.status == "FINISHED" and parents[0].info.status == "FINISHED"
