@@ -75,6 +75,14 @@ def _resume_command(output_dir: Path) -> str:
     return resume_command(output_dir, multirun_dir=multirun)
 
 
+def hydra_value(key: str, value: object) -> str:
+    """``key='value'`` as a Hydra override that reads back as ``value``: a multirun job's folder
+    is named after its overrides (``0_+experiment=moe_8e,trainer.seed=1``), and unquoted its
+    ``=`` and ``,`` are override syntax ("mismatched input '='" in every rank)."""
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"{key}='{text}'"
+
+
 def _torchrun(nproc: int, output_dir: Path, parent_run_id: str | None) -> float:
     """Run this job as ``torchrun --nproc_per_node=N train.py <same overrides>``.
 
@@ -86,7 +94,7 @@ def _torchrun(nproc: int, output_dir: Path, parent_run_id: str | None) -> float:
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("launch.nproc_per_node")]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        str(REPO_ROOT / "train.py"), *overrides, "launch.nproc_per_node=1", f"hydra.run.dir={output_dir}",
+        str(REPO_ROOT / "train.py"), *overrides, "launch.nproc_per_node=1", hydra_value("hydra.run.dir", output_dir),
     ]
     env = dict(os.environ, **{LAUNCHER_COMMAND_ENV: _resume_command(output_dir)})
     if parent_run_id:

@@ -59,3 +59,15 @@ def _agree(signalled_rank: int) -> int:
 @pytest.mark.slow
 def test_every_rank_stops_when_one_rank_was_signalled():
     assert run_distributed(_agree, 2, 1) == [signal.SIGUSR1, signal.SIGUSR1]
+
+
+def test_a_multirun_job_folder_passes_to_torchrun_ranks_intact():
+    # train.py hands its job folder to the ranks it starts as an override; a multirun job folder
+    # is named after its overrides, whose = and , are override syntax unless quoted.
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from moe_morpheus.train.app import hydra_value
+
+    folder = "/runs/multirun/2026-12-04/0_+experiment=moe_8e,trainer.seed=1,note=it's"
+    (override,) = OverridesParser.create().parse_overrides([hydra_value("hydra.run.dir", folder)])
+    assert override.key_or_group == "hydra.run.dir" and override.value() == folder
