@@ -118,6 +118,11 @@ def pool(sources: dict[str, SourceConfig], cache: Path, workers: int) -> float:
     return time.perf_counter() - start
 
 
+def finished_shards(cache: Path) -> int:
+    """Shards whose .json is in place: not a source index, not a temporary (".<name>.tmp-...")."""
+    return sum(not p.name.endswith(".index.json") and not p.name.startswith(".") for p in cache.rglob("*.json"))
+
+
 def cache_digest(cache: Path) -> dict[str, bytes]:
     return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
 
@@ -158,11 +163,11 @@ def main() -> None:
         proc = subprocess.Popen(command(killed, tmp / "run", "workers=1"), start_new_session=True, cwd=REPO,
                                 stderr=subprocess.DEVNULL)
         target = 2 * args.shards // 3
-        while proc.poll() is None and len(list((tmp / "killed").rglob("*.jsonl*.json"))) < target:
+        while proc.poll() is None and finished_shards(tmp / "killed") < target:
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        done = len(list((tmp / "killed").rglob("*.jsonl*.json")))
+        done = finished_shards(tmp / "killed")
         _, _, stderr = run_measured(command(killed, tmp / "run"))
         identical = cache_digest(tmp / "killed") == cache_digest(tmp / "pool")
         result["resume"] = {"shards": 2 * args.shards, "done_when_killed": done, "rerun_report": stderr.strip()

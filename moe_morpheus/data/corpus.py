@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import re
 import socket
 import warnings
 from collections.abc import Callable
@@ -101,6 +102,22 @@ class Corpus:
         return ds[2 * i].astype(np.int64), ds[2 * i + 1].astype(np.int64)
 
 
+# A shard's temporaries: "." + its cache name + ".tmp-<host>-<pid>" + .bin/.idx/.json. Host and
+# pid in the name let prepare remove the temporaries of dead processes of its own host only
+# (machines sharing the cache folder each tokenise their own shard ranges).
+_TEMPORARY = re.compile(r"\.tmp-(?P<host>.+)-(?P<pid>\d+)\.(bin|idx|json)$")
+
+
+def temporary_prefix(prefix: Path) -> str:
+    return str(prefix.parent / f".{prefix.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def temporary_owner(path: Path) -> tuple[str, int] | None:
+    """(host, pid) of the process writing the temporary ``path``; None for another file."""
+    match = _TEMPORARY.search(path.name)
+    return (match["host"], int(match["pid"])) if path.name.startswith(".") and match else None
+
+
 def tokenise_shard(name: str, src: SourceConfig, shard: Shard, tokenizer: Tokenizer, *,
                    threads: int | None = None, on_bytes: Callable[[int], None] | None = None) -> dict:
     """Tokenise one shard into its cache files (atomically) and return its metadata. A shard
@@ -109,9 +126,7 @@ def tokenise_shard(name: str, src: SourceConfig, shard: Shard, tokenizer: Tokeni
 
     prefix = Path(shard.prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    # Host and pid in the name: prepare removes the temporaries of dead processes of its own host
-    # only (machines sharing the cache folder each tokenise their own shard ranges).
-    tmp = str(prefix.parent / f".{prefix.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp = temporary_prefix(prefix)
     # uint16 halves the file for vocabularies below 65,535 (the demo's 8,192).
     dtype = np.uint16 if tokenizer.vocab_size < 65535 else np.int32
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)

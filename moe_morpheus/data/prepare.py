@@ -42,7 +42,7 @@ from moe_morpheus.config.data import (
 )
 from moe_morpheus.config.errors import ConfigError
 from moe_morpheus.config.keys import check_keys, check_overrides
-from moe_morpheus.data.corpus import tokenise_shard, write_index
+from moe_morpheus.data.corpus import temporary_owner, tokenise_shard, write_index
 from moe_morpheus.data.readers import DataError
 from moe_morpheus.data.shards import Shard, file_sha256, index_path, source_shards
 from moe_morpheus.data.tokenizer import Tokenizer
@@ -75,9 +75,8 @@ def remove_stale_temporaries(cache_dir: Path) -> int:
     process, or one of another host sharing the folder, keeps its own."""
     host, removed = socket.gethostname(), 0
     for path in cache_dir.glob("shards/*/.*.tmp-*"):
-        stem = path.name.rsplit(".tmp-", 1)[1].split(".")[0]
-        owner, _, pid = stem.rpartition("-")
-        if owner != host or not pid.isdigit() or _alive(int(pid)):
+        owner = temporary_owner(path)
+        if owner is None or owner[0] != host or _alive(owner[1]):
             continue
         path.unlink(missing_ok=True)
         removed += 1

@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from moe_morpheus.config.data import DataConfig, PrepareConfig, SourceConfig
-from moe_morpheus.data.corpus import build_corpus
+from moe_morpheus.data.corpus import build_corpus, temporary_prefix
 from moe_morpheus.data.prepare import prepare, remove_stale_temporaries
 from moe_morpheus.data.readers import DataError
 from tests.helpers.data import write_jsonl
@@ -112,15 +113,18 @@ def test_an_unreadable_shard_fails_with_its_path_and_the_rest_is_kept(corpus, tm
     assert "cannot read shard" in result.failed[0][1] and "en-001.jsonl.gz" in result.failed[0][1]
 
 
-def test_stale_temporaries_of_dead_processes_only(tmp_path):
+@pytest.mark.parametrize("host", [None, "node01.cluster.example"])  # None: this machine's name
+def test_stale_temporaries_of_dead_processes_only(tmp_path, monkeypatch, host):
     import socket
 
+    if host:  # cluster nodes are often named with dots
+        monkeypatch.setattr(socket, "gethostname", lambda: host)
     (tmp_path / "shards" / "en").mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = socket.gethostname()
-    stale = tmp_path / "shards" / "en" / f".x-abc.tmp-{host}-{dead.pid}.bin"
-    live = tmp_path / "shards" / "en" / f".y-abc.tmp-{host}-{os.getpid()}.bin"
+    # Named as the writer names them (corpus.temporary_prefix: this host, this process).
+    live = Path(temporary_prefix(tmp_path / "shards" / "en" / "y-abc") + ".bin")
+    stale = live.with_name(live.name.replace("y-abc", "x-abc").replace(f"-{os.getpid()}.", f"-{dead.pid}."))
     other_host = tmp_path / "shards" / "en" / f".z-abc.tmp-elsewhere-{dead.pid}.bin"
     for p in (stale, live, other_host):
         p.write_bytes(b"partial")
@@ -151,7 +155,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_files(tmp_path):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = len([p for p in cache.rglob("*.json") if not p.name.endswith(".index.json")])
+    # Finished shards: their .json, not a source index nor a temporary the kill left (".<name>.tmp-...").
+    done = len([p for p in cache.rglob("*.json") if not p.name.endswith(".index.json") and not p.name.startswith(".")])
     assert 0 < done < 16, proc.stderr.read()
     rerun = subprocess.run([*command, "-m", *args, "shards=0:8,8:"], capture_output=True, text=True, env=env)
     assert rerun.returncode == 0, rerun.stderr
