@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -37,18 +38,23 @@ def train(tmp: Path, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+def start_until_checkpoint(tmp: Path, run_dir: Path, step: int, log, *args: str) -> subprocess.Popen:
+    """Start a run writing to ``log`` and return once step ``step``'s checkpoint is complete."""
+    proc = subprocess.Popen(command(tmp, run_dir, *args), cwd=tmp, stdout=log, stderr=subprocess.STDOUT, env=env())
+    marker = run_dir / "checkpoints" / f"step_{step:08d}" / "checkpoint.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, f"the run ended before step {step}'s checkpoint:\n{Path(log.name).read_text()}"
+        assert time.monotonic() < deadline, f"no checkpoint of step {step} within 300 s"
+        time.sleep(0.02)
+    return proc
+
+
 def train_and_kill(tmp: Path, run_dir: Path, *args: str) -> float:
     """Start a run, SIGKILL it and all its processes at a random moment after step 10's
     checkpoint is complete; returns the delay (printed, to reproduce a failure)."""
     log = (tmp / "killed.log").open("w")
-    proc = subprocess.Popen(command(tmp, run_dir, *args), cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
-                            env=env())
-    marker = run_dir / "checkpoints" / "step_00000010" / "checkpoint.json"
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert proc.poll() is None, f"the run ended before step 10's checkpoint:\n{(tmp / 'killed.log').read_text()}"
-        assert time.monotonic() < deadline, "no checkpoint of step 10 within 300 s"
-        time.sleep(0.02)
+    proc = start_until_checkpoint(tmp, run_dir, 10, log, *args)
     delay = random.uniform(0.0, 0.3)
     print(f"SIGKILL {delay:.3f} s after step 10's checkpoint")
     time.sleep(delay)
@@ -85,14 +91,7 @@ def train_and_signal(tmp: Path, run_dir: Path, signum: int, *args: str) -> subpr
     complete, as a terminal's Ctrl-C, ``timeout`` or Slurm would; its output and exit code."""
     out = tmp / "signalled.log"
     with out.open("w") as log:
-        proc = subprocess.Popen(command(tmp, run_dir, *args), cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
-                                env=env())
-        marker = run_dir / "checkpoints" / "step_00000005" / "checkpoint.json"
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert proc.poll() is None, f"the run ended before step 5's checkpoint:\n{out.read_text()}"
-            assert time.monotonic() < deadline, "no checkpoint of step 5 within 300 s"
-            time.sleep(0.02)
+        proc = start_until_checkpoint(tmp, run_dir, 5, log, *args)
         os.kill(proc.pid, signum)
         proc.wait(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), "")
@@ -109,3 +108,21 @@ def resume_line(output: str) -> str:
     lines = [line for line in output.splitlines() if "resume with: " in line]
     assert len(lines) == 1, output[-3000:]
     return lines[0]
+
+
+def run_printed_command(tmp: Path, run_dir: Path, stopped: subprocess.CompletedProcess
+                        ) -> tuple[int, str, subprocess.CompletedProcess]:
+    """An interrupted run's saved step (checked: a complete checkpoint, at or after the signal at
+    step 5, and the MLflow run KILLED), the line it printed, and the run of the command in it."""
+    line = resume_line(stopped.stdout)
+    step = int(line.split("after step ")[1].split(":")[0])
+    # With several ranks, a complete checkpoint means every rank saved that step (its manifest lists them all).
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "checkpoint.json").is_file() and step >= 5
+    assert run_status(tmp) == "KILLED"
+    resumed = subprocess.run(resume_argv(line), cwd=tmp, capture_output=True, text=True, env=env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return step, line, resumed
+
+
+def resume_argv(line: str) -> list[str]:
+    return shlex.split(line.split("resume with: ")[1])

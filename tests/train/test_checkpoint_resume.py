@@ -4,7 +4,6 @@ it prints resumes exactly, a kill during a save, and injected NaN and loss spike
 
 from __future__ import annotations
 
-import shlex
 import signal
 import subprocess
 from dataclasses import replace
@@ -18,7 +17,8 @@ from tests.helpers.resume import (
     command,
     env,
     metric,
-    resume_line,
+    resume_argv,
+    run_printed_command,
     run_status,
     train,
     train_and_kill,
@@ -46,15 +46,8 @@ def test_sigterm_saves_and_the_printed_command_resumes_exactly(tmp_path, referen
     run_dir = tmp_path / "run"
     stopped = train_and_signal(tmp_path, run_dir, signal.SIGTERM)
     assert stopped.returncode == 143 and "Traceback" not in stopped.stdout, stopped.stdout[-3000:]
-    line = resume_line(stopped.stdout)
-    step = int(line.split("after step ")[1].split(":")[0])
-    assert step >= 5 and f"saved {run_dir / 'checkpoints' / f'step_{step:08d}'}" in line
-    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "checkpoint.json").is_file()
-    assert run_status(tmp_path) == "KILLED"
-
-    resumed = subprocess.run(shlex.split(line.split("resume with: ")[1]), cwd=tmp_path, capture_output=True,
-                             text=True, env=env(), timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    step, line, resumed = run_printed_command(tmp_path, run_dir, stopped)
+    assert f"saved {run_dir / 'checkpoints' / f'step_{step:08d}'}" in line
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:08d}'}" in resumed.stdout
     losses = metric(tmp_path, "train/loss")  # the same MLflow run, FINISHED
     assert sorted(losses) == list(range(1, 21))
@@ -66,8 +59,7 @@ def test_sigterm_saves_and_the_printed_command_resumes_exactly(tmp_path, referen
         assert text in log, text
 
     # Resuming a finished run: nothing evaluated, nothing logged, exit 0.
-    again = subprocess.run(shlex.split(line.split("resume with: ")[1]), cwd=tmp_path, capture_output=True,
-                           text=True, env=env(), timeout=600)
+    again = subprocess.run(resume_argv(line), cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=600)
     assert again.returncode == 0 and "already finished (step 20 of 20" in again.stdout
     assert "tokens/s" not in again.stdout and run_status(tmp_path) == "FINISHED"
     assert len(metric(tmp_path, "valid/loss")[20]) == 1

@@ -5,7 +5,6 @@ read back from MLflow."""
 
 from __future__ import annotations
 
-import shlex
 import signal
 import subprocess
 import sys
@@ -19,8 +18,7 @@ from tests.helpers.resume import (
     assert_same_losses,
     env,
     metric,
-    resume_line,
-    run_status,
+    run_printed_command,
     train,
     train_and_kill,
     train_and_signal,
@@ -54,14 +52,8 @@ def test_ctrl_c_with_two_processes_saves_and_the_printed_command_resumes_exactly
     run_dir = tmp_path / "run"
     stopped = train_and_signal(tmp_path, run_dir, signal.SIGINT, *EP2)
     assert stopped.returncode == 130 and "Traceback" not in stopped.stdout, stopped.stdout[-3000:]
-    line = resume_line(stopped.stdout)
-    step = int(line.split("after step ")[1].split(":")[0])
-    # Both ranks saved the same step: the checkpoint is complete (every rank's shards in its manifest).
-    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "checkpoint.json").is_file() and step >= 5
-    assert run_status(tmp_path) == "KILLED"
-    resumed = subprocess.run(shlex.split(line.split("resume with: ")[1]), cwd=tmp_path, capture_output=True,
-                             text=True, env=env(), timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # Both ranks saved the same step, and the printed command resumes it.
+    run_printed_command(tmp_path, run_dir, stopped)
     losses = metric(tmp_path, "train/loss")
     assert sorted(losses) == list(range(1, 21))
     assert all(v == reference_ep2[s][0] for s, values in losses.items() for v in values), (losses, reference_ep2)
