@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping
@@ -103,6 +104,20 @@ def check_keys(config: Mapping, schema: type) -> None:
     for key in _dotted(config):
         if message := unknown_key(key, schema):
             raise ConfigError(message)
+
+
+# Values Hydra reads back unchanged without quotes (paths, timestamps, numbers).
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_/.:-]+")
+
+
+def override(key: str, value: object) -> str:
+    """``key=value`` as a Hydra override that reads back as ``value``, quoted when the value holds
+    override syntax: a multirun job's folder is named after its overrides
+    (``0_+experiment=moe_8e,trainer.seed=1``), whose ``=`` and ``,`` fail to parse unquoted."""
+    text = str(value)
+    if _PLAIN_VALUE.fullmatch(text):
+        return f"{key}={text}"
+    return f"{key}='" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def override_key(override: str) -> str:

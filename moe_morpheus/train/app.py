@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_morpheus.config import ConfigError
 from moe_morpheus.config.experiment import check_command_line
+from moe_morpheus.config.keys import override
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("moe_morpheus.run")
@@ -75,14 +76,6 @@ def _resume_command(output_dir: Path) -> str:
     return resume_command(output_dir, multirun_dir=multirun)
 
 
-def hydra_value(key: str, value: object) -> str:
-    """``key='value'`` as a Hydra override that reads back as ``value``: a multirun job's folder
-    is named after its overrides (``0_+experiment=moe_8e,trainer.seed=1``), and unquoted its
-    ``=`` and ``,`` are override syntax ("mismatched input '='" in every rank)."""
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
-    return f"{key}='{text}'"
-
-
 def _torchrun(nproc: int, output_dir: Path, parent_run_id: str | None) -> float:
     """Run this job as ``torchrun --nproc_per_node=N train.py <same overrides>``.
 
@@ -94,7 +87,7 @@ def _torchrun(nproc: int, output_dir: Path, parent_run_id: str | None) -> float:
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("launch.nproc_per_node")]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        str(REPO_ROOT / "train.py"), *overrides, "launch.nproc_per_node=1", hydra_value("hydra.run.dir", output_dir),
+        str(REPO_ROOT / "train.py"), *overrides, "launch.nproc_per_node=1", override("hydra.run.dir", output_dir),
     ]
     env = dict(os.environ, **{LAUNCHER_COMMAND_ENV: _resume_command(output_dir)})
     if parent_run_id:

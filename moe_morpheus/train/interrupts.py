@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moe_morpheus.config.keys import override
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 # Set by train/app.py when it starts torchrun for a job itself: the command that resumes the job
 # (rank 0 prints it), and the sign that the launcher, not the ranks, exits with the signal's code
@@ -104,8 +106,8 @@ def resume_argv(argv: list[str], run_dir: Path, *, multirun_dir: Path | None = N
     such as an upcycled start, would start over from that path instead of this run's checkpoints)."""
     argv = _without(argv, ("hydra.run.dir", "hydra.sweep.dir", "checkpoint.resume", "+checkpoint.resume"))
     if multirun_dir is not None:
-        return [*argv, f"hydra.sweep.dir={multirun_dir}"]
-    return [*argv, f"hydra.run.dir={run_dir}"]
+        return [*argv, override("hydra.sweep.dir", multirun_dir)]
+    return [*argv, override("hydra.run.dir", run_dir)]
 
 
 def typed_command() -> list[str]:

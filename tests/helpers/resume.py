@@ -119,10 +119,10 @@ def run_printed_command(tmp: Path, run_dir: Path, stopped: subprocess.CompletedP
     # With several ranks, a complete checkpoint means every rank saved that step (its manifest lists them all).
     assert (run_dir / "checkpoints" / f"step_{step:08d}" / "checkpoint.json").is_file() and step >= 5
     assert run_status(tmp) == "KILLED"
-    resumed = subprocess.run(resume_argv(line), cwd=tmp, capture_output=True, text=True, env=env(), timeout=600)
+    resumed = subprocess.run(printed_argv(line), cwd=tmp, capture_output=True, text=True, env=env(), timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return step, line, resumed
 
 
-def resume_argv(line: str) -> list[str]:
+def printed_argv(line: str) -> list[str]:
     return shlex.split(line.split("resume with: ")[1])

@@ -17,7 +17,7 @@ from tests.helpers.resume import (
     command,
     env,
     metric,
-    resume_argv,
+    printed_argv,
     run_printed_command,
     run_status,
     train,
@@ -59,7 +59,7 @@ def test_sigterm_saves_and_the_printed_command_resumes_exactly(tmp_path, referen
         assert text in log, text
 
     # Resuming a finished run: nothing evaluated, nothing logged, exit 0.
-    again = subprocess.run(resume_argv(line), cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=600)
+    again = subprocess.run(printed_argv(line), cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=600)
     assert again.returncode == 0 and "already finished (step 20 of 20" in again.stdout
     assert "tokens/s" not in again.stdout and run_status(tmp_path) == "FINISHED"
     assert len(metric(tmp_path, "valid/loss")[20]) == 1

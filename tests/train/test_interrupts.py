@@ -66,8 +66,12 @@ def test_a_multirun_job_folder_passes_to_torchrun_ranks_intact():
     # is named after its overrides, whose = and , are override syntax unless quoted.
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from moe_morpheus.train.app import hydra_value
+    from moe_morpheus.config.keys import override
 
     folder = "/runs/multirun/2026-12-04/0_+experiment=moe_8e,trainer.seed=1,note=it's"
-    (override,) = OverridesParser.create().parse_overrides([hydra_value("hydra.run.dir", folder)])
-    assert override.key_or_group == "hydra.run.dir" and override.value() == folder
+    (parsed,) = OverridesParser.create().parse_overrides([override("hydra.run.dir", folder)])
+    assert parsed.key_or_group == "hydra.run.dir" and parsed.value() == folder
+    # A plain path stays as written, so the resume line a user reads is the command they typed.
+    assert override("hydra.run.dir", "/r/outputs/moe_8e/2026-12-04_01-53-32-123") == \
+        "hydra.run.dir=/r/outputs/moe_8e/2026-12-04_01-53-32-123"
+    assert resume_argv(["python", "train.py"], Path(folder))[-1] == override("hydra.run.dir", folder)
