@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_morpheus.config.budget import BudgetConfig
 from moe_morpheus.config.data import DataConfig, sources_left_to_configs
 from moe_morpheus.config.errors import ConfigError
-from moe_morpheus.config.keys import check_keys, check_overrides
+from moe_morpheus.config.keys import check_keys, check_overrides, folder_name
 from moe_morpheus.config.model import ModelConfig
 from moe_morpheus.config.moe import MoEConfig
 from moe_morpheus.config.parallel import ParallelConfig
@@ -129,6 +129,10 @@ class ExperimentConfig:
 
 
 def register_configs() -> None:
+    """The schema for Hydra, and the ``folder_name`` resolver that names multirun job folders
+    (conf/config.yaml)."""
+    if not OmegaConf.has_resolver("folder_name"):
+        OmegaConf.register_new_resolver("folder_name", folder_name)
     ConfigStore.instance().store(name="experiment_schema",
                                  node=sources_left_to_configs(OmegaConf.structured(ExperimentConfig)))
 

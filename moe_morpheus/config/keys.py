@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import re
 import types
 import typing
@@ -136,3 +137,21 @@ def check_overrides(overrides: Iterable[str], schema: type, groups: Iterable[str
             continue
         if message := unknown_key(key, schema):
             raise ConfigError(message)
+
+
+# File systems allow 255 bytes per name; Hydra's override_dirname of a sweep with a dozen
+# overrides is longer (a two-job test sweep: 287 bytes), and a value with ``/`` nests folders.
+FOLDER_NAME_MAX_BYTES = 200
+
+
+def folder_name(overrides: str, limit: int = FOLDER_NAME_MAX_BYTES) -> str:
+    """A multirun job's folder name from its overrides (Hydra's ``override_dirname``), the same
+    on every launch so that a rerun finds the job again: ``/`` written ``%2F``, and a name over
+    ``limit`` bytes cut to its first ``limit - 13`` bytes plus ``~`` and 12 hex digits of the
+    whole name's SHA-256 (two jobs that differ only past the cut stay apart)."""
+    name = overrides.replace("/", "%2F")
+    raw = name.encode()
+    if len(raw) <= limit:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    return raw[:limit - 13].decode(errors="ignore") + "~" + digest

@@ -5,7 +5,9 @@ moment the SQLite database and the experiment are created, once, before any job 
 them) and publishes its id in the file ``<hydra.sweep.dir>/mlflow_parent_run_id`` (read by jobs
 in any process: basic launcher, joblib, submitit) and in the environment variable
 ``MOE_MORPHEUS_PARENT_RUN_ID`` (inherited by processes a job spawns, e.g. torchrun ranks). Jobs
-get it with :func:`parent_run_id`.
+get it with :func:`parent_run_id`. A later launch into the same sweep folder (the sweeps in
+``conf/sweeps/`` name their folder after the sweep, so rerunning the command does) reopens that
+parent instead of making a second one: the rerun resumes the same jobs in the same MLflow runs.
 """
 
 
@@ -91,7 +93,10 @@ class MLflowSweepCallback(Callback):
         try:
             self._client = MlflowClient(tracking_uri=self.uri)
             self._experiment_id = ensure_experiment(self._client, self.experiment)
-            run = self._client.create_run(self._experiment_id, run_name=self.name, tags=tags)
+            run = self._reopen(sweep_dir)
+            resumed = run is not None
+            if run is None:
+                run = self._client.create_run(self._experiment_id, run_name=self.name, tags=tags)
         except Exception as exc:
             warnings.warn(
                 f"could not create the sweep's parent MLflow run at {self.uri} ({exc}); jobs are "
@@ -106,7 +111,26 @@ class MLflowSweepCallback(Callback):
         os.environ[PARENT_RUN_ENV] = self.run_id
         atexit.register(self._end, "FAILED")
         self._sweep_dir = sweep_dir
-        print(f"multirun {sweep_dir}: MLflow parent run {self.run_id} at {self.uri}", file=sys.stderr, flush=True)
+        again = (" (resumed: finished jobs are skipped, unfinished ones continue from their checkpoints; "
+                 "pass hydra.sweep.dir=NEW_FOLDER for a fresh sweep)") if resumed else ""
+        print(f"multirun {sweep_dir}: MLflow parent run {self.run_id} at {self.uri}{again}", file=sys.stderr, flush=True)
+
+    def _reopen(self, sweep_dir: Path):
+        """The parent run of an earlier launch into ``sweep_dir``, set RUNNING again, or None.
+        A rerun of a sweep resumes its jobs in their own folders and MLflow runs (train/app.py),
+        so they stay children of the one parent; a parent file whose run is not in this store
+        (another tracking URI, a deleted run) starts a new parent."""
+        path = sweep_dir / PARENT_RUN_FILE
+        if not path.exists():
+            return None
+        try:
+            run = self._client.get_run(path.read_text().strip())
+        except Exception:
+            return None
+        if run.info.experiment_id != self._experiment_id or run.info.lifecycle_stage != "active":
+            return None
+        self._client.update_run(run.info.run_id, status="RUNNING")
+        return run
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.run_id is None:

@@ -22,7 +22,14 @@ from moe_morpheus.config import (
     UpcycleConfig,
 )
 from moe_morpheus.config.experiment import CONF_DIR, ExperimentConfig, compose_experiment, to_experiment
-from moe_morpheus.config.keys import check_keys, check_overrides, schema_keys, unknown_key
+from moe_morpheus.config.keys import (
+    FOLDER_NAME_MAX_BYTES,
+    check_keys,
+    check_overrides,
+    folder_name,
+    schema_keys,
+    unknown_key,
+)
 from moe_morpheus.config.moe import divisors_near
 
 GROUPS = ["data", "experiment", "hydra", "model", "moe", "parallel", "sweeps", "trainer"]
@@ -175,15 +182,28 @@ def test_sweeps_are_a_config_group_sharing_one_callback(tmp_path):
 
     register_configs()
     sweeps = sorted(p.stem for p in (CONF_DIR / "sweeps").glob("*.yaml"))
-    assert sweeps == ["chinchilla_ladder", "dense_vs_moe"]
+    assert {"chinchilla_ladder", "dense_vs_moe", "study_moe_vs_dense"} <= set(sweeps)
     for name in sweeps:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=[f"+sweeps={name}"], return_hydra_config=True)
         callback = cfg.hydra.callbacks.mlflow_sweep
         assert callback._target_ == "moe_morpheus.tracking.sweep_callback.MLflowSweepCallback"
         assert callback.name == name and cfg.hydra.sweeper.params
+        # One folder per sweep: rerunning the command resumes it.
+        assert cfg.hydra.sweep.dir == f"multirun/{name}"
     # From any working directory: the group lives under conf/, no search path is added.
     result = subprocess.run([sys.executable, str(CONF_DIR.parent / "train.py"), "+sweeps=dense_vs_moe",
                              "--cfg", "hydra"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "MLflowSweepCallback" in result.stdout and "+experiment: dense,moe_8e" in result.stdout
+
+
+def test_job_folder_names_fit_a_file_system_and_stay_apart():
+    short = "+experiment=moe_8e,trainer.seed=1"
+    assert folder_name(short) == short  # as Hydra names it, when it fits
+    assert folder_name("data.sources.en.path=/d/en.jsonl") == "data.sources.en.path=%2Fd%2Fen.jsonl"
+    long_a, long_b = ("x" * 300 + ",trainer.seed=1"), ("x" * 300 + ",trainer.seed=2")
+    a, b = folder_name(long_a), folder_name(long_b)
+    assert a != b and len(a.encode()) == FOLDER_NAME_MAX_BYTES and a.startswith("x" * 150)
+    assert folder_name(long_a) == a  # the same on every launch: a rerun finds the job again
+    assert len(folder_name("数" * 100).encode()) <= FOLDER_NAME_MAX_BYTES  # never cut inside a character

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.train_app import REPO, SMALL
+from tests.helpers.train_app import REPO, SMALL, wait_for
 
 # 20 steps, a checkpoint every 5; evaluation only at the end (the losses under test are training's).
 RUN = ["+experiment=moe_8e", "trainer.steps=20", "checkpoint.interval_steps=5", "trainer.eval_interval=0", *SMALL]
@@ -41,12 +41,7 @@ def train(tmp: Path, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
 def start_until_checkpoint(tmp: Path, run_dir: Path, step: int, log, *args: str) -> subprocess.Popen:
     """Start a run writing to ``log`` and return once step ``step``'s checkpoint is complete."""
     proc = subprocess.Popen(command(tmp, run_dir, *args), cwd=tmp, stdout=log, stderr=subprocess.STDOUT, env=env())
-    marker = run_dir / "checkpoints" / f"step_{step:08d}" / "checkpoint.json"
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert proc.poll() is None, f"the run ended before step {step}'s checkpoint:\n{Path(log.name).read_text()}"
-        assert time.monotonic() < deadline, f"no checkpoint of step {step} within 300 s"
-        time.sleep(0.02)
+    wait_for((run_dir / "checkpoints" / f"step_{step:08d}" / "checkpoint.json").exists, proc, Path(log.name))
     return proc
 
 

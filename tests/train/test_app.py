@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.train_app import SMALL, runs, train
+from tests.helpers.train_app import SMALL, runs, train, train_command, train_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -89,10 +90,31 @@ def module(tmp_path: Path, name: str, *args: str, check: bool = True) -> str:
     return result.stdout + result.stderr
 
 
-def test_multirun_makes_a_parent_with_nested_children(tmp_path):
-    result = train(tmp_path, "-m", "+sweeps=dense_vs_moe", "+experiment=dense,moe_8e", "trainer.seed=1",
-                   "budget.chinchilla_fraction=0.0005", *SMALL)
+def test_multirun_makes_a_parent_with_nested_children_and_a_rerun_resumes_it(tmp_path):
+    sweep = ["-m", "+sweeps=dense_vs_moe", "+experiment=dense,moe_8e", "trainer.seed=1",
+             "budget.chinchilla_fraction=0.0005", "checkpoint.interval_steps=5", *SMALL]
+    # SIGTERM (a session or allocation ending) once the second job has saved step 5.
+    with (tmp_path / "stopped.log").open("w") as log:
+        proc = subprocess.Popen(train_command(tmp_path, *sweep), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                env=train_env())
+        wait_for(lambda: list(tmp_path.glob("multirun/dense_vs_moe/1_*/checkpoints/step_00000005/checkpoint.json")),
+                 proc, tmp_path / "stopped.log")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=300) == 143, (tmp_path / "stopped.log").read_text()[-3000:]
+    before = runs(tmp_path)
+    first_job = before[before["tags.experiment"] == "dense"]
+    assert list(first_job.status) == ["FINISHED"] and list(before[before["tags.experiment"] == "moe_8e"].status) == ["KILLED"]
+    first_losses = _losses(tmp_path, first_job.run_id.iloc[0])
+
+    # The same command again: the finished job is skipped, the stopped one continues.
+    result = train(tmp_path, *sweep)
+    assert "this run already finished" in result.stdout + result.stderr
+    assert "resumed: finished jobs are skipped" in result.stderr
     frame = runs(tmp_path)
+    assert sorted(frame.run_id) == sorted(before.run_id), "a rerun must continue the sweep's runs, not open others"
+    assert _losses(tmp_path, first_job.run_id.iloc[0]) == first_losses
+    resumed = _losses(tmp_path, frame[frame["tags.experiment"] == "moe_8e"].run_id.iloc[0])
+    assert sorted(set(resumed)) == list(range(1, max(resumed) + 1)) and max(resumed) > 5
     parents = frame[frame["tags.mlflow.parentRunId"].isna()]
     # The multirun names its folder and parent run, and at the end the command that reports it.
     parent = parents.run_id.iloc[0]
@@ -119,6 +141,14 @@ def test_multirun_makes_a_parent_with_nested_children(tmp_path):
         assert run_id in text
     assert list(out.glob("*.png")) and (out / "report.html").stat().st_size > 10_000
     assert "## Evaluation" in text and "en_gmask perplexity" in text and "cloze_zh/accuracy" in text
+
+
+def _losses(tmp_path: Path, run_id: str) -> dict[int, list[float]]:
+    """Every train/loss a run logged, by step."""
+    values: dict[int, list[float]] = {}
+    for m in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(run_id, "train/loss"):
+        values.setdefault(m.step, []).append(m.value)
+    return values
 
 
 @pytest.mark.parametrize("args,message", [
