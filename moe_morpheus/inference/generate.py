@@ -90,6 +90,13 @@ class Generator:
                                 None, None, gmask=window(gmask, i, i + 1), kv_caches=caches)
         return logits
 
+    def room(self, prompt_ids: list[int]) -> int:
+        """The most new tokens per span that ``generate`` can give ``prompt_ids`` within the
+        trained ``seq_length`` (each span also takes its <sop>); < 1: the prompt leaves no room."""
+        masks = sum(t in (MASK_ID, GMASK_ID) for t in prompt_ids)
+        length = len(prompt_ids) + (masks == 0)  # a [gMASK] is added to a prompt without a mask
+        return (self.seq_length - length) // max(masks, 1) - 1
+
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], sampling: Sampling | None = None, *, use_cache: bool = True
                  ) -> tuple[list[int], list[list[int]]]:

@@ -8,6 +8,7 @@ import pytest
 
 from moe_morpheus.data.tokenizer import GMASK_ID
 from moe_morpheus.inference.evaluate import cloze_accuracy, cloze_items, segments, translation_scores
+from moe_morpheus.inference.generate import Generator
 
 
 def row_of(pairs: list[tuple[list[int], list[int]]], seq: int = 64) -> dict:
@@ -30,11 +31,14 @@ class Oracle:
     """A stand-in generator that answers from a table (the scoring is what is tested)."""
 
     seq_length = 256
+    room = Generator.room  # the real model's rule for how much a prompt leaves
 
-    def __init__(self, answers: dict[tuple, list[int]]):
-        self.answers = answers
+    def __init__(self, answers: dict[tuple, list[int]], seq_length: int = 256):
+        self.answers, self.seq_length, self.asked = answers, seq_length, []
 
     def generate(self, prompt, sampling):
+        assert len(prompt) + 1 + sampling.max_new_tokens <= self.seq_length, "Generator would raise"
+        self.asked.append(sampling.max_new_tokens)
         span = self.answers[tuple(prompt)]
         return prompt + span, [span]
 
@@ -53,6 +57,26 @@ def test_translation_scores_against_known_answers(demo_tokenizer):
     assert perfect == {"chrf": pytest.approx(100.0), "exact_match": 1.0}
     wrong = translation_scores(Oracle({tuple(p): tok.encode("xyz") for p, _ in pairs}), tok, rows)
     assert wrong["exact_match"] == 0.0 and wrong["chrf"] < 10
+
+
+def test_translation_allowance_stays_within_the_sequence():
+    # Prompts of 3 and 9 tokens in a model of 12 positions: 12 - 3 - 1 = 8 new tokens at most for
+    # the first (its answer would get 2 + 8 = 10); the second leaves 12 - 9 - 1 = 2.
+    pairs = [([5, 6, GMASK_ID], [7, 8]), ([9] * 8 + [GMASK_ID], [10])]
+    oracle = Oracle({tuple(p): a for p, a in pairs}, seq_length=12)
+    assert oracle.room([9] * 12) < 1 and oracle.room([5, 6]) == 8  # a [gMASK] is added to the second
+    translation_scores(oracle, _Tokens(), [row_of(pairs, seq=16)])
+    assert oracle.asked == [8, 2]
+    # A prompt that fills the sequence is skipped, not an error at the end of a run.
+    full = Oracle({}, seq_length=8)
+    assert translation_scores(full, _Tokens(), [row_of(pairs[1:], seq=16)]) == {}
+
+
+class _Tokens:
+    """Token ids as text: enough for scoring."""
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
 
 
 def test_cloze_items_and_accuracy(demo_tokenizer):
