@@ -58,21 +58,26 @@ def grid_starts() -> np.ndarray:
 
 
 def huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
-                    delta: float, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    delta: float, weights: np.ndarray | None = None,
+                    extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Summed Huber loss and its gradient for K parameter rows at once.
 
-    theta: (K, 5) rows (a, b, e, alpha, beta); weights: None or (K, n) per-run multiplicities (a
-    bootstrap resample is integer weights). Returns f (K,) and grad (K, 5).
+    theta: (K, 5 + m) rows (a, b, e, alpha, beta, theta_1..theta_m); weights: None or (K, n)
+    per-run multiplicities (a bootstrap resample is integer weights); extra: None (m = 0) or (m, n)
+    features x_j of the parameter term, which becomes a - alpha log N - sum_j theta_j x_j (the MoE
+    law's expert terms, report/moe_scaling.py). Returns f (K,) and grad (K, 5 + m).
 
     With p_j = softmax of the three LSE terms and psi = clip(r, -delta, delta) = Huber'(r):
     df/da = sum psi p_1, df/dalpha = -sum psi p_1 log N, df/db = sum psi p_2,
-    df/dbeta = -sum psi p_2 log D, df/de = sum psi p_3.
+    df/dbeta = -sum psi p_2 log D, df/de = sum psi p_3, df/dtheta_j = -sum psi p_1 x_j.
     """
     a, b, e, alpha, beta = (theta[:, j, None] for j in range(5))
     # In place where possible: at 4500 x 240 each temporary is 8.6 MB, and the objective is
     # most of the fit's time (~60 evaluations per start).
     w1 = alpha * log_n
-    np.subtract(a, w1, out=w1)  # a - alpha log N
+    for j, x in enumerate(() if extra is None else extra):
+        w1 += theta[:, 5 + j, None] * x
+    np.subtract(a, w1, out=w1)  # a - alpha log N (- sum theta_j x_j)
     w2 = beta * log_d
     np.subtract(b, w2, out=w2)  # b - beta log D
     m = np.maximum(w1, w2)
@@ -100,7 +105,8 @@ def huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log
     w3 *= psi
     # Row sums, not matmuls: a row's result then does not depend on how many rows are evaluated
     # together, so lockstep iterates equal minimize()'s bit for bit.
-    grad = np.stack([w1.sum(1), w2.sum(1), w3.sum(1), -(w1 * log_n).sum(1), -(w2 * log_d).sum(1)], axis=1)
+    grad = np.stack([w1.sum(1), w2.sum(1), w3.sum(1), -(w1 * log_n).sum(1), -(w2 * log_d).sum(1),
+                     *(-(w1 * x).sum(1) for x in (() if extra is None else extra))], axis=1)
     return r.sum(1), grad
 
 
@@ -157,7 +163,7 @@ def lbfgsb_lockstep(fun_and_grad, x0: np.ndarray, *, maxcor: int = 10, ftol: flo
     return np.stack(xs), converged
 
 
-def _as_runs(N, D, L) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def as_runs(N, D, L) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     arrays = []
     for name, values in (("N", N), ("D", D), ("L", L)):
         arr = np.asarray(values, dtype=float)
@@ -245,51 +251,70 @@ def fit_chinchilla(N, D, L, delta: float = 1e-3, *, bootstrap: int = 0, confiden
     Measured on Epoch AI's 240 runs (bootstrap=200): E (1.775, 1.873), alpha (0.318, 0.369),
     beta (0.334, 0.420); their published 95% intervals: (1.769, 1.871), (0.317, 0.373), (0.331, 0.415).
     """
-    n_arr, d_arr, l_arr = _as_runs(N, D, L)
+    n_arr, d_arr, l_arr = as_runs(N, D, L)
+    best, loss, converged, boot = fit_law(np.log(n_arr), np.log(d_arr), np.log(l_arr), grid_starts(), delta=delta,
+                                          bootstrap=bootstrap, confidence=confidence, bootstrap_starts=bootstrap_starts,
+                                          seed=seed)
+    fit = ChinchillaFit(*(float(v) for v in best), loss=loss, n_runs=len(n_arr), delta=delta,
+                        n_starts=len(grid_starts()), converged=converged)
+    if boot is None:
+        return fit
+    a, b, e, alpha, beta = boot.T
+    samples = np.stack([np.exp(e), np.exp(a), np.exp(b), alpha, beta], axis=1)
+    return replace(fit, intervals=percentile_intervals(samples, ("E", "A", "B", "alpha", "beta"), confidence),
+                   bootstrap_samples=samples)
+
+
+def percentile_intervals(samples: np.ndarray, names, confidence: float) -> dict[str, tuple[float, float]]:
+    """Two-sided percentile intervals of the columns of ``samples`` (bootstrap replicates as rows)."""
+    tail = 100 * (1 - confidence) / 2
+    lo, hi = np.percentile(samples, [tail, 100 - tail], axis=0)
+    return {name: (float(lo[j]), float(hi[j])) for j, name in enumerate(names)}
+
+
+def fit_law(log_n, log_d, log_l, starts: np.ndarray, *, delta: float = 1e-3, extra: np.ndarray | None = None,
+            bootstrap: int = 0, confidence: float = 0.95, bootstrap_starts: int = 5, seed: int = 0
+            ) -> tuple[np.ndarray, float, bool, np.ndarray | None]:
+    """The Huber fit behind :func:`fit_chinchilla` and the MoE law: L-BFGS from every row of
+    ``starts`` (parameters a, b, e, alpha, beta and one per row of ``extra``, see
+    :func:`huber_objective`). Returns the best parameters, their summed Huber loss, whether that
+    start converged, and with ``bootstrap`` the replicates' best parameters as rows (else None)."""
     if not delta > 0:
         raise ValueError(f"delta={delta} must be positive (Chinchilla: 1e-3)")
     if bootstrap < 0 or not 0 < confidence < 1 or bootstrap_starts < 1:
         raise ValueError(f"bootstrap={bootstrap} must be >= 0, confidence={confidence} in (0, 1) and "
                          f"bootstrap_starts={bootstrap_starts} >= 1")
-    log_n, log_d, log_l = np.log(n_arr), np.log(d_arr), np.log(l_arr)
 
     def full_data(x, rows):
-        return huber_objective(x, log_n, log_d, log_l, delta)
+        return huber_objective(x, log_n, log_d, log_l, delta, extra=extra)
 
-    starts = grid_starts()
     ends, converged = lbfgsb_lockstep(full_data, starts)
     # Score every end point afresh: after a failed line search setulb restores x but the last f
     # it was handed may belong to the rejected trial point.
     losses, _ = full_data(ends, None)
     best = int(np.nanargmin(losses))
-    fit = ChinchillaFit(*(float(v) for v in ends[best]), loss=float(losses[best]), n_runs=len(n_arr),
-                        delta=delta, n_starts=len(starts), converged=bool(converged[best]))
     if bootstrap == 0:
-        return fit
+        return ends[best], float(losses[best]), bool(converged[best]), None
 
     # Distinct local minima of the full-data grid, lowest first (the best one is the fit itself).
     order = np.argsort(np.where(np.isfinite(losses), losses, np.inf))
     _, first = np.unique(np.round(ends[order], 3), axis=0, return_index=True)
     basins = ends[order[np.sort(first)][:bootstrap_starts]]
+    n_runs, n_params = len(log_n), starts.shape[1]
     rng = np.random.default_rng(seed)
-    counts = rng.multinomial(len(n_arr), np.full(len(n_arr), 1.0 / len(n_arr)), size=bootstrap)
+    counts = rng.multinomial(n_runs, np.full(n_runs, 1.0 / n_runs), size=bootstrap)
     weights = np.repeat(counts.astype(float), len(basins), axis=0)  # problem = (replicate, basin)
 
     def resampled(x, rows):
-        return huber_objective(x, log_n, log_d, log_l, delta, weights[rows])
+        return huber_objective(x, log_n, log_d, log_l, delta, weights[rows], extra=extra)
 
     # Tight tolerances here: with the default ftol (a change of 2.2e-9 in a loss of ~1e-3) L-BFGS
     # started at an optimum stops before the parameters move to the resample's optimum; ftol = 0,
     # gtol = 1e-10 reach it (the same point as the full 4500-start grid on the resample).
     boot_ends, _ = lbfgsb_lockstep(resampled, np.tile(basins, (bootstrap, 1)), ftol=0.0, gtol=1e-10)
     boot_losses = resampled(boot_ends, np.arange(len(weights)))[0].reshape(bootstrap, len(basins))
-    best_per_rep = boot_ends.reshape(bootstrap, len(basins), 5)[np.arange(bootstrap), np.nanargmin(boot_losses, 1)]
-    a, b, e, alpha, beta = best_per_rep.T
-    samples = np.stack([np.exp(e), np.exp(a), np.exp(b), alpha, beta], axis=1)
-    tail = 100 * (1 - confidence) / 2
-    lo, hi = np.percentile(samples, [tail, 100 - tail], axis=0)
-    intervals = {name: (float(lo[j]), float(hi[j])) for j, name in enumerate(("E", "A", "B", "alpha", "beta"))}
-    return replace(fit, intervals=intervals, bootstrap_samples=samples)
+    boot_best = boot_ends.reshape(bootstrap, len(basins), n_params)[np.arange(bootstrap), np.nanargmin(boot_losses, 1)]
+    return ends[best], float(losses[best]), bool(converged[best]), boot_best
 
 
 def load_chinchilla_runs(path: str | Path = CHINCHILLA_CSV,
