@@ -198,6 +198,17 @@ def test_sweeps_are_a_config_group_sharing_one_callback(tmp_path):
     assert "MLflowSweepCallback" in result.stdout and "+experiment: dense,moe_8e" in result.stdout
 
 
+def test_scaling_ladder_points_are_what_their_names_say():
+    points = sorted(p.stem for p in (CONF_DIR / "ladder").glob("*.yaml"))
+    assert len(points) == 9
+    for point in points:
+        width, tokens = (int(v) for v in point.lstrip("h").split("_r"))
+        exp = compose_experiment(["+sweeps=scaling_ladder", "+experiment=dense", f"+ladder={point}"])
+        assert exp.model.hidden_size == width and exp.model.vocab_size == 2048 and exp.model.num_layers == 4
+        assert exp.budget.chinchilla_fraction * exp.budget.tokens_per_param == pytest.approx(tokens)
+        assert exp.data.tokenizer.endswith("demo_2k.model")
+
+
 def test_job_folder_names_fit_a_file_system_and_stay_apart():
     short = "+experiment=moe_8e,trainer.seed=1"
     assert folder_name(short) == short  # as Hydra names it, when it fits
