@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from moe_morpheus.report.moe_scaling import MoEFit, fit_moe_law
 from moe_morpheus.report.scaling import ChinchillaFit, fit_chinchilla
 from moe_morpheus.report.stats import PairedResult, rank_and_compare
 
@@ -27,6 +28,8 @@ from moe_morpheus.report.stats import PairedResult, rank_and_compare
 # identified when N varies over >= 3 distinct sizes.
 MIN_SCALING_RUNS = 5
 MIN_SCALING_SIZES = 3
+# Bootstrap replicates for the intervals of the scaling fits: a ladder of ~10 runs takes < 1 s.
+BOOTSTRAP = 200
 
 
 def loss_at(x: np.ndarray, loss: np.ndarray, targets) -> np.ndarray:
@@ -188,7 +191,8 @@ def load_imbalance(load: dict[str, list[float]]) -> pd.DataFrame:
 
 @dataclass
 class ScalingResult:
-    """A Chinchilla fit on one variant's runs: the law and, per run, observed vs predicted loss."""
+    """A Chinchilla fit on one family's runs (dense, or a variant at one expert count): the law,
+    its bootstrap intervals and, per run, observed vs predicted loss."""
 
     variant: str
     fit: ChinchillaFit
@@ -199,6 +203,26 @@ class ScalingResult:
         return (f"L(N, D) = {f.E:.3f} + {f.A:.4g} / N^{f.alpha:.3f} + {f.B:.4g} / D^{f.beta:.3f}")
 
 
+@dataclass
+class MoELawResult:
+    """The MoE law over every family's runs, and per run its expert count and predicted loss."""
+
+    fit: MoEFit
+    runs: pd.DataFrame  # run_id, family, E, N, D, C, observed, predicted, residual
+
+
+def experts(runs: pd.DataFrame) -> pd.Series:
+    """Experts per MoE layer, 1 for dense runs (their moe.num_experts is absent or 0)."""
+    e = runs["num_experts"].astype(float) if "num_experts" in runs else pd.Series(np.nan, index=runs.index)
+    return e.where((runs["variant"] != "dense") & np.isfinite(e) & (e > 1), 1.0)
+
+
+def scaling_family(runs: pd.DataFrame) -> pd.Series:
+    """``dense``, or the variant and its expert count (``moe 8e``): runs of one family share a law."""
+    e = experts(runs)
+    return pd.Series([v if n == 1 else f"{v} {n:g}e" for v, n in zip(runs["variant"], e)], index=runs.index)
+
+
 def scaling_candidates(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs usable for a fit: FINISHED with finite, positive active params, final tokens and
     final validation loss."""
@@ -207,27 +231,50 @@ def scaling_candidates(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[ok]
 
 
-def scaling_fits(runs: pd.DataFrame) -> tuple[list[ScalingResult], list[str]]:
-    """Chinchilla approach-3 fits, one per variant with enough runs, on N = active params
-    (embeddings included, as Chinchilla counted them), D = final tokens, L = final validation
-    loss; C = 6ND as in the paper. Returns (fits, reasons a variant was not fitted)."""
+def _ndl(sub: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(sub[c].to_numpy(float) for c in ("active_params", "final_tokens", "final_valid_loss"))
+
+
+def scaling_fits(runs: pd.DataFrame, bootstrap: int = BOOTSTRAP) -> tuple[list[ScalingResult], list[str]]:
+    """Chinchilla approach-3 fits, one per family (:func:`scaling_family`) with enough runs, on
+    N = active params (embeddings included, as Chinchilla counted them), D = final tokens, L =
+    final validation loss, with ``bootstrap`` replicates for intervals; C = 6ND as in the paper.
+    Returns (fits, reasons a family was not fitted)."""
     fits, notes = [], []
     if runs.empty:
         return fits, notes
     usable = scaling_candidates(runs)
-    for variant, sub in usable.groupby("variant", sort=False):
+    for family, sub in usable.groupby(scaling_family(usable), sort=False):
         sizes = sub["active_params"].nunique()
         if len(sub) < MIN_SCALING_RUNS or sizes < MIN_SCALING_SIZES:
-            notes.append(f"{variant}: {len(sub)} finished run(s) at {sizes} model size(s); a scaling fit needs "
+            notes.append(f"{family}: {len(sub)} finished run(s) at {sizes} model size(s); a scaling fit needs "
                          f">= {MIN_SCALING_RUNS} runs at >= {MIN_SCALING_SIZES} sizes.")
             continue
-        n, d, l = (sub[c].to_numpy(float) for c in ("active_params", "final_tokens", "final_valid_loss"))
-        fit = fit_chinchilla(n, d, l)
+        n, d, l = _ndl(sub)
+        fit = fit_chinchilla(n, d, l, bootstrap=bootstrap)
         pred = fit.predict(n, d)
         table = pd.DataFrame({"run_id": sub.index, "N": n, "D": d, "C": 6 * n * d, "observed": l,
                               "predicted": pred, "residual": l - pred})
-        fits.append(ScalingResult(str(variant), fit, table))
+        fits.append(ScalingResult(str(family), fit, table))
     return fits, notes
+
+
+def moe_law(runs: pd.DataFrame, bootstrap: int = BOOTSTRAP) -> tuple[MoELawResult | None, str | None]:
+    """The MoE law L(N, D, E) (report/moe_scaling.py) over every usable run, dense included as
+    E = 1; (None, why) when the runs cannot identify it."""
+    usable = scaling_candidates(runs) if not runs.empty else runs
+    if usable.empty:
+        return None, "no finished runs."
+    e = experts(usable).to_numpy(float)
+    n, d, l = _ndl(usable)
+    try:
+        fit = fit_moe_law(n, d, e, l, bootstrap=bootstrap)
+    except ValueError as error:
+        return None, f"{error}."
+    pred = fit.predict(n, d, e)
+    table = pd.DataFrame({"run_id": usable.index, "family": scaling_family(usable).to_numpy(), "E": e, "N": n,
+                          "D": d, "C": 6 * n * d, "observed": l, "predicted": pred, "residual": l - pred})
+    return MoELawResult(fit, table), None
 
 
 def handoff_table(runs: pd.DataFrame, curves: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -1,13 +1,13 @@
 """Assemble a report from a :class:`Collection`: sections of tables, verdicts and figures.
 
 Section order: problems first (what was skipped must not be missed), then the run tables,
-curves, matched compute, FLOPs accounting, epochs, MoE health, upcycling and the scaling fit.
+curves, matched compute, FLOPs accounting, epochs, MoE health, upcycling, the scaling fits and the
+MoE law (report/scaling_sections.py).
 A section whose input is absent says so in one line instead of disappearing silently.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +23,17 @@ from moe_morpheus.report.render import (
     Para,
     Table,
     count,
+    file_name,
     num,
     pct,
     sci,
     write,
 )
 from moe_morpheus.report.roles import EQUAL_EXTRA, compare_per_extra
+from moe_morpheus.report.scaling_sections import moe_law_section, scaling_section
 from moe_morpheus.report.stats import MIN_SEEDS, verdict_text
 
 CROSSOVER_GRID = 200
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", name)[:80]
 
 
 def _experts(run: pd.Series) -> str:
@@ -242,7 +240,7 @@ def moe_section(c: Collection, out: Path) -> list[Block]:
                      num(imb["entropy_ratio"].min(), 3) if imb is not None else "-"])
         if load:
             fig = figures.moe_load(load, f"{r['name']} ({r['group']}): expert load over training",
-                                   out / f"moe_load_{_safe(r['name'])}_{rid[:8]}.png")
+                                   out / f"moe_load_{file_name(r['name'])}_{rid[:8]}.png")
             if fig is not None:
                 heatmaps.append(Figure(fig, f"Expert load per layer of {r['name']}: share of assignments x E "
                                             "(1 = uniform; red over-used, blue under-used)."))
@@ -331,36 +329,6 @@ def upcycling_section(c: Collection, out: Path) -> list[Block]:
     return blocks
 
 
-def scaling_section(c: Collection, out: Path) -> list[Block]:
-    fits, notes = analysis.scaling_fits(c.runs)
-    blocks: list[Block] = [Heading("Scaling law (Chinchilla approach 3)")]
-    if not fits:
-        return blocks + [Para("Not fitted: " + " ".join(notes) if notes else "Not fitted: no finished runs.")]
-    blocks.append(Para("Per variant, `fit_chinchilla` on N = active params (embeddings included), D = final tokens, "
-                       "L = final validation loss: summed Huber(1e-3) on log L, L-BFGS from the 4500-start grid. "
-                       "Compute-optimal frontier with C = 6ND."))
-    if notes:
-        blocks.append(Bullets(notes))
-    for res in fits:
-        f = res.fit
-        cs = [res.runs["C"].min(), res.runs["C"].max(), 10 * res.runs["C"].max()]
-        n_opt, d_opt = f.compute_optimal(cs)
-        blocks += [
-            Heading(f"{res.variant}: {len(res.runs)} runs", 3),
-            Para(f"`{res.law()}` (fit converged: {f.converged}; Huber loss {f.loss:.3g}; "
-                 f"RMS residual {np.sqrt(np.mean(res.runs['residual'] ** 2)):.4f} nats)."),
-            Table(["C (FLOPs)", "N_opt", "D_opt", "D_opt / N_opt", "predicted loss"],
-                  [[sci(C), count(n), count(d), num(d / n, 1), num(float(f.predict(n, d)))]
-                   for C, n, d in zip(cs, n_opt, d_opt)]),
-            Table(["run id", "N", "D", "observed", "predicted", "residual"],
-                  [[f"`{r['run_id']}`", count(r["N"]), count(r["D"]), num(r["observed"]), num(r["predicted"]),
-                    num(r["residual"])] for _, r in res.runs.iterrows()]),
-            Figure(figures.scaling(res, out / f"scaling_{_safe(res.variant)}.png"),
-                   f"{res.variant}: compute-optimal frontier with the runs, and predicted vs observed loss."),
-        ]
-    return blocks
-
-
 def make_report(c: Collection, out: Path) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html`` and the PNGs into ``out``; returns (md, html)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -369,5 +337,6 @@ def make_report(c: Collection, out: Path) -> tuple[Path, Path]:
         return write(title, problems(c), out)
     blocks = overview(c) + problems(c) + runs_section(c)
     blocks += curves_section(c, out) + matched_section(c, out) + flops_section(c) + epochs_section(c)
-    blocks += evaluation_section(c) + moe_section(c, out) + upcycling_section(c, out) + scaling_section(c, out)
+    blocks += evaluation_section(c) + moe_section(c, out) + upcycling_section(c, out)
+    blocks += scaling_section(c, out) + moe_law_section(c, out)
     return write(title, blocks, out)

@@ -20,7 +20,7 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from moe_morpheus.report.analysis import Level, ScalingResult, loss_series  # noqa: E402
+from moe_morpheus.report.analysis import Level, MoELawResult, ScalingResult, loss_series  # noqa: E402
 
 HUES = {"dense": "Blues", "moe": "Oranges", "upcycled": "Greens"}
 DPI = 110
@@ -280,4 +280,41 @@ def scaling(result: ScalingResult, path: Path) -> Path:
     ax2.set_title(result.law(), fontsize=9)
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def moe_law(result: MoELawResult, path: Path) -> Path:
+    """The MoE law: compute-optimal active parameters and loss against compute per expert count
+    (with the runs at their compute), and the effective-parameter multiplier against size with
+    its bootstrap interval."""
+    t, fit = result.runs, result.fit
+    counts = sorted(t["E"].unique())
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
+    c = np.geomspace(t["C"].min() / 3, t["C"].max() * 30, 60)
+    sizes = np.geomspace(t["N"].min() / 2, t["N"].max() * 2, 40)
+    for i, e in enumerate(counts):
+        color, label = f"C{i}", "dense" if e == 1 else f"{e:g} experts"
+        n_opt, _, l_opt = fit.compute_optimal(c, e)
+        runs = t[t["E"] == e]
+        ax1.plot(c, n_opt, color=color, label=label)
+        ax1.scatter(runs["C"], runs["N"], color=color, s=16)
+        ax2.plot(c, l_opt, color=color, label=f"{label}: frontier")
+        ax2.scatter(runs["C"], runs["observed"], color=color, s=16)
+        if e > 1:
+            band = np.array([fit.multiplier_interval(n, e) for n in sizes]) if fit.samples is not None else None
+            ax3.plot(sizes, fit.multiplier(sizes, e), color=color, label=label)
+            if band is not None:
+                ax3.fill_between(sizes, band[:, 0], band[:, 1], color=color, alpha=0.2)
+    for ax in (ax1, ax2, ax3):
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    ax1.set_yscale("log")
+    ax1.set(xlabel="training compute C = 6 N D (FLOPs)", ylabel="compute-optimal active params N_opt",
+            title="Compute-optimal size per expert count")
+    ax2.set(xlabel="training compute C = 6 N D (FLOPs)", ylabel="final validation loss",
+            title="Loss at the frontier (lines) and the runs (dots)")
+    ax3.axhline(1.0, color="grey", ls="--", lw=1)
+    ax3.set(xlabel="active params N", ylabel="dense params per active param",
+            title="Effective-parameter multiplier (95% bootstrap band)")
     return _save(fig, path)

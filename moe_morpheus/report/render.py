@@ -46,6 +46,11 @@ class Figure:
 Block = Heading | Para | Bullets | Table | Figure
 
 
+def file_name(name: str) -> str:
+    """``name`` made safe as a figure's file name (a run or family name may hold spaces or /)."""
+    return re.sub(r"[^\w.-]+", "_", name)[:80]
+
+
 def count(x: float) -> str:
     """Parameter or token counts: 1234567 -> '1.23M'; NaN -> '-'."""
     if x is None or not math.isfinite(x):

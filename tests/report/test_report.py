@@ -9,6 +9,7 @@ so the paired differences of final losses, and their t-intervals, are known in a
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 
@@ -20,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from scipy import stats as scipy_stats
 
-from moe_morpheus.report import analysis, build, figures, render, stats
+from moe_morpheus.report import analysis, build, figures, render, scaling_sections, stats
 from moe_morpheus.report.__main__ import main
 from moe_morpheus.report.collect import CURVE_PREFIXES, Collection, SelectionError, collect, curve_frame
 from moe_morpheus.report.configs import config_signature, group_labels, sweep_role
@@ -108,6 +109,7 @@ def sweep_parent(client, exp_id, sweep):
 
 LOAD = {"layer1": [0.25, 0.05, 0.1, 0.1, 0.15, 0.1, 0.1, 0.15], "layer3": [0.125] * 8}
 SCALING_LAW = {"E": 1.8, "A": 400.0, "B": 1000.0, "alpha": 0.34, "beta": 0.28}
+MOE_DELTA = 0.1  # 8 experts multiply the parameters by 8^(0.1 / 0.34) = 1.84
 # Per-seed offsets: "clear" has MoE 0.05 below dense with small per-run noise (a verdict), "tied"
 # MoE 0.004 below with noise of 0.01 (no verdict).
 CLEAR = {"dense": (-0.004, 0.0, 0.004), "moe": (-0.052, -0.047, -0.049)}
@@ -201,22 +203,23 @@ def store(tmp_path_factory):
                     params={"budget.chinchilla_fraction": str(float(x) + (0.012 if role == "scratch_total" else 0))})
     ids["upcycle"] = up
 
-    # Scaling: final losses exactly from a known law at 4 sizes x 3 token counts.
+    # Scaling: final losses exactly from a known law at 4 sizes x 3 token counts, dense and with 8
+    # experts (the MoE law's E^-delta on the parameter term, delta = MOE_DELTA, gamma = 0).
     exp = experiment("scaling")
     law = SCALING_LAW
     runs = []
-    for n in (1e6, 3e6, 1e7, 3e7):
-        for d in (2e7, 6e7, 2e8):
-            loss = law["E"] + law["A"] / n ** law["alpha"] + law["B"] / d ** law["beta"]
-            rid = client.create_run(exp, tags={"variant": "dense", "sweep": "ladder"}).info.run_id
-            client.log_batch(rid, params=[Param("count.active_params", str(n)), Param("trainer.seed", "0"),
-                                          Param("model.hidden_size", str(int(n ** 0.5)))],
-                             metrics=[Metric("final/valid_loss", loss, 0, 1), Metric("final/tokens", d, 0, 1),
-                                      Metric("valid/loss", loss, 0, 1), Metric("tokens_seen", d, 0, 1),
-                                      Metric("flops", 6 * n * d, 0, 1)],
-                             tags=[RunTag("mlflow.runName", f"N{n:.0e}-D{d:.0e}")])
-            client.set_terminated(rid, "FINISHED")
-            runs.append(rid)
+    for e, n, d in itertools.product((1, 8), (1e6, 3e6, 1e7, 3e7), (2e7, 6e7, 2e8)):
+        loss = law["E"] + law["A"] / (n ** law["alpha"] * e ** MOE_DELTA) + law["B"] / d ** law["beta"]
+        rid = client.create_run(exp, tags={"variant": "dense" if e == 1 else "moe", "sweep": "ladder"}).info.run_id
+        client.log_batch(rid, params=[Param("count.active_params", str(n)), Param("trainer.seed", "0"),
+                                      Param("model.hidden_size", str(int(n ** 0.5))),
+                                      Param("moe.num_experts", str(e if e > 1 else 0))],
+                         metrics=[Metric("final/valid_loss", loss, 0, 1), Metric("final/tokens", d, 0, 1),
+                                  Metric("valid/loss", loss, 0, 1), Metric("tokens_seen", d, 0, 1),
+                                  Metric("flops", 6 * n * d, 0, 1)],
+                         tags=[RunTag("mlflow.runName", f"E{e}-N{n:.0e}-D{d:.0e}")])
+        client.set_terminated(rid, "FINISHED")
+        runs.append(rid)
     ids["scaling"] = runs
     return uri, ids
 
@@ -416,18 +419,31 @@ def test_upcycling_sweep_report(tmp_path, store):
     assert_png(tmp_path / "upcycling_crossover.png")
 
 
-def test_scaling_section_recovers_law(tmp_path, store):
+def test_scaling_sections_recover_the_laws(tmp_path, store):
     uri, _ = store
-    md = md_text(build.scaling_section(collect(uri, "scaling"), tmp_path))  # one fit: ~3 s
-    law = re.search(r"L\(N, D\) = ([\d.]+) \+ ([\d.e+]+) / N\^([\d.]+) \+ ([\d.e+]+) / D\^([\d.]+)", md)
+    c = collect(uri, "scaling")
+    md = md_text(scaling_sections.scaling_section(c, tmp_path))  # one fit per family: ~3 s each
+    dense = md.split("### dense", 1)[1].split("### moe 8e", 1)[0]
+    law = re.search(r"L\(N, D\) = ([\d.]+) \+ ([\d.e+]+) / N\^([\d.]+) \+ ([\d.e+]+) / D\^([\d.]+)", dense)
     e, a, alpha, b, beta = map(float, law.groups())
     assert e == pytest.approx(SCALING_LAW["E"], abs=0.02)
     assert alpha == pytest.approx(SCALING_LAW["alpha"], abs=0.01)
     assert beta == pytest.approx(SCALING_LAW["beta"], abs=0.01)
-    assert "12 runs" in md and "N_opt" in md
-    residuals = md.split("| residual |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    assert "dense: 12 runs" in md and "moe 8e: 12 runs" in md and "N_opt" in md
+    assert re.search(r"\| alpha \| 0\.34\d* \[0\.3\d*, 0\.3\d*\] \|", dense), dense  # with its interval
+    residuals = dense.split("| residual |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
     assert len(residuals) == 12 and all(abs(float(r.split("|")[-2])) < 1e-3 for r in residuals)
     assert_png(tmp_path / "scaling_dense.png")
+    assert_png(tmp_path / "scaling_moe_8e.png")
+
+    # The MoE law over all 24 runs: delta and the multiplier 8^(delta / alpha) = 1.84 at every size.
+    md = md_text(scaling_sections.moe_law_section(c, tmp_path))
+    delta = float(re.search(r"\| delta \| ([\d.]+) \[", md).group(1))
+    assert delta == pytest.approx(MOE_DELTA, abs=0.005) and "24 runs" in md
+    table = md.split("| active params N |", 1)[1].split("\n\n", 1)[0]
+    multipliers = re.findall(r"\| ([\d.]+) \[[\d.]+, [\d.]+\] \|$", table, re.M)
+    assert len(multipliers) == 4 and all(float(m) == pytest.approx(8 ** (0.1 / 0.34), rel=0.02) for m in multipliers)
+    assert_png(tmp_path / "moe_law.png")
 
 
 # --- verdict rule (report/stats.py) and the upcycle sweep summary -----------------------------------
@@ -680,7 +696,7 @@ def test_experts_cell_and_safe_names():
     run = pd.Series({"variant": "moe", "num_experts": 64.0, "top_k": np.nan})
     assert build._experts(run) == "64 / top-?"
     assert build._experts(pd.Series({"variant": "dense", "num_experts": 0.0, "top_k": 2.0})) == "-"
-    assert build._safe("moe s0/a b") == "moe_s0_a_b"
+    assert render.file_name("moe s0/a b") == "moe_s0_a_b"
 
 
 def test_sections_without_data_say_so(tmp_path):
