@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moe_morpheus.report.scaling import as_runs, fit_law, grid_starts, percentile_intervals
+from moe_morpheus.report.scaling import LogCoefficients, as_runs, fit_law, grid_starts, percentile_intervals
 
 NAMES = ("L0", "A", "B", "alpha", "beta", "delta", "gamma")
 DELTA_STARTS = (0.0, 0.5)
 
 
 @dataclass(frozen=True)
-class MoEFit:
+class MoEFit(LogCoefficients):
     """A fitted L(N, D, E); see the module doc. ``intervals``: bootstrap percentile intervals of
     NAMES; ``samples``: the replicates as rows of NAMES (None without bootstrap)."""
 
@@ -59,14 +59,6 @@ class MoEFit:
     @property
     def L0(self) -> float:
         return float(np.exp(self.e))
-
-    @property
-    def A(self) -> float:
-        return float(np.exp(self.a))
-
-    @property
-    def B(self) -> float:
-        return float(np.exp(self.b))
 
     def law(self) -> str:
         return (f"L(N, D, E) = {self.L0:.3f} + {self.A:.4g} / (N^{self.alpha:.3f} E^({self.delta:.3f} "

@@ -182,8 +182,23 @@ def as_runs(N, D, L) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return arrays[0], arrays[1], arrays[2]
 
 
+class LogCoefficients:
+    """A and B of a law fitted in log space as ``a`` and ``b`` (Chinchilla's and the MoE law's)."""
+
+    a: float
+    b: float
+
+    @property
+    def A(self) -> float:
+        return float(np.exp(self.a))
+
+    @property
+    def B(self) -> float:
+        return float(np.exp(self.b))
+
+
 @dataclass(frozen=True)
-class ChinchillaFit:
+class ChinchillaFit(LogCoefficients):
     """A fitted law L(N, D) = E + A / N^alpha + B / D^beta."""
 
     a: float  # log A
@@ -204,14 +219,6 @@ class ChinchillaFit:
     @property
     def E(self) -> float:
         return float(np.exp(self.e))
-
-    @property
-    def A(self) -> float:
-        return float(np.exp(self.a))
-
-    @property
-    def B(self) -> float:
-        return float(np.exp(self.b))
 
     def predict(self, N, D):
         """Loss L(N, D) = E + A / N^alpha + B / D^beta (arrays broadcast)."""
