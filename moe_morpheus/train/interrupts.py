@@ -123,9 +123,28 @@ def typed_command() -> list[str]:
     return list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
 
 
+def multirun_command(multirun_dir: Path) -> list[str] | None:
+    """The command that launched the multirun in ``multirun_dir``, from the ``multirun.yaml``
+    Hydra writes there (the sweep's overrides as typed, lists included), or None without one.
+    A job under a launcher that starts it in a process of its own (submitit on Slurm) has no
+    typed command of its own: its argv is the launcher's."""
+    import yaml
+
+    path = multirun_dir / "multirun.yaml"
+    try:
+        overrides = yaml.safe_load(path.read_text())["hydra"]["overrides"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    hydra = [o for o in overrides.get("hydra", []) if not o.startswith("hydra.mode=")]
+    script = Path(__file__).resolve().parents[2] / "train.py"
+    return [sys.executable, str(script), "-m", *overrides.get("task", []), *hydra]
+
+
 def resume_command(run_dir: Path, *, multirun_dir: Path | None = None) -> str:
-    """The shell command that continues the run in ``run_dir``, same folder and MLflow run."""
+    """The shell command that continues the run in ``run_dir``, same folder and MLflow run: for a
+    multirun job, the sweep's own command (every job of it resumes, finished ones are skipped)."""
     given = os.environ.get(LAUNCHER_COMMAND_ENV)
     if given:
         return given
-    return shlex.join(resume_argv(typed_command(), run_dir, multirun_dir=multirun_dir))
+    typed = (multirun_command(multirun_dir) if multirun_dir is not None else None) or typed_command()
+    return shlex.join(resume_argv(typed, run_dir, multirun_dir=multirun_dir))

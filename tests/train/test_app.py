@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.helpers.resume import printed_argv, resume_line
 from tests.helpers.train_app import SMALL, runs, train, train_command, train_env, wait_for
 
 pytestmark = pytest.mark.slow
@@ -106,8 +107,13 @@ def test_multirun_makes_a_parent_with_nested_children_and_a_rerun_resumes_it(tmp
     assert list(first_job.status) == ["FINISHED"] and list(before[before["tags.experiment"] == "moe_8e"].status) == ["KILLED"]
     first_losses = _losses(tmp_path, first_job.run_id.iloc[0])
 
-    # The same command again: the finished job is skipped, the stopped one continues.
-    result = train(tmp_path, *sweep)
+    # The command it printed (the sweep's own, its folder pinned) skips the finished job and
+    # continues the stopped one.
+    line = resume_line((tmp_path / "stopped.log").read_text())
+    assert printed_argv(line)[1:] == [*train_command(tmp_path, *sweep)[1:], f"hydra.sweep.dir={tmp_path / 'multirun/dense_vs_moe'}"]
+    result = subprocess.run(printed_argv(line), cwd=tmp_path, capture_output=True, text=True, env=train_env(),
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "this run already finished" in result.stdout + result.stderr
     assert "resumed: finished jobs are skipped" in result.stderr
     frame = runs(tmp_path)

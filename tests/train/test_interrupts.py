@@ -5,13 +5,15 @@ is the same interrupt, a later one stops at once, and the resume command pins th
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from moe_morpheus.train.interrupts import Interrupts, exit_code, resume_argv
+from moe_morpheus.train import interrupts
+from moe_morpheus.train.interrupts import Interrupts, exit_code, multirun_command, resume_argv, resume_command
 from tests.helpers.distributed import run_distributed
 
 
@@ -41,6 +43,19 @@ def test_the_resume_command_pins_the_folder_and_resumes_from_the_run_itself():
     assert resume_argv(argv, Path("/r/run")) == ["python", "train.py", "+experiment=moe_8e", "hydra.run.dir=/r/run"]
     multirun = resume_argv(["python", "train.py", "-m", "+sweeps=s"], Path("/m/0_x"), multirun_dir=Path("/m"))
     assert multirun == ["python", "train.py", "-m", "+sweeps=s", "hydra.sweep.dir=/m"]
+
+
+def test_a_multirun_job_resumes_with_the_sweeps_own_command(tmp_path):
+    # Under submitit a job's argv is submitit's; the sweep's command is in its multirun.yaml.
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    hydra: [hydra.mode=MULTIRUN, hydra/launcher=slurm]\n"
+        "    task: [+sweeps=s, 'trainer.seed=1,2']\n")
+    argv = multirun_command(tmp_path)
+    assert argv[1:] == [str(Path(interrupts.__file__).parents[2] / "train.py"), "-m", "+sweeps=s", "trainer.seed=1,2",
+                        "hydra/launcher=slurm"]
+    assert shlex.split(resume_command(tmp_path / "0_x", multirun_dir=tmp_path))[-4:] == [
+        "+sweeps=s", "trainer.seed=1,2", "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}"]
+    assert multirun_command(tmp_path / "elsewhere") is None
 
 
 def _agree(signalled_rank: int) -> int:
