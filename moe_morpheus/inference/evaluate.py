@@ -188,11 +188,12 @@ def translation_scores(generator: Generator, tokenizer, rows, max_items: int = 1
     a 71-token prompt left 56 of 128 positions for a 59-token allowance)."""
     import sacrebleu
 
-    hypotheses, references = [], []
+    hypotheses, references, cut = [], [], 0
     for prompt, answer in segments(rows)[:max_items]:
         allowance = min(len(answer) + 8, 64, generator.room(prompt))
         if allowance < 1:
             continue
+        cut += allowance < len(answer)
         _, spans = generator.generate(prompt, Sampling(max_new_tokens=allowance))
         hypotheses.append(tokenizer.decode(spans[0]).strip())
         references.append(tokenizer.decode(answer).strip())
@@ -200,7 +201,10 @@ def translation_scores(generator: Generator, tokenizer, rows, max_items: int = 1
         return {}
     chrf = sacrebleu.corpus_chrf(hypotheses, [references]).score
     exact = sum(h == r for h, r in zip(hypotheses, references)) / len(hypotheses)
-    return {"chrf": chrf, "exact_match": exact}
+    # How many items were scored, and how many of them got fewer new tokens than their answer has
+    # (they cannot match exactly): scores of models with different sequence lengths or tokenizers
+    # are only comparable with these beside them.
+    return {"chrf": chrf, "exact_match": exact, "items": float(len(hypotheses)), "items_cut": float(cut)}
 
 
 def cloze_items(tokenizer, rows, lang: str, max_items: int) -> list[tuple[str, str]]:

@@ -194,7 +194,7 @@ class ScalingResult:
     """A Chinchilla fit on one family's runs (dense, or a variant at one expert count): the law,
     its bootstrap intervals and, per run, observed vs predicted loss."""
 
-    variant: str
+    family: str
     fit: ChinchillaFit
     runs: pd.DataFrame  # run_id, N, D, C (= 6ND), observed, predicted, residual
 
@@ -260,11 +260,16 @@ def scaling_fits(runs: pd.DataFrame, bootstrap: int = BOOTSTRAP) -> tuple[list[S
 
 
 def moe_law(runs: pd.DataFrame, bootstrap: int = BOOTSTRAP) -> tuple[MoELawResult | None, str | None]:
-    """The MoE law L(N, D, E) (report/moe_scaling.py) over every usable run, dense included as
-    E = 1; (None, why) when the runs cannot identify it."""
+    """The MoE law L(N, D, E) (report/moe_scaling.py) over the usable dense (E = 1) and MoE runs;
+    (None, why) when they cannot identify it. Upcycled runs are left out: their D leaves out the
+    dense checkpoint's tokens, so they are not points of a from-scratch law."""
     usable = scaling_candidates(runs) if not runs.empty else runs
+    if not usable.empty:
+        known = (usable["variant"] == "dense") | ((usable["variant"] == "moe") & np.isfinite(
+            usable["num_experts"].astype(float)))
+        usable = usable[known]
     if usable.empty:
-        return None, "no finished runs."
+        return None, "no finished dense or MoE runs (with their expert count)."
     e = experts(usable).to_numpy(float)
     n, d, l = _ndl(usable)
     try:

@@ -266,7 +266,7 @@ def scaling(result: ScalingResult, path: Path) -> Path:
     ax1.set_yscale("log")
     ax1.set_xlabel("training compute C = 6 N D (FLOPs)")
     ax1.set_ylabel("parameters / tokens")
-    ax1.set_title(f"{result.variant}: compute-optimal frontier")
+    ax1.set_title(f"{result.family}: compute-optimal frontier")
     ax1.grid(alpha=0.3, which="both")
     ax1.legend(fontsize=8)
     lo = min(t["observed"].min(), t["predicted"].min())
@@ -301,7 +301,7 @@ def moe_law(result: MoELawResult, path: Path) -> Path:
         ax2.plot(c, l_opt, color=color, label=f"{label}: frontier")
         ax2.scatter(runs["C"], runs["observed"], color=color, s=16)
         if e > 1:
-            band = np.array([fit.multiplier_interval(n, e) for n in sizes]) if fit.samples is not None else None
+            band = np.array([fit.multiplier_interval(n, e) for n in sizes]) if fit.bootstrap_samples is not None else None
             ax3.plot(sizes, fit.multiplier(sizes, e), color=color, label=label)
             if band is not None:
                 ax3.fill_between(sizes, band[:, 0], band[:, 1], color=color, alpha=0.2)

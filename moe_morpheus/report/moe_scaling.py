@@ -8,16 +8,19 @@ shares L0, B, beta and alpha, and the experts act only on the parameter term.
 
 Why this form. The parameter term is Clark et al. (2022, "Unified Scaling Laws for Routed
 Language Models") in Chinchilla's additive shape: their law, log L = a log N + b log E +
-c log N log E + d, fitted at one token count, says that E experts multiply the loss's power of N
-by E^b, with a benefit that changes with size (the c term: it shrinks as N grows). Here
-E^delta is their b and gamma their c, measured around N0 (the geometric mean of the runs' N, so
-that delta is the exponent at the ladder's own scale, not at N = 1). Clark's saturation of E
+c log N log E + d, fitted at one token count, makes the loss a power of E (b < 0) whose slope
+changes with size (c > 0: the benefit shrinks as N grows). Here the power acts on the parameter
+term only: delta plays the part of -b and gamma of -c (so gamma < 0 is their finding), measured
+around N0 (the geometric mean of the runs' N, so that delta is the exponent at the ladder's own
+scale, not at N = 1). Clark's saturation of E
 (E_hat, which matters from about E = 256) is left out: the ladders have E <= 64. Krajewski et al.
 (2024)'s law varies granularity at a fixed expansion rate (E = 64), while these ladders vary E at
 granularity 2, so its G term could not be identified from them.
 
 Effective parameters: a dense model matches an E-expert model of N active parameters (at any D)
-when it has ``multiplier(N, E) = E^((delta + gamma ln(N / N0)) / alpha)`` times N parameters.
+when it has ``multiplier(N, E) = E^((delta + gamma ln(N / N0)) / alpha)`` times N parameters. At
+a fixed E the law is Chinchilla's with alpha_E = alpha + gamma ln E (``at_experts``), which gives
+the compute-optimal frontier per E in closed form.
 
 The fit is :func:`moe_morpheus.report.scaling.fit_law` (summed Huber(1e-3) on log L, L-BFGS from
 Chinchilla's 4500-start grid, here times delta in {0, 0.5}: 9,000 starts, gamma from 0) with
@@ -31,7 +34,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moe_morpheus.report.scaling import LogCoefficients, as_runs, fit_law, grid_starts, percentile_intervals
+from moe_morpheus.report.scaling import (
+    ChinchillaFit,
+    LogCoefficients,
+    as_runs,
+    fit_law,
+    grid_starts,
+    percentile_intervals,
+)
 
 NAMES = ("L0", "A", "B", "alpha", "beta", "delta", "gamma")
 DELTA_STARTS = (0.0, 0.5)
@@ -39,12 +49,13 @@ DELTA_STARTS = (0.0, 0.5)
 
 @dataclass(frozen=True)
 class MoEFit(LogCoefficients):
-    """A fitted L(N, D, E); see the module doc. ``intervals``: bootstrap percentile intervals of
-    NAMES; ``samples``: the replicates as rows of NAMES (None without bootstrap)."""
+    """A fitted L(N, D, E); see the module doc. ``a``, ``b``, ``e``: log A, log B, log L0.
+    ``intervals``: bootstrap percentile intervals of NAMES; ``bootstrap_samples``: the replicates
+    as rows of NAMES (None without bootstrap)."""
 
-    a: float  # log A
-    b: float  # log B
-    e: float  # log L0
+    a: float
+    b: float
+    e: float
     alpha: float
     beta: float
     delta: float
@@ -54,7 +65,7 @@ class MoEFit(LogCoefficients):
     n_runs: int
     converged: bool
     intervals: dict[str, tuple[float, float]] | None = None
-    samples: np.ndarray | None = field(default=None, repr=False)
+    bootstrap_samples: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def L0(self) -> float:
@@ -74,26 +85,31 @@ class MoEFit(LogCoefficients):
         return _multiplier(np.array([self.alpha, self.delta, self.gamma]), self.n0, N, E)
 
     def multiplier_interval(self, N: float, E: float, confidence: float = 0.95) -> tuple[float, float]:
-        """Percentile bootstrap interval of ``multiplier(N, E)``."""
-        if self.samples is None:
+        """Percentile bootstrap interval of ``multiplier(N, E)`` at one size N."""
+        if self.bootstrap_samples is None:
             raise ValueError("fit with bootstrap > 0 for intervals")
-        values = _multiplier(self.samples[:, [3, 5, 6]].T[:, :, None], self.n0, N, E)[:, 0]
-        tail = 100 * (1 - confidence) / 2
-        lo, hi = np.percentile(values, [tail, 100 - tail])
-        return float(lo), float(hi)
+        values = _multiplier(self.bootstrap_samples[:, [3, 5, 6]].T, self.n0, float(N), E)
+        (lo, hi), = percentile_intervals(values[:, None], ["m"], confidence).values()
+        return lo, hi
+
+    def at_experts(self, E: float) -> ChinchillaFit:
+        """The law at a fixed E as Chinchilla's: E^-(delta + gamma ln(N/N0)) = E^-delta N0^(gamma ln E)
+        N^-(gamma ln E), so alpha_E = alpha + gamma ln E and A_E = A E^-delta N0^(gamma ln E)."""
+        log_e = float(np.log(E))
+        alpha_e = self.alpha + self.gamma * log_e
+        if not alpha_e > 0:
+            raise ValueError(f"at E={E:g} the parameter exponent alpha + gamma ln E = {alpha_e:.3g} is not positive: "
+                             f"the law has no compute-optimal size there")
+        return ChinchillaFit(a=self.a - self.delta * log_e + self.gamma * log_e * np.log(self.n0), b=self.b, e=self.e,
+                             alpha=alpha_e, beta=self.beta, loss=self.loss, n_runs=self.n_runs, delta=1e-3,
+                             n_starts=0, converged=self.converged)
 
     def compute_optimal(self, C, E) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(N_opt, D_opt, L_opt) minimising L(N, C / (6N), E) at each compute C = 6 N D: a search
-        over 4001 sizes per C spanning 10^-6..10^6 times sqrt(C / 6) (gamma makes the optimum
-        depend on N through E's exponent, so there is no closed form), good to 0.35% in N."""
-        c6 = np.atleast_1d(np.asarray(C, float)) / 6.0
-        if np.any(c6 <= 0):
-            raise ValueError(f"compute budget C={C} must be positive")
-        grid = np.sqrt(c6)[:, None] * np.logspace(-6, 6, 4001)[None, :]
-        loss = self.predict(grid, c6[:, None] / grid, E)
-        best = np.argmin(loss, axis=1)
-        n_opt = grid[np.arange(len(c6)), best]
-        return n_opt, c6 / n_opt, loss[np.arange(len(c6)), best]
+        """(N_opt, D_opt, L_opt) minimising L(N, C / (6N), E) at compute C = 6 N D: Hoffmann et
+        al.'s eq. 4 on :meth:`at_experts`."""
+        law = self.at_experts(E)
+        n_opt, d_opt = law.compute_optimal(np.atleast_1d(np.asarray(C, float)))
+        return n_opt, d_opt, law.predict(n_opt, d_opt)
 
 
 def _predict(params: np.ndarray, n0: float, N, D, E):
@@ -115,7 +131,7 @@ def starts() -> np.ndarray:
 
 
 def fit_moe_law(N, D, E, L, *, n0: float | None = None, bootstrap: int = 0, confidence: float = 0.95,
-                seed: int = 0, delta: float = 1e-3) -> MoEFit:
+                seed: int = 0, huber_delta: float = 1e-3) -> MoEFit:
     """Fit L(N, D, E) to runs: N active parameters, D tokens, E experts (1 for dense), L final loss.
 
     Needs >= 8 runs (7 parameters), >= 2 expert counts and >= 3 sizes; ``n0`` defaults to the
@@ -133,7 +149,7 @@ def fit_moe_law(N, D, E, L, *, n0: float | None = None, bootstrap: int = 0, conf
     n0 = float(np.exp(np.mean(np.log(n_arr)))) if n0 is None else float(n0)
     log_e = np.log(e_arr)
     extra = np.stack([log_e, log_e * np.log(n_arr / n0)])
-    best, loss, converged, boot = fit_law(np.log(n_arr), np.log(d_arr), np.log(l_arr), starts(), delta=delta,
+    best, loss, converged, boot = fit_law(np.log(n_arr), np.log(d_arr), np.log(l_arr), starts(), delta=huber_delta,
                                           extra=extra, bootstrap=bootstrap, confidence=confidence, seed=seed)
     a, b, e, alpha, beta, dl, gm = (float(v) for v in best)
     fit = MoEFit(a, b, e, alpha, beta, dl, gm, n0=n0, loss=loss, n_runs=len(n_arr), converged=converged)
@@ -141,4 +157,4 @@ def fit_moe_law(N, D, E, L, *, n0: float | None = None, bootstrap: int = 0, conf
         return fit
     samples = np.column_stack([np.exp(boot[:, 2]), np.exp(boot[:, 0]), np.exp(boot[:, 1]), boot[:, 3:]])
     return MoEFit(a, b, e, alpha, beta, dl, gm, n0=n0, loss=loss, n_runs=len(n_arr), converged=converged,
-                  intervals=percentile_intervals(samples, NAMES, confidence), samples=samples)
+                  intervals=percentile_intervals(samples, NAMES, confidence), bootstrap_samples=samples)

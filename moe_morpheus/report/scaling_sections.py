@@ -53,7 +53,7 @@ def scaling_section(c: Collection, out: Path) -> list[Block]:
         n_opt, d_opt = f.compute_optimal(cs)
         a, b = f.compute_optimal_exponents
         blocks += [
-            Heading(f"{res.variant}: {len(res.runs)} runs", 3),
+            Heading(f"{res.family}: {len(res.runs)} runs", 3),
             Para(f"`{res.law()}` (fit converged: {f.converged}; Huber loss {f.loss:.3g}; "
                  f"RMS residual {np.sqrt(np.mean(res.runs['residual'] ** 2)):.4f} nats)."),
             Table(["parameter", "value [95% interval]"],
@@ -65,15 +65,15 @@ def scaling_section(c: Collection, out: Path) -> list[Block]:
             Table(["run id", "N", "D", "observed", "predicted", "residual"],
                   [[f"`{r['run_id']}`", count(r["N"]), count(r["D"]), num(r["observed"]), num(r["predicted"]),
                     num(r["residual"])] for _, r in res.runs.iterrows()]),
-            Figure(figures.scaling(res, out / f"scaling_{file_name(res.variant)}.png"),
-                   f"{res.variant}: compute-optimal frontier with the runs, and predicted vs observed loss."),
+            Figure(figures.scaling(res, out / f"scaling_{file_name(res.family)}.png"),
+                   f"{res.family}: compute-optimal frontier with the runs, and predicted vs observed loss."),
         ]
     return blocks
 
 
 def moe_law_section(c: Collection, out: Path) -> list[Block]:
     """Only for collections with MoE runs: the law over every finished run, dense included."""
-    if c.runs.empty or (analysis.experts(c.runs) == 1).all():
+    if c.runs.empty or not (c.runs["variant"] == "moe").any():
         return []
     result, why = analysis.moe_law(c.runs)
     blocks: list[Block] = [Heading("MoE scaling law: L(N, D, E)")]
@@ -81,12 +81,12 @@ def moe_law_section(c: Collection, out: Path) -> list[Block]:
         return blocks + [Para(f"Not fitted: {why}")]
     f, t = result.fit, result.runs
     blocks.append(Para(
-        "`L(N, D, E) = L0 + A / (N^alpha E^(delta + gamma ln(N / N0))) + B / D^beta` over every finished run "
-        "(N active params, D final tokens, E experts per MoE layer, 1 for dense): Clark et al. (2022)'s expert "
+        "`L(N, D, E) = L0 + A / (N^alpha E^(delta + gamma ln(N / N0))) + B / D^beta` over every finished dense and "
+        "MoE-from-scratch run (N active params, D final tokens, E experts per MoE layer, 1 for dense): Clark et al. (2022)'s expert "
         "terms in Chinchilla's form, the same Huber fit from 9,000 starts, 95% intervals from "
         f"{analysis.BOOTSTRAP} bootstrap resamples of the runs. N0 = {count(f.n0)} (the runs' geometric mean). "
         "A dense model of `multiplier x N` parameters has the loss of an E-expert model of N active parameters "
-        f"at any D. Clark et al. report the benefit of experts shrinking with size (gamma < 0 here)."))
+        "at any D. Clark et al. report the benefit of experts shrinking with size, which is gamma < 0 here."))
     blocks.append(Para(f"`{f.law()}` (fit converged: {f.converged}; {f.n_runs} runs; RMS residual "
                        f"{np.sqrt(np.mean(t['residual'] ** 2)):.4f} nats)."))
     blocks.append(Table(["parameter", "value [95% interval]"],
@@ -97,7 +97,7 @@ def moe_law_section(c: Collection, out: Path) -> list[Block]:
     for n in sizes:
         row = [count(n)]
         for e in counts:
-            lo, hi = f.multiplier_interval(n, e) if f.samples is not None else (np.nan, np.nan)
+            lo, hi = f.multiplier_interval(n, e) if f.bootstrap_samples is not None else (np.nan, np.nan)
             row.append(f"{f.multiplier(n, e):.2f} [{lo:.2f}, {hi:.2f}]")
         rows.append(row)
     blocks.append(Table(["active params N", *(f"multiplier, {e:g} experts" for e in counts)], rows))

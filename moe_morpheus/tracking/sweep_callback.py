@@ -53,6 +53,18 @@ def parent_run_id(sweep_dir: str | Path | None) -> str | None:
     return os.environ.get(PARENT_RUN_ENV) or None
 
 
+def newest_per_folder(runs: list) -> list:
+    """The newest MLflow run of each job folder (tag ``run_dir``; runs without it stand alone).
+    A job stopped before its first checkpoint starts a new run when the sweep is rerun; the
+    stopped one stays KILLED under the parent but is not the job's outcome."""
+    newest: dict[str, Any] = {}
+    for run in runs:
+        key = run.data.tags.get("run_dir") or run.info.run_id
+        if key not in newest or run.info.start_time > newest[key].info.start_time:
+            newest[key] = run
+    return list(newest.values())
+
+
 class MLflowSweepCallback(Callback):
     """Hydra callback: one parent MLflow run per multirun, every job a nested child.
 
@@ -140,7 +152,7 @@ class MLflowSweepCallback(Callback):
             children = self._client.search_runs(
                 [self._experiment_id], filter_string=f"tags.{PARENT_TAG} = '{self.run_id}'"
             )
-            failed = any(run.info.status in ("FAILED", "KILLED") for run in children)
+            failed = any(run.info.status in ("FAILED", "KILLED") for run in newest_per_folder(children))
         except Exception as exc:
             warnings.warn(
                 f"could not read the sweep's child runs at {self.uri} ({exc}); ending it FINISHED",

@@ -203,10 +203,11 @@ def test_scaling_ladder_points_are_what_their_names_say():
     assert len(points) == 9
     for point in points:
         width, tokens = (int(v) for v in point.lstrip("h").split("_r"))
-        exp = compose_experiment(["+sweeps=scaling_ladder", "+experiment=dense", f"+ladder={point}"])
-        assert exp.model.hidden_size == width and exp.model.vocab_size == 2048 and exp.model.num_layers == 4
-        assert exp.budget.chinchilla_fraction * exp.budget.tokens_per_param == pytest.approx(tokens)
-        assert exp.data.tokenizer.endswith("demo_2k.model")
+        for experiment in ("dense", "moe_8e", "moe_64e"):  # the point wins over the experiment's own budget
+            exp = compose_experiment(["+sweeps=scaling_ladder", f"+experiment={experiment}", f"+ladder={point}"])
+            assert exp.model.hidden_size == width and exp.model.vocab_size == 2048 and exp.model.num_layers == 4
+            assert exp.budget.chinchilla_fraction * exp.budget.tokens_per_param == pytest.approx(tokens)
+            assert exp.data.tokenizer.endswith("demo_2k.model")
 
 
 def test_job_folder_names_fit_a_file_system_and_stay_apart():

@@ -54,7 +54,7 @@ def test_translation_scores_against_known_answers(demo_tokenizer):
              (tok.encode("中文：谢谢\n英文：") + [GMASK_ID], tok.encode("thank you"))]
     rows = [row_of(pairs, seq=128)]
     perfect = translation_scores(Oracle({tuple(p): a for p, a in pairs}), tok, rows)
-    assert perfect == {"chrf": pytest.approx(100.0), "exact_match": 1.0}
+    assert perfect == {"chrf": pytest.approx(100.0), "exact_match": 1.0, "items": 2.0, "items_cut": 0.0}
     wrong = translation_scores(Oracle({tuple(p): tok.encode("xyz") for p, _ in pairs}), tok, rows)
     assert wrong["exact_match"] == 0.0 and wrong["chrf"] < 10
 
@@ -65,11 +65,15 @@ def test_translation_allowance_stays_within_the_sequence():
     pairs = [([5, 6, GMASK_ID], [7, 8]), ([9] * 8 + [GMASK_ID], [10])]
     oracle = Oracle({tuple(p): a for p, a in pairs}, seq_length=12)
     assert oracle.room([9] * 12) < 1 and oracle.room([5, 6]) == 8  # a [gMASK] is added to the second
-    translation_scores(oracle, _Tokens(), [row_of(pairs, seq=16)])
-    assert oracle.asked == [8, 2]
+    scores = translation_scores(oracle, _Tokens(), [row_of(pairs, seq=16)])
+    assert oracle.asked == [8, 2] and scores["items"] == 2 and scores["items_cut"] == 0
     # A prompt that fills the sequence is skipped, not an error at the end of a run.
     full = Oracle({}, seq_length=8)
     assert translation_scores(full, _Tokens(), [row_of(pairs[1:], seq=16)]) == {}
+    # An answer longer than the room left is scored, and counted as cut.
+    long = [([9] * 8 + [GMASK_ID], [10, 11, 12])]
+    assert translation_scores(Oracle({tuple(long[0][0]): [10, 11]}, seq_length=12), _Tokens(),
+                              [row_of(long, seq=16)])["items_cut"] == 1
 
 
 class _Tokens:

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from moe_morpheus.report.moe_scaling import NAMES, MoEFit, fit_moe_law
-from moe_morpheus.report.scaling import ChinchillaFit
 
 # Chinchilla-like values with a MoE term: 64 experts are worth 64^(0.1 / 0.33) = 3.5x the
 # parameters at N0 = 1e8, less at larger N (gamma < 0, the trend Clark et al. 2022 report).
@@ -35,7 +34,7 @@ def test_known_parameters_are_recovered_within_2_percent(synthetic):
     for name in ("alpha", "beta", "delta", "gamma"):
         lo, hi = fit.intervals[name]
         assert lo < getattr(fit, name) < hi and hi - lo < 0.1 * abs(TRUE[name]), name
-    assert fit.samples.shape == (20, len(NAMES))
+    assert fit.bootstrap_samples.shape == (20, len(NAMES))
 
 
 def test_predictions_and_the_effective_parameter_multiplier(synthetic):
@@ -52,18 +51,28 @@ def test_predictions_and_the_effective_parameter_multiplier(synthetic):
     assert fit.multiplier(1e7, 64) > fit.multiplier(1e9, 64) > 1 and fit.multiplier(1e8, 1) == 1
 
 
-def test_compute_optimal_matches_chinchillas_closed_form_when_gamma_is_zero():
-    # With gamma = 0, E experts scale A by E^-delta: Hoffmann et al.'s eq. 4 with that A.
+def test_compute_optimal_is_the_brute_force_minimum_at_equal_compute(synthetic):
+    # Against an independent search: the loss on a fine grid of sizes at each compute, with the
+    # fitted gamma != 0 (which moves the parameter exponent to alpha + gamma ln E).
+    *_, fit = synthetic
+    assert abs(fit.gamma) > 0.005
+    for e in (1, 8, 64):
+        for c in (1e18, 1e21):
+            n_opt, d_opt, l_opt = fit.compute_optimal(c, e)
+            grid = np.geomspace(n_opt[0] / 30, n_opt[0] * 30, 20001)
+            losses = fit.predict(grid, c / (6 * grid), e)
+            assert n_opt[0] == pytest.approx(grid[np.argmin(losses)], rel=1e-3)
+            assert l_opt[0] == pytest.approx(losses.min(), rel=1e-9) and n_opt[0] * d_opt[0] == pytest.approx(c / 6)
+
+
+def test_gamma_zero_is_chinchilla_with_a_scaled_by_e_to_the_minus_delta():
     fit = MoEFit(a=np.log(400.0), b=np.log(1500.0), e=np.log(1.8), alpha=0.33, beta=0.30, delta=0.1, gamma=0.0,
                  n0=N0, loss=0.0, n_runs=0, converged=True)
-    dense = ChinchillaFit(a=np.log(400.0 / 8 ** 0.1), b=np.log(1500.0), e=np.log(1.8), alpha=0.33, beta=0.30,
-                          loss=0.0, n_runs=0, delta=1e-3, n_starts=0, converged=True)
-    c = np.array([1e18, 1e21])
-    n_opt, d_opt, l_opt = fit.compute_optimal(c, 8)
-    n_ref, d_ref = dense.compute_optimal(c)
-    np.testing.assert_allclose(n_opt, n_ref, rtol=4e-3)
-    np.testing.assert_allclose(n_opt * d_opt, c / 6, rtol=1e-12)
-    np.testing.assert_allclose(l_opt, dense.predict(n_ref, d_ref), rtol=1e-6)
+    law = fit.at_experts(8)
+    assert law.A == pytest.approx(400.0 / 8 ** 0.1) and law.alpha == 0.33 and law.B == pytest.approx(1500.0)
+    with pytest.raises(ValueError, match="not positive"):
+        MoEFit(a=0.0, b=0.0, e=0.0, alpha=0.1, beta=0.3, delta=0.0, gamma=-0.1, n0=N0, loss=0.0, n_runs=0,
+               converged=True).at_experts(64)
 
 
 @pytest.mark.parametrize("e,message", [([1.0] * 12, ">= 2 expert counts"), ([0.5] + [8.0] * 11, "E must give"),

@@ -337,6 +337,30 @@ def test_sweep_parent_with_nested_children(tmp_path, store, experiment):
     assert parent_row["tags.sweep_overrides"] == "seed=1,2"
 
 
+def test_a_relaunched_sweep_reopens_its_parent_and_judges_each_job_by_its_newest_run(tmp_path, store, experiment):
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "multirun")}, "overrides": {"task": []}}})
+
+    def launch(*statuses: str) -> str:
+        cb = MLflowSweepCallback(name="s", experiment=experiment, uri=store)
+        cb.on_multirun_start(cfg)
+        for status in statuses:  # one job, folder tmp_path/0, stopped before any checkpoint or finished
+            t = Tracker(store, experiment, "job0", rank=0, tags={"run_dir": str(tmp_path / "0")},
+                        local_dir=tmp_path / f"0-{status}", parent_run_id=cb.run_id)
+            t.start({}, "")
+            t.finish(status)
+        parent = cb.run_id
+        cb.on_multirun_end(cfg)
+        return parent
+
+    first = launch("KILLED")
+    assert runs(store, experiment, "tags.sweep = 's'").iloc[0]["status"] == "FAILED"
+    # The rerun: the same parent, RUNNING again, and FINISHED now that the job's newest run is.
+    assert launch("FINISHED") == first
+    parents = runs(store, experiment, "tags.sweep = 's'")
+    assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
+    assert len(runs(store, experiment, f"tags.mlflow.parentRunId = '{first}'")) == 2
+
+
 def test_sweep_start_unreachable_warns_and_jobs_run_unnested(tmp_path, experiment):
     cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "overrides": {"task": []}}})
     cb = MLflowSweepCallback(name="s", experiment=experiment, uri=closed_port_uri())
