@@ -294,12 +294,13 @@ def moe_law(result: MoELawResult, path: Path) -> Path:
     sizes = np.geomspace(t["N"].min() / 2, t["N"].max() * 2, 40)
     for i, e in enumerate(counts):
         color, label = f"C{i}", "dense" if e == 1 else f"{e:g} experts"
-        n_opt, _, l_opt = fit.compute_optimal(c, e)
         runs = t[t["E"] == e]
-        ax1.plot(c, n_opt, color=color, label=label)
         ax1.scatter(runs["C"], runs["N"], color=color, s=16)
-        ax2.plot(c, l_opt, color=color, label=f"{label}: frontier")
         ax2.scatter(runs["C"], runs["observed"], color=color, s=16)
+        if fit.alpha + fit.gamma * np.log(e) > 0:  # else no compute-optimal size (the section says so)
+            n_opt, _, l_opt = fit.compute_optimal(c, e)
+            ax1.plot(c, n_opt, color=color, label=label)
+            ax2.plot(c, l_opt, color=color, label=f"{label}: frontier")
         if e > 1:
             band = np.array([fit.multiplier_interval(n, e) for n in sizes]) if fit.bootstrap_samples is not None else None
             ax3.plot(sizes, fit.multiplier(sizes, e), color=color, label=label)

@@ -104,9 +104,13 @@ def moe_law_section(c: Collection, out: Path) -> list[Block]:
     cs = [t["C"].min(), t["C"].max(), 10 * t["C"].max()]
     frontier = []
     for e in sorted(t["E"].unique()):
-        n_opt, d_opt, l_opt = f.compute_optimal(cs, e)
-        frontier += [[("dense" if e == 1 else f"{e:g} experts"), sci(C), count(n), count(d), num(loss)]
-                     for C, n, d, loss in zip(cs, n_opt, d_opt, l_opt)]
+        label = "dense" if e == 1 else f"{e:g} experts"
+        try:
+            n_opt, d_opt, l_opt = f.compute_optimal(cs, e)
+        except ValueError as error:  # alpha + gamma ln E <= 0: loss falls without end in N
+            frontier.append([label, "-", "-", "-", str(error)])
+            continue
+        frontier += [[label, sci(C), count(n), count(d), num(loss)] for C, n, d, loss in zip(cs, n_opt, d_opt, l_opt)]
     blocks.append(Table(["experts", "C (FLOPs)", "N_opt (active)", "D_opt", "loss at the frontier"], frontier))
     blocks.append(Table(["run id", "family", "N", "D", "observed", "predicted", "residual"],
                         [[f"`{r['run_id']}`", r["family"], count(r["N"]), count(r["D"]), num(r["observed"]),
