@@ -3,20 +3,23 @@ one job submitted through hydra-submitit-launcher runs its 2 ranks (train.py's t
 its allocation and logs under the sweep's MLflow parent run. Skipped, with the reason, when
 ``sinfo`` does not answer or the launcher plugin is not installed (CI without Slurm stays green).
 
-The preempt-and-requeue path (``scancel --signal=USR1``, ``scontrol requeue``) was run by hand
-(README.md "On a Slurm cluster"); it takes minutes on 2 cores, too long for a test here."""
+A second test preempts a job (``scancel --signal=USR1``: the ranks save, the MLflow run ends
+KILLED), requeues it (``scontrol requeue``, as a cluster's preemption policy or the user would)
+and checks that it resumes from its checkpoint into the same MLflow run, which ends FINISHED."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.train_app import REPO, SMALL
+from tests.helpers.train_app import REPO, SMALL, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +37,9 @@ def _slurm_missing() -> str | None:
         return "sinfo did not answer within 5 s (scripts/local_slurm.sh up)"
     if answer.returncode != 0:
         return f"sinfo failed: {answer.stderr.strip()} (scripts/local_slurm.sh up)"
-    if "idle" not in answer.stdout.split() and "mix" not in answer.stdout.split():
-        return f"no idle Slurm node (sinfo: {answer.stdout.strip()})"
+    # A busy node (alloc, mix, completing: the previous test's job) takes the job when free.
+    if not {"idle", "mix", "alloc", "comp"} & set(answer.stdout.split()):
+        return f"no Slurm node up (sinfo: {answer.stdout.strip()})"
     return None
 
 
@@ -66,7 +70,7 @@ def test_a_sweep_job_runs_its_ranks_in_a_slurm_allocation(slurm, tmp_path: Path)
                f"tracking.uri={db}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::UserWarning")
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=400)
-    logs = "\n".join(p.read_text() for p in (tmp_path / "multirun" / ".submitit").rglob("*_log.*"))
+    logs = _job_logs(tmp_path)
     assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}\n{logs[-3000:]}"
     # The job ran under Slurm (submitit's log of the job) with 2 ranks (train.py's torchrun).
     assert "Starting with JobEnvironment" in logs and "--nproc_per_node=2" in logs, logs[-3000:]
@@ -79,3 +83,42 @@ def test_a_sweep_job_runs_its_ranks_in_a_slurm_allocation(slurm, tmp_path: Path)
     assert len(parents) == 1 and len(children) == 1, [r.data.tags.get("mlflow.runName") for r in runs]
     assert children[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert children[0].info.status == "FINISHED" and parents[0].info.status == "FINISHED"
+
+
+def _job_logs(tmp_path: Path) -> str:
+    """What the sweep's Slurm jobs printed (submitit's per-job stdout and stderr files)."""
+    return "\n".join(p.read_text() for p in (tmp_path / "multirun" / ".submitit").rglob("*_log.*"))
+
+
+def test_a_preempted_job_resumes_in_its_mlflow_run_after_a_requeue(slurm, tmp_path: Path):
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    command = [sys.executable, str(REPO / "train.py"), "-m", *LOCAL, "hydra/callbacks=mlflow", "+experiment=dense",
+               "sweep=slurm_preempt", "trainer.seed=1", "trainer.steps=40", "checkpoint.interval_steps=5",
+               "trainer.eval_interval=0", *SMALL, f"hydra.sweep.dir={tmp_path}/multirun", f"tracking.uri={db}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::UserWarning")
+    log = tmp_path / "launcher.log"
+    job = tmp_path / "multirun" / "job0"
+    with log.open("w") as out:
+        # The launcher waits for the job's result, through the requeue (no accounting here).
+        launcher = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env)
+        wait_for((job / "checkpoints" / "step_00000010" / "checkpoint.json").exists, launcher, log)
+        # submitit keeps each job's files in .submitit/<job id>/ (beside its own .submission* files).
+        (job_id,) = {d.name.split("_")[0] for d in (tmp_path / "multirun" / ".submitit").iterdir()
+                     if d.name.split("_")[0].isdigit()}
+        subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+        wait_for(lambda: "resume with: " in _job_logs(tmp_path), launcher, log)
+        stopped_at = int(re.search(r"after step (\d+)", _job_logs(tmp_path)).group(1))
+        wait_for(lambda: subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout == "",
+                 launcher, log)
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        time.sleep(1)
+        subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True)  # no 2-min hold
+        assert launcher.wait(timeout=400) == 0, log.read_text()[-3000:] + _job_logs(tmp_path)[-3000:]
+
+    assert stopped_at < 40 and f"resumed from {job}" in _job_logs(tmp_path), _job_logs(tmp_path)[-3000:]
+    client = MlflowClient(db)
+    runs = client.search_runs([client.get_experiment_by_name("moe_morpheus").experiment_id])
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert child.info.status == "FINISHED"
+    steps = sorted({m.step for m in client.get_metric_history(child.info.run_id, "train/loss")})
+    assert steps == list(range(1, 41))
