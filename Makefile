@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: train test test-fast lint clean-venv mlflow-server
 
-$(STAMP): pyproject.toml
+# The slurm extra (hydra-submitit-launcher) too: tests/cluster/ submit through it when a Slurm
+# answers (.ci/run brings one up) and skip otherwise.
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,slurm]'
 	@touch $(STAMP)
 
 train: $(STAMP)
