@@ -39,6 +39,13 @@ def _ranks_from_slurm() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+def world_size() -> int:
+    """How many ranks this run has: torchrun's WORLD_SIZE, Slurm's task count when Slurm started
+    one task per rank (submitit with tasks_per_node > 1), else 1."""
+    _ranks_from_slurm()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _elastic_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
     """Under ``torchrun --max-restarts``, the agent's TCP store outlives a restart and still holds
     the previous attempt's gloo addresses under the same keys: a restarted rank connected to a
@@ -63,10 +70,9 @@ def initialize(
     every rank with the same inputs, so a layout that cannot work fails everywhere at once and no
     rank is left waiting for a peer that already raised.
     """
-    _ranks_from_slurm()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     rank = int(os.environ.get("RANK", "0"))
-    dp = parallel.validate_world(world_size)
+    dp = parallel.validate_world(world)
     if model is not None:
         parallel.validate_model(model)
 
@@ -78,15 +84,15 @@ def initialize(
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
 
     if not dist.is_initialized():
-        if world_size == 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        if world == 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
             # A world of one outside torchrun needs no agreed port: always a fresh one, so an
             # inherited MASTER_PORT (another process's store) cannot collide. Under torchrun
             # (even --nproc_per_node=1) the launcher's store is on MASTER_PORT: keep it.
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(free_port())
         timeout = datetime.timedelta(minutes=timeout_minutes)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
-                                store=_elastic_store(world_size, timeout))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout,
+                                store=_elastic_store(world, timeout))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,8 +84,7 @@ class Trainer:
         exp, trainer = self.exp, self.exp.trainer
         if trainer.threads:
             torch.set_num_threads(trainer.threads)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.dp = exp.validate_world(world)
+        self.dp = exp.validate_world(mm_parallel.world_size())
         mm_parallel.initialize(exp.parallel, exp.model, seed=trainer.seed)
         # Every rank composed its own Hydra config; rank 0's run folder is the run's.
         shared = [str(self.output_dir)]

@@ -51,29 +51,35 @@ def slurm():
         pytest.skip(reason)
 
 
-# The allocation this machine can give: no GPUs, its 2 cores, one task that starts the ranks with
-# torchrun (launch.nproc_per_node), a few GB. The job folder is named by its number only: train.py
-# passes it to torchrun as hydra.run.dir=..., where Hydra's default subdir (the overrides, with
-# `=` in them) does not parse.
+# The allocation this machine can give: no GPUs, its 2 cores, a few GB. The job folder is named
+# by its number only, for the test to find it.
 LOCAL = [
-    "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=0",
-    f"hydra.launcher.cpus_per_task={min(os.cpu_count() or 2, 2)}", "hydra.launcher.mem_gb=4",
+    "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.mem_gb=4",
     "hydra.launcher.timeout_min=10", "hydra.sweep.subdir=job${hydra.job.num}",
 ]
+CPUS = min(os.cpu_count() or 2, 2)
+# The two ways a job gets its 2 ranks: one Slurm task that starts them with torchrun
+# (launch.nproc_per_node), or one Slurm task per rank (the shipped conf/hydra/launcher/slurm.yaml:
+# tasks_per_node ranks, which read RANK and WORLD_SIZE from Slurm's variables).
+RANKS = {
+    "torchrun": ["hydra.launcher.tasks_per_node=1", f"hydra.launcher.cpus_per_task={CPUS}", "launch.nproc_per_node=2"],
+    "slurm_tasks": ["hydra.launcher.tasks_per_node=2", f"hydra.launcher.cpus_per_task={CPUS // 2}"],
+}
 
 
-def test_a_sweep_job_runs_its_ranks_in_a_slurm_allocation(slurm, tmp_path: Path):
+@pytest.mark.parametrize("ranks", list(RANKS))
+def test_a_sweep_job_runs_its_ranks_in_a_slurm_allocation(slurm, tmp_path: Path, ranks: str):
     db = f"sqlite:///{tmp_path}/mlflow.db"
-    command = [sys.executable, str(REPO / "train.py"), "-m", *LOCAL, "hydra/callbacks=mlflow", "+experiment=moe_8e",
-               "sweep=slurm_test", "trainer.seed=1", "trainer.steps=2", "trainer.eval_interval=0", *SMALL,
-               "launch.nproc_per_node=2", "parallel.ep=2", f"hydra.sweep.dir={tmp_path}/multirun",
-               f"tracking.uri={db}"]
+    command = [sys.executable, str(REPO / "train.py"), "-m", *LOCAL, *RANKS[ranks], "hydra/callbacks=mlflow",
+               "+experiment=moe_8e", "sweep=slurm_test", "trainer.seed=1", "trainer.steps=2", "trainer.eval_interval=0",
+               *SMALL, "parallel.ep=2", f"hydra.sweep.dir={tmp_path}/multirun", f"tracking.uri={db}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::UserWarning")
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=400)
     logs = _job_logs(tmp_path)
     assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}\n{logs[-3000:]}"
-    # The job ran under Slurm (submitit's log of the job) with 2 ranks (train.py's torchrun).
-    assert "Starting with JobEnvironment" in logs and "--nproc_per_node=2" in logs, logs[-3000:]
+    # The job ran under Slurm (submitit's log of the job) with its 2 ranks.
+    assert "Starting with JobEnvironment" in logs, logs[-3000:]
+    assert ("--nproc_per_node=2" in logs) == (ranks == "torchrun"), logs[-3000:]
     assert (tmp_path / "multirun" / "job0" / "result.txt").is_file()
 
     client = MlflowClient(db)
@@ -83,6 +89,8 @@ def test_a_sweep_job_runs_its_ranks_in_a_slurm_allocation(slurm, tmp_path: Path)
     assert len(parents) == 1 and len(children) == 1, [r.data.tags.get("mlflow.runName") for r in runs]
     assert children[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert children[0].info.status == "FINISHED" and parents[0].info.status == "FINISHED"
+    # One run of 2 ranks, expert parallel over them: not two runs of one rank each.
+    assert children[0].data.params["world_size"] == "2" and children[0].data.tags["parallel_layout"] == "tp1-pp1-ep2-dp2"
 
 
 def _job_logs(tmp_path: Path) -> str:
@@ -92,7 +100,8 @@ def _job_logs(tmp_path: Path) -> str:
 
 def test_a_preempted_job_resumes_in_its_mlflow_run_after_a_requeue(slurm, tmp_path: Path):
     db = f"sqlite:///{tmp_path}/mlflow.db"
-    command = [sys.executable, str(REPO / "train.py"), "-m", *LOCAL, "hydra/callbacks=mlflow", "+experiment=dense",
+    command = [sys.executable, str(REPO / "train.py"), "-m", *LOCAL, "hydra.launcher.tasks_per_node=1",
+               f"hydra.launcher.cpus_per_task={CPUS}", "hydra/callbacks=mlflow", "+experiment=dense",
                "sweep=slurm_preempt", "trainer.seed=1", "trainer.steps=40", "checkpoint.interval_steps=5",
                "trainer.eval_interval=0", *SMALL, f"hydra.sweep.dir={tmp_path}/multirun", f"tracking.uri={db}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::UserWarning")
