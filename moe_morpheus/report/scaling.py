@@ -259,11 +259,12 @@ def fit_chinchilla(N, D, L, delta: float = 1e-3, *, bootstrap: int = 0, confiden
     beta (0.334, 0.420); their published 95% intervals: (1.769, 1.871), (0.317, 0.373), (0.331, 0.415).
     """
     n_arr, d_arr, l_arr = as_runs(N, D, L)
-    best, loss, converged, boot = fit_law(np.log(n_arr), np.log(d_arr), np.log(l_arr), grid_starts(), delta=delta,
+    starts = grid_starts()
+    best, loss, converged, boot = fit_law(np.log(n_arr), np.log(d_arr), np.log(l_arr), starts, delta=delta,
                                           bootstrap=bootstrap, confidence=confidence, bootstrap_starts=bootstrap_starts,
                                           seed=seed)
     fit = ChinchillaFit(*(float(v) for v in best), loss=loss, n_runs=len(n_arr), delta=delta,
-                        n_starts=len(grid_starts()), converged=converged)
+                        n_starts=len(starts), converged=converged)
     if boot is None:
         return fit
     a, b, e, alpha, beta = boot.T

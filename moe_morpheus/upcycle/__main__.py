@@ -35,7 +35,7 @@ def convert(output_dir: str | Path, overrides: list[str]) -> Path:
     from moe_morpheus.train.step import wrap_ddp
 
     exp = compose_experiment(overrides)
-    exp.validate_world(int(os.environ.get("WORLD_SIZE", "1")))
+    exp.validate_world(mm_parallel.world_size())
     if exp.init.from_dense is None:
         raise UpcycleError("no source: pass init.from_dense=PATH (a dense step_* or checkpoints folder)")
     if not exp.moe.enabled:
