@@ -219,3 +219,39 @@ def test_job_folder_names_fit_a_file_system_and_stay_apart():
     assert a != b and len(a.encode()) == FOLDER_NAME_MAX_BYTES and a.startswith("x" * 150)
     assert folder_name(long_a) == a  # the same on every launch: a rerun finds the job again
     assert len(folder_name("数" * 100).encode()) <= FOLDER_NAME_MAX_BYTES  # never cut inside a character
+
+
+def _flat(cfg, prefix=""):
+    out = {}
+    for key, value in (cfg.items() if isinstance(cfg, dict) else []):
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_ablation_variants_change_what_their_names_say():
+    # Each variant of conf/sweeps/study_moe_ablation.yaml differs from its base arm in exactly
+    # the keys it is named for (plus its name): a variant that silently changed more would
+    # confound the ablation.
+    expected = {
+        "dense": ("dense", {}), "moe_8e": ("moe_8e", {}),
+        "dense_lr_x2": ("dense", {"trainer.lr": 0.006}),
+        "moe_8e_lr_half": ("moe_8e", {"trainer.lr": 0.0015}),
+        "moe_8e_lr_x2": ("moe_8e", {"trainer.lr": 0.006}),
+        "moe_8e_aux_0": ("moe_8e", {"moe.aux_loss_coeff": 0.0}),
+        "moe_8e_aux_x10": ("moe_8e", {"moe.aux_loss_coeff": 0.1}),
+        "moe_8e_top1_full": ("moe_8e", {"moe.top_k": 1, "moe.granularity": 1}),
+        "moe_1e": ("moe_8e", {"moe.num_experts": 1, "moe.top_k": 1, "moe.granularity": 1}),
+    }
+    variants = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
+    assert variants == sorted(expected)
+    sweep = OmegaConf.load(CONF_DIR / "sweeps" / "study_moe_ablation.yaml").hydra.sweeper.params
+    assert sorted(sweep["+ablation"].split(",")) == variants
+    for variant, (base, changes) in expected.items():
+        arm = _flat(OmegaConf.to_container(OmegaConf.structured(compose_experiment([f"+ablation={variant}"]))))
+        ref = _flat(OmegaConf.to_container(OmegaConf.structured(compose_experiment([f"+experiment={base}"]))))
+        differ = {k: arm[k] for k in arm if arm[k] != ref.get(k) and k != "name"}
+        assert differ == changes, variant
+        assert arm["name"] == variant
