@@ -16,6 +16,9 @@ minutes-long swings of a shared machine that separate runs see (+-10% here).
    one of 4096). Reference points measured here before: Megatron-Core MoELayer (allgather) ~2.5,
    padded batched matmul ~3, naive loop over experts ~14. Megatron-Core's MoELayer is timed in
    the same run.
+   Then the 64-expert layer split into its gate, its experts (alone, on the rows sorted for
+   them) and the rest (dispatch, combine, statistics), beside the same rows through one expert
+   of the same width: the cost of splitting the experts' GEMMs into 64 groups.
 2. E = 8 .. 256 experts at fixed active parameters (top-2, expert hidden 256): layer time over
    max(FLOPs / measured matmul peak, bytes / measured copy bandwidth). Goal: within 1.5.
 """
@@ -113,6 +116,37 @@ def roofline_seconds(num_experts: int, peak: float, bandwidth: float) -> float:
     weight_bytes = 3 * (3 * num_experts * HIDDEN * EXPERT_HIDDEN) * BYTES
     act_bytes = 3 * rows * (2 * HIDDEN + 3 * EXPERT_HIDDEN) * BYTES
     return max(flops / peak, (weight_bytes + act_bytes) / bandwidth)
+
+
+def breakdown(layer: FMoE, x: torch.Tensor, grad: torch.Tensor) -> dict:
+    """fwd + bwd callables of the parts of ``layer`` on ``x``: the gate with its balance loss;
+    the experts alone on the rows the gate sorted for them (their counts); and the same rows
+    through ONE expert of the same width: the same FLOPs in one GEMM per matrix, what the
+    experts would cost without being split into groups."""
+    gate = layer.gate
+    with torch.no_grad():
+        idx_TK, _ = gate(x)
+        gate.get_loss()
+    order_N = torch.argsort(idx_TK.reshape(-1), stable=True)
+    counts = torch.bincount(idx_TK.reshape(-1), minlength=layer.num_expert).tolist()
+    x_ND = x.detach()[order_N // TOP_K].requires_grad_()
+    grad_ND = torch.randn_like(x_ND)
+    one_group = GeGLUExperts(1, HIDDEN, EXPERT_HIDDEN)
+
+    def gate_step():
+        x.grad = None
+        _, score_TK = gate(x)
+        (score_TK.sum() + gate.get_loss()).backward()
+
+    def experts_step(experts, group_counts):
+        def step():
+            x_ND.grad = None
+            experts.zero_grad(set_to_none=True)
+            experts(x_ND, group_counts).backward(grad_ND)
+        return step
+
+    return {"gate": gate_step, "experts": experts_step(layer.experts, counts),
+            "experts_one_group": experts_step(one_group, [x_ND.shape[0]])}
 
 
 def native_layer(num_experts: int, expert=None) -> FMoE:
@@ -216,6 +250,21 @@ def main() -> None:
             note = f" (load max/mean {layers[name]['load_max_over_mean']:.2f})"
         print(f"| {name}{note} | {seconds[name] * 1e3:.1f} | {seconds[name] / dense:.2f} |")
 
+    # Where the 64-expert layer's time goes, timed in one round-robin with the whole layer.
+    parts = breakdown(ours, x, grad)
+    part_s = timed({"layer": fwd_bwd(ours, x, grad), **parts})
+    ours.pop_stats()
+    around = part_s["layer"] - part_s["gate"] - part_s["experts"]
+    split = {"layer_ms": part_s["layer"] * 1e3, "gate_ms": part_s["gate"] * 1e3,
+             "experts_ms": part_s["experts"] * 1e3, "experts_one_group_ms": part_s["experts_one_group"] * 1e3,
+             "dispatch_combine_stats_ms": around * 1e3}
+    print("\n| FMoE, 64 experts: part (fwd + bwd) | ms | share of the layer |\n| --- | ---: | ---: |")
+    for name, value in (("gate and balance loss", part_s["gate"]), ("experts (64 groups)", part_s["experts"]),
+                        ("dispatch, combine, statistics (the rest)", around)):
+        print(f"| {name} | {value * 1e3:.1f} | {value / part_s['layer']:.0%} |")
+    print(f"| experts as ONE group of the same rows and FLOPs | {part_s['experts_one_group'] * 1e3:.1f} | "
+          f"{part_s['experts_one_group'] / part_s['layer']:.0%} |")
+
     # The sweep and the roofline probes are timed in one round-robin, so that both see the same
     # machine (the ratio is meaningless if the probes ran in a quieter or busier moment).
     sweep = {num_experts: native_layer(num_experts) for num_experts in (8, 16, 32, 64, 128, 256)}
@@ -249,7 +298,7 @@ def main() -> None:
         results = json.loads(args.json.read_text()) if args.json.exists() else {}
         run = {"commit": args.commit or source_commit(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "layers_64_experts": layers, "matmul_peak_flops": peak, "copy_bytes_per_s": bandwidth,
+               "layers_64_experts": layers, "breakdown_64_experts": split, "matmul_peak_flops": peak, "copy_bytes_per_s": bandwidth,
                "sweep": roofline}
         if args.baseline_experts:
             run["baseline_experts"] = {"file": str(args.baseline_experts), "commit": args.baseline_commit}

@@ -188,7 +188,7 @@ class FMoE(nn.Module):
         flat_K = idx_TK.reshape(-1).long()
         key = flat_K.masked_fill(flat_K < 0, G)  # dropped assignments sort last, then are cut
         kept_G = torch.bincount(key, minlength=G + 1)[:G]
-        shadow = self.faster.plan_shadow(kept_G) if self.faster is not None else []
+        shadow = self.faster.plan(kept_G) if self.faster is not None else []
         if shadow:  # FasterMoE: shadowed experts' rows sort after all others, computed here
             remap = torch.arange(G + 1, device=key.device)
             remap[shadow] = G + torch.arange(len(shadow), device=key.device)
@@ -217,7 +217,7 @@ class FMoE(nn.Module):
         W, E = self.world_size, self.num_expert
         send_WE = kept_G.view(W, E)
         recv_WE = exchange_counts(send_WE, self.moe_group)
-        if self.faster is not None and self.faster.schedule is not None:
+        if self.faster is not None and self.faster.scheduled:
             return self.faster.exchange(x_ND, send_WE, recv_WE)
         send_splits, recv_splits = send_WE.sum(1).tolist(), recv_WE.sum(1).tolist()
         x_recv = AllToAll.apply(x_ND, recv_splits, send_splits, self.moe_group)

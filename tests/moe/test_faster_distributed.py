@@ -28,11 +28,12 @@ PAYS = dict(net_bandwidth=1e12, flops=1e8)
 
 def _variants(W: int) -> dict[str, dict]:
     forced = [0, 1, 5, G - 1] if W == 4 else [0, 5]  # several owners, two experts of one owner
-    out = {f"schedule_g{gs}": dict(schedule=True, group_size=gs) for gs in (1, 2, 4) if W % gs == 0}
+    always = dict(schedule_policy=lambda load_WG: True)
+    out = {f"schedule_g{gs}": dict(schedule=True, group_size=gs, **always) for gs in (1, 2, 4) if W % gs == 0}
     out.update({
         "shadow_model": dict(shadow=True, **PAYS),
         "shadow_forced": dict(shadow=True, policy=lambda load_WG: forced),
-        "both": dict(schedule=True, group_size=W // 2, shadow=True, policy=lambda load_WG: forced),
+        "both": dict(schedule=True, group_size=W // 2, shadow=True, policy=lambda load_WG: forced, **always),
         "both_model": dict(schedule=True, shadow=True, **PAYS),
         "both_measured": dict(schedule=True, shadow=True),
     })
@@ -98,6 +99,12 @@ def test_faster_paths_equal_plain_expert_parallel(W):
         assert all(r["costs"][name] == ranks[0]["costs"][name] for r in ranks), name
         s = per_rank[0]
         if name.startswith("schedule") or name.startswith("both"):
+            # The same choice of exchange on every rank; forced where the name has no "_model"
+            # or "_measured" (the model's own choice: either way, the results above are equal).
+            assert all(r["stats"][name]["faster/scheduled"] == s["faster/scheduled"] for r in ranks), name
+            assert s["faster/predicted_s_schedule"] > 0 and s["faster/predicted_s_all_to_all"] > 0
+        if name.startswith("schedule") or name == "both":
+            assert s["faster/scheduled"] == 1.0
             assert sum(r["stats"][name]["faster/exchange_bytes"] for r in ranks) > 0
             assert s["faster/compute_s"] > 0 and s["faster/exchange_s"] >= 0
         if "shadow" in name or name.startswith("both"):
@@ -106,6 +113,10 @@ def test_faster_paths_equal_plain_expert_parallel(W):
             if name in ("shadow_model", "both_model", "both_measured"):  # the model's own choice
                 assert s["faster/predicted_s"] <= s["faster/predicted_s_no_shadow"]
     assert ranks[0]["stats"]["shadow_model"]["faster/shadowed/e0"] == 1.0  # the hot expert
+    measured = ranks[0]["costs"]["both_measured"]  # calibrated on this machine
+    assert measured.net_bandwidth > 0 and measured.param_bandwidth > 0 and measured.flops > 0
+    assert min(measured.exchange_latency_s, measured.param_latency_s, measured.call_latency_s) >= 0
+    assert 0 <= measured.overlap <= 1
     forced = [0, 1, 5, G - 1] if W == 4 else [0, 5]
     stats = ranks[0]["stats"]["shadow_forced"]
     assert {k for k in stats if k.startswith("faster/shadowed/")} == {f"faster/shadowed/e{g}" for g in forced}

@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from moe_morpheus.config import ConfigError, FasterMoEConfig
-from moe_morpheus.moe.faster import Costs, TopologyGate, decide_shadow, predict_latency, predict_schedule
-from moe_morpheus.moe.faster.policy import step_groups
+from moe_morpheus.moe.faster import (
+    Costs,
+    TopologyGate,
+    decide_schedule,
+    decide_shadow,
+    predict_latency,
+    predict_schedule,
+)
+from moe_morpheus.moe.faster.calibrate import _line
+from moe_morpheus.moe.faster.policy import MARGIN, step_groups
 from moe_morpheus.moe.faster.stats import FasterStats
 from moe_morpheus.moe.ffn import gate_class
 
@@ -76,6 +84,56 @@ def test_latency_model_terms():
     # Shadow expert 1: rank 0 computes 80 + its own 30 rows of expert 1, rank 1 computes 90;
     # the links carry rank 1's 10 rows for expert 0; plus broadcast and reduce of 100 bytes.
     assert predict_latency(load, 1, [1], costs) == max(3 * 110 * 2, 3 * 90 * 2) + 4 * 10 * 4 + 2 * 100
+
+
+def test_fixed_costs_enter_the_latency_model():
+    """The same W=2, E=1 load as above with an all-to-all latency X, a call latency C, and a
+    parameter latency P at half the token bandwidth."""
+    load = torch.tensor([[70, 30], [10, 90]])
+    X, C, P = 7.0, 5.0, 11.0
+    costs = Costs(token_flops=2.0, token_bytes=4.0, param_bytes=100.0, net_bandwidth=1.0, flops=1.0,
+                  exchange_latency_s=X, call_latency_s=C, param_latency_s=P, param_bandwidth=0.5)
+    plain = max(3 * (C + 80 * 2) + 4 * (X + 30 * 4), 3 * (C + 120 * 2) + 4 * (X + 30 * 4))
+    assert predict_latency(load, 1, [], costs) == plain
+    # Shadowing expert 1 adds its own call (3 C), one owner's broadcast and reduce (2 P) and
+    # 2 x 100 bytes at 0.5 bytes/s.
+    shadowed = max(3 * (C + 110 * 2), 3 * (C + 90 * 2)) + 4 * (X + 10 * 4) + 3 * C + 2 * P + 2 * 200
+    assert predict_latency(load, 1, [1], costs) == shadowed
+
+
+def test_decisions_act_only_beyond_the_margin():
+    # Compute-bound, one hot expert: the paper's model (no fixed costs) shadows it.
+    W, E = 2, 4
+    load = hot_load(W, E, 4096)
+    free = Costs(token_flops=1e5, token_bytes=512.0, param_bytes=4e5, net_bandwidth=3e9, flops=4e10)
+    assert decide_shadow(load, E, free) == [0]
+    plain, shadowed = predict_latency(load, E, [], free), predict_latency(load, E, [0], free)
+    assert shadowed <= (1 - MARGIN) * plain
+    # A parameter transfer that eats all but 2% of the gain: greedy would still take it, the
+    # margin does not.
+    gain = plain - shadowed
+    near = Costs(free.token_flops, free.token_bytes, free.param_bytes, free.net_bandwidth, free.flops,
+                 param_latency_s=(gain - 0.02 * plain) / 2)
+    assert predict_latency(load, E, [0], near) < plain
+    assert decide_shadow(load, E, near) == []
+    # Uniform load: neither pays. The schedule with full overlap hides the transfers; with none
+    # (a CPU whose cores the transfer competes for) it only adds latencies.
+    uniform = torch.full((W, W * E), 256)
+    assert decide_shadow(uniform, E, free) == []
+    slow_net = Costs(free.token_flops, free.token_bytes, free.param_bytes, 1e8, free.flops)
+    assert decide_schedule(uniform, E, 1, slow_net)
+    no_overlap = Costs(free.token_flops, free.token_bytes, free.param_bytes, 1e8, free.flops,
+                       exchange_latency_s=1e-4, call_latency_s=1e-4, overlap=0.0)
+    plain, sched = predict_schedule(uniform, E, 1, no_overlap)
+    assert sched > plain and not decide_schedule(uniform, E, 1, no_overlap)
+
+
+def test_calibration_fits_a_line_and_reads_noise_as_per_unit_cost():
+    assert _line([8, 512], [0.001 + 8 * 2e-6, 0.001 + 512 * 2e-6]) == pytest.approx((2e-6, 0.001))
+    # The larger size measured faster: no slope to trust, all of it per unit, no fixed cost.
+    assert _line([16, 256], [0.004, 0.003]) == (0.003 / 256, 0.0)
+    # A fixed cost cannot be negative.
+    assert _line([10, 20], [0.001, 0.003]) == (0.0002, 0.0)
 
 
 def test_schedule_steps_and_prediction():

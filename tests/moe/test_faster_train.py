@@ -2,8 +2,9 @@
 same losses and parameters as with both off (relative 1e-5): 2 processes, EP=2, three clipped
 AdamW steps (``tests.helpers.steps.clipped_update``).
 
-The decision is replaced by "shadow the hottest expert" (the policy itself is tested in
-tests/moe/test_faster_policy.py), so that every step of every MoE layer shadows one expert.
+The decisions are replaced by "shadow the hottest expert" and "always the smart schedule" (the
+policy itself is tested in tests/moe/test_faster_policy.py), so that every step of every MoE
+layer shadows one expert and pipelines its exchange.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def _train_both():
         return decisions[-1]
 
     runtime.decide_shadow = hottest
+    runtime.decide_schedule = lambda *args: True  # every exchange through the smart schedule
     plain = clipped_update(1, 1, 2, TINY_MOE, steps=3)
     faster = clipped_update(1, 1, 2, dict(TINY_MOE, faster=FASTER), steps=3)
     return plain, faster, decisions

@@ -1,6 +1,7 @@
 """FasterMoE attached to an :class:`~moe_morpheus.moe.layer.FMoE`: the layer calls
-:meth:`FasterMoE.plan_shadow` after counting its routed rows, :meth:`FasterMoE.run_shadow` on the
-rows of the shadowed experts and :meth:`FasterMoE.exchange` instead of its all-to-all.
+:meth:`FasterMoE.plan` after counting its routed rows, :meth:`FasterMoE.run_shadow` on the
+rows of the shadowed experts and, where the plan chose the smart schedule
+(:attr:`FasterMoE.scheduled`), :meth:`FasterMoE.exchange` instead of its all-to-all.
 
 Shape legend: G experts in total, E local experts, W ranks, N rows, D model dim.
 """
@@ -10,7 +11,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moe_morpheus.moe.faster.policy import Costs, calibrate, decide_shadow, predict_latency
+from moe_morpheus.moe.faster.calibrate import calibrate
+from moe_morpheus.moe.faster.policy import (
+    Costs,
+    decide_schedule,
+    decide_shadow,
+    predict_latency,
+    predict_schedule,
+)
 from moe_morpheus.moe.faster.schedule import SmartSchedule
 from moe_morpheus.moe.faster.shadow import ExpertParams, Shadow
 from moe_morpheus.moe.faster.stats import FasterStats
@@ -19,18 +27,23 @@ from moe_morpheus.moe.faster.stats import FasterStats
 class FasterMoE:
     """Smart schedule and/or dynamic shadowing for one FMoE layer (``layer.faster = ...``).
 
-    ``group_size`` must divide ``layer.world_size``. ``net_bandwidth`` (bytes/s) and ``flops``
-    (expert FLOP/s) feed the shadowing policy; None = measured on the first forward
-    (:func:`~moe_morpheus.moe.faster.policy.calibrate`). ``policy``: ``load_WG -> expert ids``
-    replacing the performance model (FastMoE lets callers pass ``stored_models`` the same way).
+    Both are decided per forward, from the all-gathered load, by the performance model with
+    costs calibrated on the first forward (:mod:`~moe_morpheus.moe.faster.calibrate`):
+    ``schedule=True`` allows the smart schedule and ``shadow=True`` shadowing, each taken only
+    where it is predicted to pay (``policy.MARGIN``). ``group_size`` must divide
+    ``layer.world_size``. ``net_bandwidth`` (bytes/s) and ``flops`` (expert FLOP/s) replace
+    their measurements. ``policy``: ``load_WG -> expert ids`` and ``schedule_policy``:
+    ``load_WG -> bool`` replace the model's decisions (FastMoE lets callers pass
+    ``stored_models`` the same way; tests force a path with them).
     """
 
     def __init__(self, layer, *, schedule: bool = False, group_size: int = 1, shadow: bool = False,
-                 net_bandwidth: float | None = None, flops: float | None = None, policy=None):
+                 net_bandwidth: float | None = None, flops: float | None = None, policy=None,
+                 schedule_policy=None):
         if layer.experts is None:
             raise ValueError("FasterMoE needs the layer's experts (FMoE built with expert=None has none yet)")
         W, E = layer.world_size, layer.num_expert
-        self.num_expert, self.world_size, self.group = E, W, layer.moe_group
+        self.num_expert, self.world_size, self.group, self.group_size = E, W, layer.moe_group, group_size
         self.stats = FasterStats(layer.tot_expert)
         self.schedule = SmartSchedule(layer.moe_group, W, group_size) if schedule and W > 1 else None
         if schedule and W == 1 and group_size != 1:
@@ -38,39 +51,50 @@ class FasterMoE:
         # The shape check runs at any W: a config that cannot shadow fails on one process too.
         layout = ExpertParams(layer.experts) if shadow else None
         self.shadow = Shadow(layout, layer.moe_group, E) if shadow and W > 1 else None
-        self.policy = policy
+        self.policy, self.schedule_policy = policy, schedule_policy
         self.costs: Costs | None = None
+        self.scheduled = False  # this forward's exchange runs the smart schedule
         self._measure = (net_bandwidth, flops)
-        if layout is not None:
-            self._token_flops = 2.0 * layout.numel  # one multiply-add per weight per token
-            self._param_bytes = layout.numel * layout.params[0].element_size()
+        params = list(layer.experts.parameters())
+        self._param_numel = sum(p.numel() for p in params) // E  # one expert's
+        self._dtype = params[0].dtype
         self.layer = layer
 
-    # ---- shadowing -------------------------------------------------------------------------
-    def plan_shadow(self, kept_G: torch.Tensor) -> list[int]:
-        """Sorted global ids of the experts to shadow this forward (identical on every rank:
-        computed from the all-gathered counts)."""
-        if self.shadow is None:
+    # ---- the plan of one forward ---------------------------------------------------------------
+    def plan(self, kept_G: torch.Tensor) -> list[int]:
+        """This forward's decisions, identical on every rank (computed from the all-gathered
+        counts and the MAX-reduced costs): returns the sorted global ids of the experts to
+        shadow and sets :attr:`scheduled`."""
+        self.scheduled = False
+        if self.shadow is None and self.schedule is None:
             self.stats.record_forward([], None)
             return []
         parts = [torch.empty_like(kept_G) for _ in range(self.world_size)]
         dist.all_gather(parts, kept_G.contiguous(), group=self.group)
         load_WG = torch.stack(parts).cpu()
         costs = self._costs(kept_G)
-        shadow = sorted(self.policy(load_WG)) if self.policy is not None else decide_shadow(load_WG, self.num_expert, costs)
-        predicted = (predict_latency(load_WG, self.num_expert, [], costs),
-                     predict_latency(load_WG, self.num_expert, shadow, costs))
-        self.stats.record_forward(shadow, predicted)
+        shadow, predicted, predicted_schedule = [], None, None
+        if self.shadow is not None:
+            shadow = sorted(self.policy(load_WG)) if self.policy is not None else \
+                decide_shadow(load_WG, self.num_expert, costs)
+            predicted = (predict_latency(load_WG, self.num_expert, [], costs),
+                         predict_latency(load_WG, self.num_expert, shadow, costs))
+        if self.schedule is not None:
+            exchanged_WG = load_WG.clone()
+            exchanged_WG[:, shadow] = 0  # shadowed experts' rows never cross the network
+            self.scheduled = bool(self.schedule_policy(exchanged_WG)) if self.schedule_policy is not None else \
+                decide_schedule(exchanged_WG, self.num_expert, self.group_size, costs)
+            predicted_schedule = predict_schedule(exchanged_WG, self.num_expert, self.group_size, costs)
+        self.stats.record_forward(shadow, predicted, self.scheduled if self.schedule is not None else None,
+                                  predicted_schedule)
         return shadow
 
     def _costs(self, like: torch.Tensor) -> Costs:
         if self.costs is None:
             layer = self.layer
-            bw, fl = calibrate(self.group, lambda x: layer._run_experts(x, [x.shape[0]] + [0] * (self.num_expert - 1)),
-                               layer.d_model, self._token_flops, net_bandwidth=self._measure[0],
-                               flops=self._measure[1], device=like.device)
-            self.costs = Costs(self._token_flops, layer.d_model * self.shadow.layout.params[0].element_size(),
-                               self._param_bytes, bw, fl)
+            self.costs = calibrate(self.group, lambda x: layer._run_experts(x, [x.shape[0]] + [0] * (self.num_expert - 1)),
+                                   layer.d_model, self._param_numel, net_bandwidth=self._measure[0],
+                                   flops=self._measure[1], device=like.device, dtype=self._dtype)
         return self.costs
 
     def run_shadow(self, shadow: list[int], x_ND: torch.Tensor, counts_S: list[int]) -> torch.Tensor:

@@ -30,6 +30,8 @@ class FasterStats:
         self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.bytes = dict.fromkeys(BYTES, 0)
         self.predicted = [0.0, 0.0]  # policy: latency without shadowing, with its choice
+        self.scheduled = None  # forwards whose exchange ran the smart schedule (None: not allowed)
+        self.predicted_schedule = [0.0, 0.0]  # exchange + experts: plain all-to-all, smart schedule
 
     @contextmanager
     def timed(self, kind: str, like: torch.Tensor):
@@ -47,12 +49,16 @@ class FasterStats:
     def add_bytes(self, kind: str, count: int) -> None:
         self.bytes[kind] += count
 
-    def record_forward(self, shadow: list[int], predicted: tuple[float, float] | None) -> None:
+    def record_forward(self, shadow: list[int], predicted: tuple[float, float] | None,
+                       scheduled: bool | None = None, predicted_schedule: tuple[float, float] | None = None) -> None:
         self.forwards += 1
         for g in shadow:
             self.shadowed_G[g] += 1
         if predicted is not None:
             self.predicted = [a + b for a, b in zip(self.predicted, predicted)]
+        if scheduled is not None:
+            self.scheduled = (self.scheduled or 0) + int(scheduled)
+            self.predicted_schedule = [a + b for a, b in zip(self.predicted_schedule, predicted_schedule)]
 
     def pop(self) -> dict:
         """Means per forward (micro-batch) since the last pop, then reset; all floats (the
@@ -63,7 +69,10 @@ class FasterStats:
         backward; exchange = time spent waiting for transfers, i.e. not hidden behind compute),
         ``faster/{exchange,shadow}_bytes`` (sent by this rank: token rows both ways, forward and
         backward; shadowed parameters broadcast and gradients reduced), and with shadowing on,
-        ``faster/predicted_s_no_shadow`` / ``faster/predicted_s`` (the policy's model)."""
+        ``faster/predicted_s_no_shadow`` / ``faster/predicted_s`` (the policy's model); with the
+        smart schedule allowed, ``faster/scheduled`` (fraction of forwards the policy ran it) and
+        ``faster/predicted_s_all_to_all`` / ``faster/predicted_s_schedule`` (the model's two
+        options for the exchange and experts, shadowed experts excluded)."""
         n = self.forwards
         if n == 0:
             return {}
@@ -77,5 +86,9 @@ class FasterStats:
         out.update({f"faster/{k}_bytes": v / n for k, v in self.bytes.items()})
         if any(self.predicted):
             out["faster/predicted_s_no_shadow"], out["faster/predicted_s"] = (v / n for v in self.predicted)
+        if self.scheduled is not None:
+            out["faster/scheduled"] = self.scheduled / n
+            out["faster/predicted_s_all_to_all"], out["faster/predicted_s_schedule"] = (
+                v / n for v in self.predicted_schedule)
         self.reset()
         return out

@@ -1,0 +1,110 @@
+"""The costs of FasterMoE's performance model, measured on the machine and backend it runs on
+(docs/design.md#fastermoe).
+
+Each cost is a line, time = fixed + size x per-unit, fitted through two measurements at sizes
+like the layer's own (best of ``reps``):
+
+- the token exchange: an all-to-all of 8 and of 512 rows per peer (rows of ``d_model``);
+- the parameter transfer of a shadowed expert: broadcasts of a quarter of one expert's
+  parameters and of all of them;
+- the expert: one call on 16 and on 256 rows;
+- the overlap of a pipelined step: the 512-row all-to-all posted asynchronously while the
+  256-row call runs, against the two apart.
+
+On 2 gloo CPU processes the fixed costs are what the paper's bandwidth-only model misses: it
+predicted 1.02-1.41x from shadowing and the smart schedule where 0.61-0.86x was measured.
+Every rank keeps the slowest rank's times (one MAX all-reduce), so the costs, and every
+decision taken from them, are identical on all ranks. A value given in the config
+(``moe.faster.net_bandwidth`` / ``flops``) replaces its measurement, with no fixed cost.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from moe_morpheus.moe.faster.policy import Costs
+
+EXCHANGE_ROWS = (8, 512)  # per peer
+CALL_ROWS = (16, 256)
+
+
+def calibrate(group, run_expert, d_model: int, param_numel: int, *, net_bandwidth: float | None,
+              flops: float | None, device: torch.device, dtype: torch.dtype = torch.float32,
+              reps: int = 3) -> Costs:
+    """Costs of one layer whose experts have ``param_numel`` parameters each and run as
+    ``run_expert(x_ND)`` (one local expert); collective over ``group``. About 20 ms on 2 CPU
+    processes for a 128 x 256 GeGLU expert."""
+    world = dist.get_world_size(group)
+    item = torch.empty((), dtype=dtype).element_size()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = torch.zeros(7, dtype=torch.float64, device=device)
+    measure_net, measure_compute = net_bandwidth is None, flops is None
+    rows = [torch.randn(world * n, d_model, device=device, dtype=dtype) for n in EXCHANGE_ROWS]
+    received = [torch.empty_like(t) for t in rows]
+    calls = [torch.randn(n, d_model, device=device, dtype=dtype) for n in CALL_ROWS]
+
+    def exchange(i, async_op=False):
+        return dist.all_to_all_single(received[i], rows[i], group=group, async_op=async_op)
+
+    with torch.no_grad():
+        if measure_net:
+            src = dist.get_global_rank(group, 0)
+            blocks = [torch.zeros(max(param_numel // 4, 1), device=device, dtype=dtype),
+                      torch.zeros(param_numel, device=device, dtype=dtype)]
+            exchange(0)  # warm-up: the first use of a pair of ranks sets up its connection
+            dist.broadcast(blocks[0], src, group=group)
+            for i in range(2):
+                times[i] = _best_time(lambda i=i: exchange(i), reps, sync)
+                times[2 + i] = _best_time(lambda i=i: dist.broadcast(blocks[i], src, group=group), reps, sync)
+        if measure_compute:
+            run_expert(calls[0])
+            for i in range(2):
+                times[4 + i] = _best_time(lambda i=i: run_expert(calls[i]), reps, sync)
+        if measure_net and measure_compute:
+            def side_by_side():
+                work = exchange(1, async_op=True)
+                run_expert(calls[1])
+                work.wait()
+
+            times[6] = _best_time(side_by_side, reps, sync)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
+    t = times.tolist()
+    token_bytes, param_bytes = d_model * item, param_numel * item
+    token_flops = 2.0 * param_numel
+    costs = dict(token_flops=token_flops, token_bytes=token_bytes, param_bytes=param_bytes,
+                 net_bandwidth=net_bandwidth or 0.0, flops=flops or 0.0)
+    if measure_net:
+        # An all-to-all of n rows per peer moves n * (W - 1) rows over each rank's link.
+        per_row, costs["exchange_latency_s"] = _line([n * max(world - 1, 1) for n in EXCHANGE_ROWS], t[0:2])
+        per_byte, costs["param_latency_s"] = _line([blocks[0].numel() * item, param_bytes], t[2:4])
+        costs["net_bandwidth"], costs["param_bandwidth"] = token_bytes / per_row, 1.0 / per_byte
+    if measure_compute:
+        per_token, costs["call_latency_s"] = _line(list(CALL_ROWS), t[4:6])
+        costs["flops"] = token_flops / per_token
+    if measure_net and measure_compute:
+        hidden = t[1] + t[5] - t[6]
+        costs["overlap"] = min(max(hidden / min(t[1], t[5]), 0.0), 1.0)
+    return Costs(**costs)
+
+
+def _line(sizes: list[float], seconds: list[float]) -> tuple[float, float]:
+    """(seconds per unit, fixed seconds) of the line through two (size, seconds) points. A
+    slope lost in the noise (the larger size not slower) is read as all per-unit cost."""
+    slope = (seconds[1] - seconds[0]) / (sizes[1] - sizes[0])
+    if slope <= 0:
+        return seconds[1] / sizes[1], 0.0
+    return slope, max(seconds[0] - slope * sizes[0], 0.0)
+
+
+def _best_time(fn, reps: int, sync) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
