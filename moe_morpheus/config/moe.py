@@ -22,12 +22,15 @@ class FasterMoEConfig:
     """FasterMoE (PPoPP'22): smart schedule, dynamic shadowing, topology-aware gate
     (``moe_morpheus.moe.faster``; docs/design.md#fastermoe)."""
 
-    # Split the token exchange into W / group_size steps and overlap each with expert compute.
+    # Allow the smart schedule (the token exchange in W / group_size steps, each overlapped with
+    # expert compute) and dynamic shadowing; the policy takes either, per layer and forward, only
+    # where its calibrated model predicts a saving of at least 5% (moe/faster/policy.py).
     schedule: bool = False
     group_size: int = 1  # must divide the expert-parallel size (checked when the layer is built)
     shadow: bool = False
-    # Shadowing policy's performance model: bytes/s of the expert-parallel network and expert
-    # FLOP/s; null = measured at start-up on the actual backend (one broadcast, one expert run).
+    # The policy's performance model: bytes/s of the expert-parallel network and expert FLOP/s;
+    # null = measured on the first forward on the actual backend (moe/faster/calibrate.py), with
+    # the fixed costs of a collective and of an expert call; a value given has no fixed cost.
     net_bandwidth: float | None = None
     flops: float | None = None
     # gate: faster (congestion-avoiding selection): ranks sharing a node, and the fraction of a
