@@ -24,7 +24,7 @@ class FasterMoEConfig:
 
     # Allow the smart schedule (the token exchange in W / group_size steps, each overlapped with
     # expert compute) and dynamic shadowing; the policy takes either, per layer and forward, only
-    # where its calibrated model predicts a saving of at least 5% (moe/faster/policy.py).
+    # where its calibrated model predicts a saving of at least 10% (moe/faster/policy.py).
     schedule: bool = False
     group_size: int = 1  # must divide the expert-parallel size (checked when the layer is built)
     shadow: bool = False

@@ -38,9 +38,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Act only on a predicted saving of at least 5%: the calibrated model's error on the benchmark
-# (benchmarks/fastermoe.py, predicted vs measured, skewed and uniform loads) is within that.
-MARGIN = 0.05
+# Act only on a predicted saving of at least 10%. On benchmarks/fastermoe.py (2 gloo CPU
+# processes) the calibrated model over-predicts shadowing's speed-up of the whole layer by 0.07
+# (skewed load: 1.17x predicted, 1.10x measured) to 0.09 (uniform: 0.96x vs 0.87x); a smaller
+# margin would let a predicted 5% gain measure as a loss.
+MARGIN = 0.10
 
 
 @dataclass(frozen=True)

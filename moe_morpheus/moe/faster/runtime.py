@@ -30,7 +30,7 @@ class FasterMoE:
     Both are decided per forward, from the all-gathered load, by the performance model with
     costs calibrated on the first forward (:mod:`~moe_morpheus.moe.faster.calibrate`):
     ``schedule=True`` allows the smart schedule and ``shadow=True`` shadowing, each taken only
-    where it is predicted to pay (``policy.MARGIN``). ``group_size`` must divide
+    where it is predicted to save at least ``policy.MARGIN`` (10%). ``group_size`` must divide
     ``layer.world_size``. ``net_bandwidth`` (bytes/s) and ``flops`` (expert FLOP/s) replace
     their measurements. ``policy``: ``load_WG -> expert ids`` and ``schedule_policy``:
     ``load_WG -> bool`` replace the model's decisions (FastMoE lets callers pass
