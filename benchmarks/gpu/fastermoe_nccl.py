@@ -1,6 +1,7 @@
 """FasterMoE on a multi-GPU machine (NCCL): MoE layer fwd + bwd with shadowing and with the smart
-schedule over the plain expert-parallel layer, next to the performance model's prediction
-(the same measurement as ``benchmarks/fastermoe.py``, one GPU per rank).
+schedule forced, and with the policy's choice, over the plain expert-parallel layer, skewed and
+uniform loads, next to the performance model's prediction (the same measurement as
+``benchmarks/fastermoe.py``, one GPU per rank).
 
     torchrun --nproc_per_node=8 benchmarks/gpu/fastermoe_nccl.py [--tokens 16384 --reps 10 --hidden 1024
         --expert-hidden 4096]
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for fastermoe.py
-from fastermoe import measure, report  # noqa: E402
+from fastermoe import LOADS, measure, report  # noqa: E402
 
 
 def main() -> None:
@@ -36,10 +37,11 @@ def main() -> None:
     torch.cuda.set_device(local_rank)  # before any NCCL call (batch_isend_irecv hangs otherwise)
     dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
     try:
-        out = measure(torch.device("cuda", local_rank), tokens=args.tokens, reps=args.reps, hidden=args.hidden,
-                      expert_hidden=args.expert_hidden)
-        if out is not None:
-            report(out)
+        for load in LOADS:
+            out = measure(torch.device("cuda", local_rank), load, tokens=args.tokens, reps=args.reps,
+                          hidden=args.hidden, expert_hidden=args.expert_hidden)
+            if out is not None:
+                report(out)
     finally:
         dist.destroy_process_group()
 
