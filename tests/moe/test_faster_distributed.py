@@ -35,7 +35,8 @@ def _variants(W: int) -> dict[str, dict]:
         "shadow_forced": dict(shadow=True, policy=lambda load_WG: forced),
         "both": dict(schedule=True, group_size=W // 2, shadow=True, policy=lambda load_WG: forced, **always),
         "both_model": dict(schedule=True, shadow=True, **PAYS),
-        "both_measured": dict(schedule=True, shadow=True),
+        # Measured costs, on a layer built with moe_group=None (FMoE's "the world group").
+        "both_measured": dict(schedule=True, shadow=True, moe_group=None),
     })
     return out
 
@@ -43,7 +44,9 @@ def _variants(W: int) -> dict[str, dict]:
 def _run(prob, x, proj, W, faster: dict | None):
     rank = dist.get_rank()
     E = G // W
-    layer = FMoE(E, D, world_size=W, moe_group=dist.group.WORLD, top_k=2, expert=GeGLUExperts(E, D, F_HIDDEN))
+    faster = dict(faster) if faster is not None else None
+    group = faster.pop("moe_group", dist.group.WORLD) if faster is not None else dist.group.WORLD
+    layer = FMoE(E, D, world_size=W, moe_group=group, top_k=2, expert=GeGLUExperts(E, D, F_HIDDEN))
     with torch.no_grad():
         layer.gate.gate.weight.copy_(prob["gate_w"])
         layer.gate.gate.bias.copy_(prob["gate_b"])

@@ -51,7 +51,7 @@ def calibrate(group, run_expert, d_model: int, param_numel: int, *, net_bandwidt
 
     with torch.no_grad():
         if measure_net:
-            src = dist.get_global_rank(group, 0)
+            src = dist.get_global_rank(group, 0) if group is not None else 0
             blocks = [torch.zeros(max(param_numel // 4, 1), device=device, dtype=dtype),
                       torch.zeros(param_numel, device=device, dtype=dtype)]
             exchange(0)  # warm-up: the first use of a pair of ranks sets up its connection
