@@ -18,7 +18,7 @@ The model covers the exchange and the experts, not the gate, sort and combine th
 variant shares, so a predicted ratio here is the measured plain time over the plain time plus
 the model's predicted difference: like with like. Goal (issue #19): the policy's layer never
 below 0.98x the plain one, and where it acts, the prediction on the right side of 1. A second
-plain layer in the same round-robin shows the run's noise floor.
+plain layer, paired with the first like every variant, shows the run's noise floor.
 """
 
 from __future__ import annotations
@@ -191,8 +191,9 @@ def main() -> None:
     for r in results:
         report(r)
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True).stdout.strip()
+        # "-dirty": the checkout had uncommitted changes, so the commit alone does not say what ran.
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True).stdout.strip()
         args.json.write_text(json.dumps({"benchmark": "benchmarks/fastermoe.py", "commit": commit,
                                          "torch": torch.__version__, "results": results}, indent=1) + "\n")
 

@@ -121,19 +121,49 @@ def test_decisions_act_only_beyond_the_margin():
     uniform = torch.full((W, W * E), 256)
     assert decide_shadow(uniform, E, free) == []
     slow_net = Costs(free.token_flops, free.token_bytes, free.param_bytes, 1e8, free.flops)
-    assert decide_schedule(uniform, E, 1, slow_net)
+    assert decide_schedule(predict_schedule(uniform, E, 1, slow_net))
     no_overlap = Costs(free.token_flops, free.token_bytes, free.param_bytes, 1e8, free.flops,
                        exchange_latency_s=1e-4, call_latency_s=1e-4, overlap=0.0)
     plain, sched = predict_schedule(uniform, E, 1, no_overlap)
-    assert sched > plain and not decide_schedule(uniform, E, 1, no_overlap)
+    assert sched > plain and not decide_schedule((plain, sched))
+    assert not decide_schedule((0.0, 0.0))  # nothing to exchange: no gain, not taken
+
+
+def test_schedule_prediction_with_fixed_costs_by_hand():
+    """W=2, E=1, group size 1, every rank sends 100 rows to each expert; exchange latency X per
+    peer, call latency C, overlap 0.5; a row costs 1 s to move and 2 s to compute."""
+    X, C, h = 3.0, 5.0, 0.5
+    costs = Costs(token_flops=2.0, token_bytes=1.0, param_bytes=1.0, net_bandwidth=1.0, flops=1.0,
+                  exchange_latency_s=X, call_latency_s=C, overlap=h)
+    load = torch.full((2, 2), 100)
+    # Plain, per rank: 2 all-to-alls of 100 rows with 1 peer, one call on 200 rows; backward the
+    # same with twice the call.
+    plain = (2 * (X + 100) + (C + 400)) + (2 * (X + 100) + 2 * (C + 400))
+    # Scheduled: step 0 computes the own 100 rows (no transfer), step 1 moves 100 rows each way.
+    d1 = X + 100
+
+    def ov(a, b):
+        return a + b - h * min(a, b)
+
+    sched = sum(d1 + ov(f * (C + 200), d1) + ov(f * (C + 200), 0.0) for f in (1, 2))
+    assert predict_schedule(load, 1, 1, costs) == pytest.approx((plain, sched))
+    # W=4 with group size 1: the plain all-to-all pays the latency of 3 peers for 300 rows each
+    # way, a step that of its 1 peer for 100; each rank computes 400 rows.
+    load4 = torch.full((4, 4), 100)
+    d = X + 100
+    # Step 0 is the own rows (no transfer); C_1 overlaps D_2 (R_0 is empty), C_2 overlaps D_3 + R_1.
+    sched4 = sum(d + ov(f * (C + 200), d) + ov(f * (C + 200), d) + ov(f * (C + 200), 2 * d)
+                 + ov(f * (C + 200), d) for f in (1, 2))
+    assert predict_schedule(load4, 1, 1, costs) == pytest.approx(
+        ((2 * (3 * X + 300) + (C + 800)) + (2 * (3 * X + 300) + 2 * (C + 800)), sched4))
 
 
 def test_calibration_fits_a_line_and_reads_noise_as_per_unit_cost():
     assert _line([8, 512], [0.001 + 8 * 2e-6, 0.001 + 512 * 2e-6]) == pytest.approx((2e-6, 0.001))
     # The larger size measured faster: no slope to trust, all of it per unit, no fixed cost.
     assert _line([16, 256], [0.004, 0.003]) == (0.003 / 256, 0.0)
-    # A fixed cost cannot be negative.
-    assert _line([10, 20], [0.001, 0.003]) == (0.0002, 0.0)
+    # A negative fixed cost: the larger point, all per unit (it is not over-predicted).
+    assert _line([10, 20], [0.001, 0.003]) == (0.003 / 20, 0.0)
 
 
 def test_schedule_steps_and_prediction():
@@ -224,8 +254,8 @@ def _faster(**kwargs):
 def test_stats_are_means_per_forward():
     stats = FasterStats(4)
     like = torch.zeros(1)
-    for shadow in ([0], [0, 2]):
-        stats.record_forward(shadow, (2.0, 1.0))
+    for shadow, scheduled in (([0], True), ([0, 2], False)):
+        stats.record_forward(shadow, (2.0, 1.0), scheduled, (4.0, 3.0 if scheduled else 5.0))
         stats.add_bytes("exchange", 100)
         with stats.timed("compute", like):
             math.factorial(2000)
@@ -235,4 +265,8 @@ def test_stats_are_means_per_forward():
     assert all(isinstance(v, float) for v in out.values())
     assert out["faster/exchange_bytes"] == 100 and out["faster/compute_s"] > 0
     assert out["faster/predicted_s_no_shadow"] == 2.0 and out["faster/predicted_s"] == 1.0
+    assert out["faster/scheduled"] == 0.5
+    assert out["faster/predicted_s_all_to_all"] == 4.0 and out["faster/predicted_s_schedule"] == 4.0
     assert stats.pop() == {}  # reset
+    stats.record_forward([], None)  # the schedule not allowed: no schedule keys
+    assert not any("schedul" in k or "all_to_all" in k for k in stats.pop())

@@ -1,25 +1,30 @@
 """The costs of FasterMoE's performance model, measured on the machine and backend it runs on
 (docs/design.md#fastermoe).
 
-Each cost is a line, time = fixed + size x per-unit, fitted through two measurements at sizes
-like the layer's own (best of ``reps``):
+Each cost is a line, time = fixed + size x per-unit, fitted through two measurements (the
+median of ``reps`` after a warm-up of each):
 
-- the token exchange: an all-to-all of 8 and of 512 rows per peer (rows of ``d_model``);
+- the token exchange: an all-to-all of 8 and of up to 512 rows per peer (rows of ``d_model``,
+  at most 16 MiB per buffer); its fixed cost is divided among the W - 1 peers, so that a
+  smart-schedule step with fewer peers pays its share;
 - the parameter transfer of a shadowed expert: broadcasts of a quarter of one expert's
   parameters and of all of them;
-- the expert: one call on 16 and on 256 rows;
-- the overlap of a pipelined step: the 512-row all-to-all posted asynchronously while the
+- the experts: one call on 16 and on 256 rows spread over all local experts, as the layer
+  calls them (on a CPU each expert's GEMMs are separate calls, so the fixed cost grows with E);
+- the overlap of a pipelined step: the larger all-to-all posted asynchronously while the
   256-row call runs, against the two apart.
 
-On 2 gloo CPU processes the fixed costs are what the paper's bandwidth-only model misses: it
-predicted 1.02-1.41x from shadowing and the smart schedule where 0.61-0.86x was measured.
-Every rank keeps the slowest rank's times (one MAX all-reduce), so the costs, and every
-decision taken from them, are identical on all ranks. A value given in the config
-(``moe.faster.net_bandwidth`` / ``flops``) replaces its measurement, with no fixed cost.
+On 2 gloo CPU processes the fixed costs are what the paper's bandwidth-only model misses: with
+it the policy predicted 1.02-1.41x from shadowing and the smart schedule where 0.61-0.86x was
+measured (issue #19). Every rank keeps the slowest rank's times (one MAX all-reduce), so the
+costs, and every decision taken from them, are identical on all ranks. A value given in the
+config (``moe.faster.net_bandwidth`` / ``flops``) replaces its measurement, with no fixed cost,
+and then the overlap is not measured either: it is taken as full, the paper's assumption.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -28,21 +33,23 @@ import torch.distributed as dist
 from moe_morpheus.moe.faster.policy import Costs
 
 EXCHANGE_ROWS = (8, 512)  # per peer
+EXCHANGE_BYTES_CAP = 16 << 20  # per buffer: 512 rows per peer of 8192 fp32 values at EP=64 would be 1 GiB
 CALL_ROWS = (16, 256)
 
 
 def calibrate(group, run_expert, d_model: int, param_numel: int, *, net_bandwidth: float | None,
               flops: float | None, device: torch.device, dtype: torch.dtype = torch.float32,
-              reps: int = 3) -> Costs:
+              reps: int = 5) -> Costs:
     """Costs of one layer whose experts have ``param_numel`` parameters each and run as
-    ``run_expert(x_ND)`` (one local expert); collective over ``group``. About 20 ms on 2 CPU
-    processes for a 128 x 256 GeGLU expert."""
+    ``run_expert(x_ND)`` (the rows spread over the local experts); collective over ``group``."""
     world = dist.get_world_size(group)
     item = torch.empty((), dtype=dtype).element_size()
+    largest = EXCHANGE_BYTES_CAP // (world * d_model * item)
+    exchange_rows = (EXCHANGE_ROWS[0], max(EXCHANGE_ROWS[0] + 1, min(EXCHANGE_ROWS[1], largest)))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = torch.zeros(7, dtype=torch.float64, device=device)
     measure_net, measure_compute = net_bandwidth is None, flops is None
-    rows = [torch.randn(world * n, d_model, device=device, dtype=dtype) for n in EXCHANGE_ROWS]
+    rows = [torch.randn(world * n, d_model, device=device, dtype=dtype) for n in exchange_rows]
     received = [torch.empty_like(t) for t in rows]
     calls = [torch.randn(n, d_model, device=device, dtype=dtype) for n in CALL_ROWS]
 
@@ -54,22 +61,24 @@ def calibrate(group, run_expert, d_model: int, param_numel: int, *, net_bandwidt
             src = dist.get_global_rank(group, 0) if group is not None else 0
             blocks = [torch.zeros(max(param_numel // 4, 1), device=device, dtype=dtype),
                       torch.zeros(param_numel, device=device, dtype=dtype)]
-            exchange(0)  # warm-up: the first use of a pair of ranks sets up its connection
-            dist.broadcast(blocks[0], src, group=group)
+            for i in range(2):  # warm-up: the first use of a pair of ranks sets up its connection
+                exchange(i)
+                dist.broadcast(blocks[i], src, group=group)
             for i in range(2):
-                times[i] = _best_time(lambda i=i: exchange(i), reps, sync)
-                times[2 + i] = _best_time(lambda i=i: dist.broadcast(blocks[i], src, group=group), reps, sync)
+                times[i] = _time(lambda i=i: exchange(i), reps, sync)
+                times[2 + i] = _time(lambda i=i: dist.broadcast(blocks[i], src, group=group), reps, sync)
         if measure_compute:
-            run_expert(calls[0])
             for i in range(2):
-                times[4 + i] = _best_time(lambda i=i: run_expert(calls[i]), reps, sync)
+                run_expert(calls[i])
+            for i in range(2):
+                times[4 + i] = _time(lambda i=i: run_expert(calls[i]), reps, sync)
         if measure_net and measure_compute:
             def side_by_side():
                 work = exchange(1, async_op=True)
                 run_expert(calls[1])
                 work.wait()
 
-            times[6] = _best_time(side_by_side, reps, sync)
+            times[6] = _time(side_by_side, reps, sync)
     dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
     t = times.tolist()
     token_bytes, param_bytes = d_model * item, param_numel * item
@@ -78,7 +87,8 @@ def calibrate(group, run_expert, d_model: int, param_numel: int, *, net_bandwidt
                  net_bandwidth=net_bandwidth or 0.0, flops=flops or 0.0)
     if measure_net:
         # An all-to-all of n rows per peer moves n * (W - 1) rows over each rank's link.
-        per_row, costs["exchange_latency_s"] = _line([n * max(world - 1, 1) for n in EXCHANGE_ROWS], t[0:2])
+        per_row, fixed = _line([n * max(world - 1, 1) for n in exchange_rows], t[0:2])
+        costs["exchange_latency_s"] = fixed / max(world - 1, 1)
         per_byte, costs["param_latency_s"] = _line([blocks[0].numel() * item, param_bytes], t[2:4])
         costs["net_bandwidth"], costs["param_bandwidth"] = token_bytes / per_row, 1.0 / per_byte
     if measure_compute:
@@ -91,20 +101,24 @@ def calibrate(group, run_expert, d_model: int, param_numel: int, *, net_bandwidt
 
 
 def _line(sizes: list[float], seconds: list[float]) -> tuple[float, float]:
-    """(seconds per unit, fixed seconds) of the line through two (size, seconds) points. A
-    slope lost in the noise (the larger size not slower) is read as all per-unit cost."""
+    """(seconds per unit, fixed seconds) of the line through two (size, seconds) points. Where
+    noise makes that line meaningless (the larger size not slower, or a negative fixed cost),
+    the larger point is read as all per-unit cost: it is the nearer one to a layer's sizes."""
     slope = (seconds[1] - seconds[0]) / (sizes[1] - sizes[0])
-    if slope <= 0:
+    fixed = seconds[0] - slope * sizes[0]
+    if slope <= 0 or fixed < 0:
         return seconds[1] / sizes[1], 0.0
-    return slope, max(seconds[0] - slope * sizes[0], 0.0)
+    return slope, fixed
 
 
-def _best_time(fn, reps: int, sync) -> float:
-    best = float("inf")
+def _time(fn, reps: int, sync) -> float:
+    """The median of ``reps`` timed calls: one slow outlier moves it less than a mean, and a
+    lucky one less than a minimum."""
+    times = []
     for _ in range(reps):
         sync()
         start = time.perf_counter()
         fn()
         sync()
-        best = min(best, time.perf_counter() - start)
-    return max(best, 1e-9)
+        times.append(time.perf_counter() - start)
+    return max(statistics.median(times), 1e-9)

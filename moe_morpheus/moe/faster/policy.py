@@ -38,10 +38,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Act only on a predicted saving of at least 10%. On benchmarks/fastermoe.py (2 gloo CPU
-# processes) the calibrated model over-predicts shadowing's speed-up of the whole layer by 0.07
-# (skewed load: 1.17x predicted, 1.10x measured) to 0.09 (uniform: 0.96x vs 0.87x); a smaller
-# margin would let a predicted 5% gain measure as a loss.
+# Act only on a predicted saving of at least 10% of the modelled time (the exchange and the
+# experts, ~80% of the layer's). On benchmarks/fastermoe.py (2 gloo CPU processes) the calibrated
+# model over-predicts shadowing's speed-up of the whole layer by 0.07 (skewed load: 1.17x
+# predicted, 1.10x measured) to 0.09 (uniform: 0.96x vs 0.87x); a 5% margin would let a
+# predicted gain measure as a loss.
 MARGIN = 0.10
 
 
@@ -52,8 +53,9 @@ class Costs:
     ``param_bytes`` = one expert's parameters; ``net_bandwidth`` bytes/s of the token exchange,
     ``flops`` expert FLOP/s.
 
-    Fixed costs (0 = FasterMoE's bandwidth-only model): ``exchange_latency_s`` of one all-to-all
-    (or one step's point-to-point transfers) per direction, ``call_latency_s`` of one expert call
+    Fixed costs (0 = FasterMoE's bandwidth-only model): ``exchange_latency_s`` per peer of one
+    exchange (an all-to-all pays it for W - 1 peers, a smart-schedule step for the peers of its
+    group), ``call_latency_s`` of one expert call
     beyond its tokens, ``param_latency_s`` of one broadcast or reduce of parameters, which move
     at ``param_bandwidth`` bytes/s (0: ``net_bandwidth``); ``overlap`` = the fraction of
     min(computation, transfer) that a pipelined step hides (1: all of it, the paper's Fig. 8).
@@ -82,9 +84,10 @@ class Costs:
     def param_transfer_s(self) -> float:
         return self.param_bytes / (self.param_bandwidth or self.net_bandwidth)
 
-    def exchange(self, rows: float) -> float:
-        """One transfer of ``rows`` token rows (a collective pays its latency even when empty)."""
-        return self.exchange_latency_s + rows * self.transfer_s
+    def exchange(self, rows: float, peers: int) -> float:
+        """One exchange of ``rows`` token rows with ``peers`` other ranks (a collective pays its
+        latency even when it moves nothing)."""
+        return peers * self.exchange_latency_s + rows * self.transfer_s
 
     def call(self, rows: float) -> float:
         """One forward expert call on ``rows`` rows."""
@@ -117,7 +120,8 @@ def _rank_terms(load_WG: torch.Tensor, num_expert: int, shadow: set[int]) -> tup
 def predict_latency(load_WG: torch.Tensor, num_expert: int, shadow, costs: Costs) -> float:
     """Predicted forward + backward seconds of the layer's exchange and experts (no overlap)."""
     computed, link = _rank_terms(load_WG, num_expert, set(shadow))
-    worst = max(3 * costs.call(c) + 4 * costs.exchange(t) for c, t in zip(computed, link))
+    peers = len(computed) - 1
+    worst = max(3 * costs.call(c) + 4 * costs.exchange(t, peers) for c, t in zip(computed, link))
     if not shadow:
         return worst
     owners = len({g // num_expert for g in shadow})
@@ -162,8 +166,9 @@ def predict_schedule(load_WG: torch.Tensor, num_expert: int, group_size: int, co
     self excluded; nothing when there are none), c_s = the expert call on the rows computed,
     r_s = results back (the mirror of d_s). Pipelined, C_s runs beside the dispatch of step
     s + 1 and the return of step s - 1 (FasterMoE's Fig. 8, hidden by ``costs.overlap``):
-    d_0 + sum_s overlapped(c_s, d_{s+1} + r_{s-1}) + r_{n-1}. Plain is one all-to-all each way
-    and one call: 2 * exchange(max(sent, received)) + call(computed). Backward is the same with
+    d_0 + sum_s overlapped(c_s, d_{s+1} + r_{s-1}) + r_{n-1}, each d_s paying the latency of its
+    step's peers. Plain is one all-to-all each way (W - 1 peers) and one call:
+    2 * exchange(max(sent, received)) + call(computed). Backward is the same with
     twice the compute.
     """
     load = load_WG.tolist()
@@ -177,7 +182,8 @@ def predict_schedule(load_WG: torch.Tensor, num_expert: int, group_size: int, co
                       for g in range(dst * num_expert, (dst + 1) * num_expert))
             into = sum(load[src][g] for src in srcs if src != rank for g in mine)
             computed = sum(load[src][g] for src in srcs for g in mine)
-            d.append(costs.exchange(max(out, into)) if out or into else 0.0)
+            peers = max(len([w for w in dests if w != rank]), len([w for w in srcs if w != rank]))
+            d.append(costs.exchange(max(out, into), peers) if out or into else 0.0)
             c.append(costs.call(computed) if computed else 0.0)
             rows_link[0], rows_link[1] = rows_link[0] + out, rows_link[1] + into
             rows_computed += computed
@@ -185,7 +191,7 @@ def predict_schedule(load_WG: torch.Tensor, num_expert: int, group_size: int, co
         n = len(c)
         rank_plain = rank_sched = 0.0
         for factor in (1, 2):  # forward, backward
-            rank_plain += 2 * costs.exchange(max(rows_link)) + factor * costs.call(rows_computed)
+            rank_plain += 2 * costs.exchange(max(rows_link), W - 1) + factor * costs.call(rows_computed)
             rank_sched += d[0] + r[-1] + sum(
                 costs.overlapped(factor * c[s], (d[s + 1] if s + 1 < n else 0.0) + (r[s - 1] if s else 0.0))
                 for s in range(n))
@@ -193,8 +199,8 @@ def predict_schedule(load_WG: torch.Tensor, num_expert: int, group_size: int, co
     return plain, sched
 
 
-def decide_schedule(load_WG: torch.Tensor, num_expert: int, group_size: int, costs: Costs) -> bool:
-    """Whether this step's exchange runs the smart schedule: only where it is predicted to save
-    at least ``MARGIN`` of the plain all-to-all's time."""
-    plain, sched = predict_schedule(load_WG, num_expert, group_size, costs)
-    return sched <= (1 - MARGIN) * plain
+def decide_schedule(predicted: tuple[float, float]) -> bool:
+    """Whether this step's exchange runs the smart schedule, from :func:`predict_schedule`'s
+    (plain, scheduled): only where it is predicted to save at least ``MARGIN`` of the plain time."""
+    plain, sched = predicted
+    return sched < (1 - MARGIN) * plain

@@ -33,7 +33,8 @@ class FasterMoE:
     where it is predicted to save at least ``policy.MARGIN`` (10%). ``group_size`` must divide
     ``layer.world_size``. ``net_bandwidth`` (bytes/s) and ``flops`` (expert FLOP/s) replace
     their measurements. ``policy``: ``load_WG -> expert ids`` and ``schedule_policy``:
-    ``load_WG -> bool`` replace the model's decisions (FastMoE lets callers pass
+    ``load_WG -> bool`` (the load with the shadowed experts' columns zeroed: what crosses the
+    network) replace the model's decisions (FastMoE lets callers pass
     ``stored_models`` the same way; tests force a path with them).
     """
 
@@ -82,9 +83,9 @@ class FasterMoE:
         if self.schedule is not None:
             exchanged_WG = load_WG.clone()
             exchanged_WG[:, shadow] = 0  # shadowed experts' rows never cross the network
-            self.scheduled = bool(self.schedule_policy(exchanged_WG)) if self.schedule_policy is not None else \
-                decide_schedule(exchanged_WG, self.num_expert, self.group_size, costs)
             predicted_schedule = predict_schedule(exchanged_WG, self.num_expert, self.group_size, costs)
+            self.scheduled = bool(self.schedule_policy(exchanged_WG)) if self.schedule_policy is not None else \
+                decide_schedule(predicted_schedule)
         self.stats.record_forward(shadow, predicted, self.scheduled if self.schedule is not None else None,
                                   predicted_schedule)
         return shadow
@@ -92,9 +93,15 @@ class FasterMoE:
     def _costs(self, like: torch.Tensor) -> Costs:
         if self.costs is None:
             layer = self.layer
-            self.costs = calibrate(self.group, lambda x: layer._run_experts(x, [x.shape[0]] + [0] * (self.num_expert - 1)),
-                                   layer.d_model, self._param_numel, net_bandwidth=self._measure[0],
-                                   flops=self._measure[1], device=like.device, dtype=self._dtype)
+            E = self.num_expert
+
+            def run_expert(x_ND):  # the rows spread over all local experts, as the layer calls them
+                counts = [x_ND.shape[0] // E + (e < x_ND.shape[0] % E) for e in range(E)]
+                return layer._run_experts(x_ND, counts)
+
+            self.costs = calibrate(self.group, run_expert, layer.d_model, self._param_numel,
+                                   net_bandwidth=self._measure[0], flops=self._measure[1], device=like.device,
+                                   dtype=self._dtype)
         return self.costs
 
     def run_shadow(self, shadow: list[int], x_ND: torch.Tensor, counts_S: list[int]) -> torch.Tensor:

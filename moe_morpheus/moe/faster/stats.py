@@ -70,7 +70,7 @@ class FasterStats:
         ``faster/{exchange,shadow}_bytes`` (sent by this rank: token rows both ways, forward and
         backward; shadowed parameters broadcast and gradients reduced), and with shadowing on,
         ``faster/predicted_s_no_shadow`` / ``faster/predicted_s`` (the policy's model); with the
-        smart schedule allowed, ``faster/scheduled`` (fraction of forwards the policy ran it) and
+        smart schedule allowed (and more than one expert-parallel rank), ``faster/scheduled`` (fraction of forwards the policy ran it) and
         ``faster/predicted_s_all_to_all`` / ``faster/predicted_s_schedule`` (the model's two
         options for the exchange and experts, shadowed experts excluded)."""
         n = self.forwards
