@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 
 from moe_morpheus.report.moe_scaling import MoEFit, fit_moe_law
-from moe_morpheus.report.scaling import ChinchillaFit, fit_chinchilla
+from moe_morpheus.report.scaling import ChinchillaFit, distinct_levels, fit_chinchilla
 from moe_morpheus.report.stats import PairedResult, rank_and_compare
 
-# Scaling-fit requirements (issue 9): five parameters need >= 5 runs, and alpha is only
-# identified when N varies over >= 3 distinct sizes.
+# Scaling-fit requirements (issue 9): five parameters need >= 5 runs, and alpha (beta) is only
+# identified when N (D) varies over >= 3 levels.
 MIN_SCALING_RUNS = 5
 MIN_SCALING_SIZES = 3
 # Bootstrap replicates for the intervals of the scaling fits: a ladder of ~10 runs takes < 1 s.
@@ -245,12 +245,13 @@ def scaling_fits(runs: pd.DataFrame, bootstrap: int = BOOTSTRAP) -> tuple[list[S
         return fits, notes
     usable = scaling_candidates(runs)
     for family, sub in usable.groupby(scaling_family(usable), sort=False):
-        sizes = sub["active_params"].nunique()
-        if len(sub) < MIN_SCALING_RUNS or sizes < MIN_SCALING_SIZES:
-            notes.append(f"{family}: {len(sub)} finished run(s) at {sizes} model size(s); a scaling fit needs "
-                         f">= {MIN_SCALING_RUNS} runs at >= {MIN_SCALING_SIZES} sizes.")
-            continue
         n, d, l = _ndl(sub)
+        sizes, budgets = distinct_levels(n), distinct_levels(d)
+        if len(sub) < MIN_SCALING_RUNS or min(sizes, budgets) < MIN_SCALING_SIZES:
+            notes.append(f"{family}: {len(sub)} finished run(s) at {sizes} model size(s) and {budgets} token "
+                         f"count(s); a scaling fit needs >= {MIN_SCALING_RUNS} runs at >= {MIN_SCALING_SIZES} sizes "
+                         f"and token counts (values within 10% are one).")
+            continue
         fit = fit_chinchilla(n, d, l, bootstrap=bootstrap)
         pred = fit.predict(n, d)
         table = pd.DataFrame({"run_id": sub.index, "N": n, "D": d, "C": 6 * n * d, "observed": l,

@@ -38,6 +38,7 @@ from moe_morpheus.report.scaling import (
     ChinchillaFit,
     LogCoefficients,
     as_runs,
+    distinct_levels,
     fit_law,
     grid_starts,
     percentile_intervals,
@@ -134,7 +135,8 @@ def fit_moe_law(N, D, E, L, *, n0: float | None = None, bootstrap: int = 0, conf
                 seed: int = 0, huber_delta: float = 1e-3) -> MoEFit:
     """Fit L(N, D, E) to runs: N active parameters, D tokens, E experts (1 for dense), L final loss.
 
-    Needs >= 8 runs (7 parameters), >= 2 expert counts and >= 3 sizes; ``n0`` defaults to the
+    Needs >= 8 runs (7 parameters), >= 2 expert counts, >= 3 sizes and >= 3 token counts
+    (:func:`~moe_morpheus.report.scaling.distinct_levels`); ``n0`` defaults to the
     geometric mean of N."""
     n_arr, d_arr, l_arr = as_runs(N, D, L)
     e_arr = np.asarray(E, float)
@@ -143,9 +145,11 @@ def fit_moe_law(N, D, E, L, *, n0: float | None = None, bootstrap: int = 0, conf
     if len(n_arr) < len(NAMES) + 1:
         raise ValueError(f"{len(n_arr)} runs cannot determine the law's {len(NAMES)} parameters: need at least "
                          f"{len(NAMES) + 1}")
-    if len(np.unique(e_arr)) < 2 or len(np.unique(n_arr)) < 3:
-        raise ValueError(f"the runs have {len(np.unique(e_arr))} expert count(s) and {len(np.unique(n_arr))} size(s): "
-                         f"the law needs >= 2 expert counts (dense counts as 1) and >= 3 sizes")
+    sizes, budgets = distinct_levels(n_arr), distinct_levels(d_arr)
+    if len(np.unique(e_arr)) < 2 or sizes < 3 or budgets < 3:
+        raise ValueError(f"the runs have {len(np.unique(e_arr))} expert count(s), {sizes} size(s) and {budgets} "
+                         f"token count(s) (values within 10% are one): the law needs >= 2 expert counts (dense "
+                         f"counts as 1) and >= 3 of each of the others")
     n0 = float(np.exp(np.mean(np.log(n_arr)))) if n0 is None else float(n0)
     log_e = np.log(e_arr)
     extra = np.stack([log_e, log_e * np.log(n_arr / n0)])

@@ -163,6 +163,21 @@ def lbfgsb_lockstep(fun_and_grad, x0: np.ndarray, *, maxcor: int = 10, ftol: flo
     return np.stack(xs), converged
 
 
+# Sizes (or token counts) within 10% of each other are one level of a ladder: MoE variants of one
+# size differ by their router's parameters (1.911M dense vs 1.927M with 64 experts on glm_tiny),
+# and an exponent fitted across a 1% spread is noise, not a slope.
+LEVEL_RATIO = 1.1
+
+
+def distinct_levels(values, ratio: float = LEVEL_RATIO) -> int:
+    """How many levels ``values`` take, values within ``ratio`` of the previous one counting as one."""
+    levels, last = 0, None
+    for v in np.sort(np.asarray(values, float)):
+        if last is None or v > last * ratio:
+            levels, last = levels + 1, v
+    return levels
+
+
 def as_runs(N, D, L) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     arrays = []
     for name, values in (("N", N), ("D", D), ("L", L)):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from moe_morpheus.report.moe_scaling import NAMES, MoEFit, fit_moe_law
+from moe_morpheus.report.scaling import distinct_levels
 
 # Chinchilla-like values with a MoE term: 64 experts are worth 64^(0.1 / 0.33) = 3.5x the
 # parameters at N0 = 1e8, less at larger N (gamma < 0, the trend Clark et al. 2022 report).
@@ -73,6 +74,19 @@ def test_gamma_zero_is_chinchilla_with_a_scaled_by_e_to_the_minus_delta():
     with pytest.raises(ValueError, match="not positive"):
         MoEFit(a=0.0, b=0.0, e=0.0, alpha=0.1, beta=0.3, delta=0.0, gamma=-0.1, n0=N0, loss=0.0, n_runs=0,
                converged=True).at_experts(64)
+
+
+def test_a_one_size_study_is_not_a_ladder():
+    """Study 1's shape: dense and two MoE variants at one size (their active params 1% apart,
+    the router's) and one budget, 3 seeds each. Exact-value counting saw 2-3 sizes and fitted a
+    law with a negative alpha; within 10% they are one level, and the fit refuses."""
+    n = np.repeat([1.9108e6, 1.9108e6, 1.9272e6], 3)
+    d = n * 2.0
+    e = np.repeat([1.0, 8.0, 64.0], 3)
+    with pytest.raises(ValueError, match="1 size.*1 token count"):
+        fit_moe_law(n, d, e, np.linspace(4.8, 5.1, 9))
+    assert distinct_levels([1.0, 1.05, 1.2, 1.3, 2.0]) == 3  # 1.0/1.05, 1.2/1.3, 2.0
+    assert distinct_levels([]) == 0
 
 
 @pytest.mark.parametrize("e,message", [([1.0] * 12, ">= 2 expert counts"), ([0.5] + [8.0] * 11, "E must give"),
