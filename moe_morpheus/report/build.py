@@ -146,7 +146,8 @@ def matched_section(c: Collection, out: Path) -> list[Block]:
         f"Configurations whose total compute agrees within {analysis.COMPUTE_TOLERANCE:.0%} are one compute "
         "level and rivals there; two budgets of one configuration never are. At each level the best "
         "configuration (lowest seed-mean loss) is paired with each other one on their common seeds: the mean "
-        "paired difference of final losses with its 95% Student-t interval. A verdict (\"A beats B by d "
+        "paired difference of final losses with its Student-t interval, 95% for one comparison and widened "
+        "(Bonferroni) to 1 - 5%/m for m comparisons at a level, as the bullets say. A verdict (\"A beats B by d "
         f"[lo, hi]\") needs >= {MIN_SEEDS} paired seeds and an interval that excludes 0; otherwise no verdict. "
         "Mid-schedule losses (the curves above) are not compared."))
     compared = [lv for lv in levels if len(lv.table) > 1]
