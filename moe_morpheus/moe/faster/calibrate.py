@@ -49,7 +49,8 @@ def calibrate(group, run_expert, d_model: int, param_numel: int, *, net_bandwidt
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = torch.zeros(7, dtype=torch.float64, device=device)
     measure_net, measure_compute = net_bandwidth is None, flops is None
-    rows = [torch.randn(world * n, d_model, device=device, dtype=dtype) for n in exchange_rows]
+    # The exchange buffers (up to 16 MiB each) only where the exchange is measured.
+    rows = [torch.randn(world * n, d_model, device=device, dtype=dtype) for n in exchange_rows] if measure_net else []
     received = [torch.empty_like(t) for t in rows]
     calls = [torch.randn(n, d_model, device=device, dtype=dtype) for n in CALL_ROWS]
 
