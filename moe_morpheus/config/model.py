@@ -93,3 +93,12 @@ class ModelConfig:
         """Xavier gain on the FFN, value and output projections (DeepNorm)."""
         n = self.num_layers
         return {"deepnorm": (2 * n) ** -0.5, "deepnet": (8 * n) ** -0.25, "pre_ln": 1.0}[self.norm]
+
+    def output_init_std(self, fan_in: int, fan_out: int) -> float:
+        """The init std of a [fan_out, fan_in] FFN matrix or attention output projection, the
+        dense FFN's and every MoE expert's alike (so that MoE and dense start from the same scale).
+        Pre-LN: init_std / sqrt(2N) (GPT-2, Megatron). DeepNorm / DeepNet: Xavier normal with
+        gain beta, beta * sqrt(2 / (fan_in + fan_out)) (Wang et al. 2022)."""
+        if self.norm == "pre_ln":
+            return self.init_std / math.sqrt(2.0 * self.num_layers)
+        return self.init_beta * math.sqrt(2.0 / (fan_in + fan_out))

@@ -16,16 +16,6 @@ import torch
 from moe_morpheus.config import ModelConfig
 
 
-def xavier_normal(gain: float) -> Callable[[torch.Tensor], None]:
-    def init(weight: torch.Tensor) -> None:
-        fan_out, fan_in = weight.shape
-        std = gain * math.sqrt(2.0 / (fan_in + fan_out))
-        with torch.no_grad():
-            weight.normal_(0.0, std)
-
-    return init
-
-
 def normal(std: float) -> Callable[[torch.Tensor], None]:
     def init(weight: torch.Tensor) -> None:
         with torch.no_grad():
@@ -35,10 +25,14 @@ def normal(std: float) -> Callable[[torch.Tensor], None]:
 
 
 def output_init(cfg: ModelConfig) -> Callable[[torch.Tensor], None]:
-    """FFN matrices and the attention output projection."""
-    if cfg.norm == "pre_ln":
-        return normal(cfg.init_std / math.sqrt(2.0 * cfg.num_layers))
-    return xavier_normal(cfg.init_beta)
+    """FFN matrices and the attention output projection: ``ModelConfig.output_init_std`` (MoE
+    experts, moe/experts.py, are drawn with the same std)."""
+
+    def init(weight: torch.Tensor) -> None:
+        fan_out, fan_in = weight.shape
+        normal(cfg.output_init_std(fan_in, fan_out))(weight)
+
+    return init
 
 
 def embedding_init(cfg: ModelConfig) -> Callable[[torch.Tensor], None]:

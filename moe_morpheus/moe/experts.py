@@ -195,15 +195,16 @@ class GeGLUExperts(nn.Module):
     expert (``counts_E[e]`` rows for expert e, in order); ``experts[e](x_TD)`` applies expert e
     to any [T, D] tensor.
 
-    Init: each weight matrix of each expert is Xavier-normal with ``gain`` (the project's FFN
-    init, ``ModelConfig.init_beta`` under DeepNorm), biases zero. Expert g (global id
+    Init: each weight matrix of each expert is normal with ``std`` (the model passes the dense
+    FFN's, ``ModelConfig.output_init_std``; None: Xavier normal, sqrt(2 / (D + F))), biases zero.
+    Expert g (global id
     ``first_expert + e``) is drawn from its own generator seeded with ``seed + g``, so its
     initial weights do not depend on how experts are spread over ranks; ``seed=None`` draws the
     base seed from torch's global generator (identical on all ranks after the same
     ``torch.manual_seed``).
     """
 
-    def __init__(self, num_expert: int, d_model: int, d_hidden: int, *, gain: float = 1.0,
+    def __init__(self, num_expert: int, d_model: int, d_hidden: int, *, std: float | None = None,
                  first_expert: int = 0, seed: int | None = None):
         super().__init__()
         if num_expert < 1 or d_model < 1 or d_hidden < 1:
@@ -226,9 +227,8 @@ class GeGLUExperts(nn.Module):
             b.no_weight_decay = True
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        # Xavier normal (Glorot & Bengio 2010): std = gain * sqrt(2 / (fan_in + fan_out)) per
-        # expert matrix, fan_in + fan_out = D + F for all three.
-        std = gain * math.sqrt(2.0 / (D + F_))
+        if std is None:  # Xavier normal (Glorot & Bengio 2010): fan_in + fan_out = D + F for all three
+            std = math.sqrt(2.0 / (D + F_))
         with torch.no_grad():
             for e in range(E):
                 gen = torch.Generator().manual_seed(seed + first_expert + e)

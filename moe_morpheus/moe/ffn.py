@@ -81,7 +81,7 @@ def _fastmoe_gate(gate: str, capacity_factor: float | None):
 
 def build_fastmoe_layer(num_expert: int, d_model: int, d_hidden: int, *, world_size: int, moe_group,
                         slice_group, top_k: int, gate: str, capacity_factor: float | None,
-                        gain: float, first_expert: int) -> nn.Module:
+                        std: float, first_expert: int) -> nn.Module:
     """``moe.backend=fastmoe``: FastMoE's own ``fmoe.FMoE`` with this project's GeGLU experts
     (one per FastMoE expert slot, same init as the native layer) where ``fmoe`` is importable."""
     try:
@@ -98,7 +98,7 @@ def build_fastmoe_layer(num_expert: int, d_model: int, d_hidden: int, *, world_s
         num_expert=num_expert, d_model=d_model, world_size=world_size, moe_group=moe_group,
         slice_group=slice_group, top_k=top_k, gate=_fastmoe_gate(gate, capacity_factor),
         # FastMoE calls expert(d_model) per slot and experts[i](rows, count): a one-expert batch.
-        expert=lambda d: GeGLUExperts(1, d, d_hidden, gain=gain, first_expert=next(expert_ids), seed=seed),
+        expert=lambda d: GeGLUExperts(1, d, d_hidden, std=std, first_expert=next(expert_ids), seed=seed),
     )
     for p in layer.experts.parameters():
         p.allreduce = False
@@ -124,8 +124,8 @@ class MoEFeedForward(nn.Module):
     ``sequence_parallel=True``: the input is already this TP rank's part of the sequence
     (Megatron's sequence parallelism), so there is nothing to slice or gather.
     Experts: ``moe.num_experts / ep`` GeGLU experts of hidden ``moe.expert_hidden(model)`` (the
-    dense FFN's / ``moe.granularity``, or ``moe.expert_hidden_size``), Xavier-normal with gain
-    ``model.init_beta`` like the dense FFN. The auxiliary
+    dense FFN's / ``moe.granularity``, or ``moe.expert_hidden_size``), drawn with the dense FFN's
+    std (``ModelConfig.output_init_std``). The auxiliary
     loss ``aux_loss_coeff * balance + z_loss_coeff * z`` is attached to the output in training.
     ``layer_number`` names the layer's statistics (set by the model).
     """
@@ -140,6 +140,10 @@ class MoEFeedForward(nn.Module):
         d_model = model_cfg.hidden_size
         d_hidden = moe_cfg.expert_hidden(model_cfg)
         slice_group = tp_group if tp > 1 and not sequence_parallel else None
+        # The dense FFN's std: under pre-LN the experts once drew Xavier gain 1 (0.0625-0.079 on
+        # glm_tiny) against the dense FFN's 0.02 / sqrt(8) = 0.0071, and every MoE arm of the
+        # studies started 9-11x larger than dense (one full-width expert trained behind dense).
+        std = model_cfg.output_init_std(d_model, d_hidden)
         faster = moe_cfg.faster
         if moe_cfg.backend == "fastmoe":
             if faster.schedule or faster.shadow or moe_cfg.gate == "faster":
@@ -148,15 +152,14 @@ class MoEFeedForward(nn.Module):
             self.moe = build_fastmoe_layer(
                 num_expert, d_model, d_hidden, world_size=ep, moe_group=moe_group, slice_group=slice_group,
                 top_k=moe_cfg.top_k, gate=moe_cfg.gate, capacity_factor=moe_cfg.capacity_factor,
-                gain=model_cfg.init_beta, first_expert=ep_rank * num_expert)
+                std=std, first_expert=ep_rank * num_expert)
         else:
             gate = partial(gate_class(moe_cfg.gate), capacity=moe_cfg.capacity_factor,
                            softmax_before_topk=moe_cfg.softmax_before_topk)
             if moe_cfg.gate == "faster":
                 gate = partial(gate, ranks_per_node=faster.ranks_per_node,
                                outgoing_fraction=faster.outgoing_fraction, moe_group=moe_group)
-            experts = GeGLUExperts(num_expert, d_model, d_hidden, gain=model_cfg.init_beta,
-                                   first_expert=ep_rank * num_expert)
+            experts = GeGLUExperts(num_expert, d_model, d_hidden, std=std, first_expert=ep_rank * num_expert)
             self.moe = FMoE(num_expert, d_model, world_size=ep, moe_group=moe_group, slice_group=slice_group,
                             top_k=moe_cfg.top_k, gate=gate, expert=experts)
             if faster.schedule or faster.shadow:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from moe_morpheus.config import ModelConfig, ParallelConfig
+from moe_morpheus.config import ModelConfig, MoEConfig, ParallelConfig
 from moe_morpheus.model import build_model
 from moe_morpheus.model.layer import GLMLayer
 from moe_morpheus.model.rope import apply_rope
@@ -96,6 +96,26 @@ def test_deepnorm_residual_and_init_scale(norm, alpha, beta):
 
     expected = alpha(layers) * ln(alpha(layers) * ln(x) + const) + const
     torch.testing.assert_close(layer(x, None, None, None), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["pre_ln", "deepnorm", "deepnet"])
+@pytest.mark.parametrize("granularity", [1, 2])
+def test_experts_start_at_the_dense_ffn_scale(norm, granularity):
+    """MoE in every second layer: each expert matrix is drawn with the std of the dense FFN
+    matrix of the same role in the next layer (measured on those weights, not from the formula):
+    a MoE arm that started larger trains behind dense, which a comparison must not mistake for an
+    effect of experts. Under pre-LN the experts once drew Xavier gain 1, 8.8x the dense std here."""
+    cfg = ModelConfig(num_layers=4, hidden_size=128, num_attention_heads=4, vocab_size=256, norm=norm)
+    moe = MoEConfig(layer_freq=2, num_experts=8, top_k=2, granularity=granularity)
+    model = build_model(cfg, moe, ParallelConfig(), seed=3)[0]
+    experts, dense = model.layers[1].ffn.moe.experts, model.layers[0].ffn
+    assert experts.d_hidden * granularity == cfg.ffn_hidden
+    # >= 131k samples per expert tensor: the sample std is within 1% of the target.
+    for expert_w, dense_w in ((experts.w_value_EFD, dense.value.weight), (experts.w_out_EDF, dense.fc2.weight)):
+        target = dense_w.std().item()
+        if granularity > 1 and norm != "pre_ln":  # Xavier: the narrower expert has the smaller fan
+            target *= math.sqrt(sum(dense_w.shape) / sum(expert_w.shape[1:]))
+        assert expert_w.std().item() == pytest.approx(target, rel=0.03)
 
 
 def _layer_norm(x, norm):
