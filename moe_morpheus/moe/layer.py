@@ -205,18 +205,19 @@ class FMoE(nn.Module):
             main_G = kept_G.clone()
             main_G[shadow] = 0
             n_main = sum(counts) - sum(counts[g] for g in shadow)
-            y_ND = torch.cat([self._exchange_and_run(x_ND[:n_main], main_G),
+            y_ND = torch.cat([self._exchange_and_run(x_ND[:n_main], main_G, shadow),
                               self.faster.run_shadow(shadow, x_ND[n_main:], [counts[g] for g in shadow])])
         else:
-            y_ND = self._exchange_and_run(x_ND, kept_G)
+            y_ND = self._exchange_and_run(x_ND, kept_G, shadow)
         weight_N = score_TK.reshape(-1).index_select(0, order_N).to(y_ND.dtype)
         y_TD = y_ND.new_zeros(T, y_ND.shape[-1]).index_add(0, token_N, y_ND * weight_N[:, None])
         return y_TD, kept_G
 
-    def _exchange_and_run(self, x_ND, kept_G):
+    def _exchange_and_run(self, x_ND, kept_G, shadow: list[int]):
         W, E = self.world_size, self.num_expert
         send_WE = kept_G.view(W, E)
-        recv_WE = exchange_counts(send_WE, self.moe_group)
+        planned = self.faster is not None and self.faster.load_WG is not None
+        recv_WE = self.faster.received(shadow) if planned else exchange_counts(send_WE, self.moe_group)
         if self.faster is not None and self.faster.scheduled:
             return self.faster.exchange(x_ND, send_WE, recv_WE)
         send_splits, recv_splits = send_WE.sum(1).tolist(), recv_WE.sum(1).tolist()

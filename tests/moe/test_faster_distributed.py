@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_morpheus.moe import FMoE, GeGLUExperts
+from moe_morpheus.moe.comm import exchange_counts
 from moe_morpheus.moe.faster import FasterMoE
 from tests.helpers.distributed import run_distributed
 from tests.helpers.moe import EXPERT_PARAMS, F_HIDDEN, D, problem
@@ -61,6 +62,9 @@ def _run(prob, x, proj, W, faster: dict | None):
            "gate_b": layer.gate.gate.bias.grad, "stats": layer.pop_stats(),
            "costs": layer.faster.costs if faster is not None else None}
     out.update({n: getattr(layer.experts, n).grad for n in EXPERT_PARAMS})
+    if faster is not None:  # the receive counts read from plan()'s all-gather == the count all-to-all
+        sent_WE = layer.faster.load_WG[rank].view(W, E)
+        out["received_ok"] = torch.equal(layer.faster.received([]), exchange_counts(sent_WE, group))
     return out
 
 
@@ -79,6 +83,7 @@ def _worker(W):
         keys = ("y", "x_grad", "gate_w", "gate_b") + EXPERT_PARAMS
         errors[name] = {k: relative_error(got[k], ref[k]) if ref[k].numel() else 0.0 for k in keys}
         stats[name], costs[name] = got["stats"], got["costs"]
+        assert got["received_ok"], name
     with pytest.raises(ValueError, match="group_size=3 does not divide the expert-parallel size"):
         _run(prob, x, proj, W, dict(schedule=True, group_size=3))
     return {"errors": errors, "stats": stats, "costs": costs, "load": ref["stats"]["load"]}
