@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_STATE
 
-from moe_morpheus.tracking.names import TrackingUnreachableError, resolve_uri
+from moe_morpheus.tracking.names import PARENT_TAG, TrackingUnreachableError, resolve_uri
 
 # MLflow 3's experiment tag for the kind of work (read by the UI, mlflow/server/js: "genai_development"
 # opens the GenAI overview, traces and all; "custom_model_development" opens the runs table). An
@@ -105,3 +106,17 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         # Experiments made before this tag existed here, or by another tool.
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
+
+
+def finished_job(client: MlflowClient, parent_run_id: str, run_dir: Path) -> str | None:
+    """The id of a FINISHED run of the sweep job in ``run_dir`` under ``parent_run_id``, or None.
+    Jobs are matched by their folder's name (named after the job's overrides, config/keys.py),
+    not its full path, so a store carried to another machine or clone still knows which jobs
+    finished after their folders and checkpoints are gone."""
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], max_results=10_000,
+                              filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'FINISHED'")
+    for run in runs:
+        if Path(run.data.tags.get("run_dir", "")).name == run_dir.name:
+            return run.info.run_id
+    return None

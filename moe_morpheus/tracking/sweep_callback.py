@@ -131,14 +131,23 @@ class MLflowSweepCallback(Callback):
         """The parent run of an earlier launch into ``sweep_dir``, set RUNNING again, or None.
         A rerun of a sweep resumes its jobs in their own folders and MLflow runs (train/app.py),
         so they stay children of the one parent; a parent file whose run is not in this store
-        (another tracking URI, a deleted run) starts a new parent."""
+        (another tracking URI, a deleted run) starts a new parent. Without the file (a fresh clone
+        or machine that carried the store but not the sweep folder) the newest parent of this
+        sweep logged from a folder of the same name is reopened: its finished jobs are then
+        skipped by their runs in the store (train/trainer.py)."""
         path = sweep_dir / PARENT_RUN_FILE
-        if not path.exists():
-            return None
-        try:
-            run = self._client.get_run(path.read_text().strip())
-        except Exception:
-            return None
+        if path.exists():
+            try:
+                run = self._client.get_run(path.read_text().strip())
+            except Exception:
+                return None
+        else:
+            parents = [r for r in self._client.search_runs([self._experiment_id], f"tags.sweep = '{self.name}'",
+                                                           order_by=["attributes.start_time DESC"])
+                       if PARENT_TAG not in r.data.tags and Path(r.data.tags.get("sweep_dir", "")).name == sweep_dir.name]
+            if not parents:
+                return None
+            run = parents[0]
         if run.info.experiment_id != self._experiment_id or run.info.lifecycle_stage != "active":
             return None
         self._client.update_run(run.info.run_id, status="RUNNING")

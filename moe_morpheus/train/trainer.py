@@ -198,10 +198,9 @@ class Trainer:
         self.setup()
         t = self.exp.trainer
         state = self._start_state()
-        if state.step >= self.plan.steps:
+        if (finished := self._finished(state)) is not None:
             if is_rank0():
-                console.log.info("this run already finished (step %d of %d, %s): nothing to do; raise trainer.steps "
-                                 "to train it further", state.step, self.plan.steps, self.output_dir)
+                console.log.info("this run already finished (%s): nothing to do", finished)
             return None
         run = self._open_run(state)
         train_iter = self._batches(state.consumed_samples)
@@ -236,6 +235,31 @@ class Trainer:
                 progress.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{run.throughput.last:,.0f}",
                                      budget=f"{metrics['budget_fraction']:.1%}", refresh=False)
         return self._result(run)
+
+    def _finished(self, state: TrainState) -> str | None:
+        """Why there is nothing to train, or None: ``state`` is the final step, or (a sweep job
+        starting afresh, ``checkpoint.resume=auto``) the sweep's MLflow store holds a FINISHED run
+        of this job, whose folder and checkpoints were not carried here (a store restored on a
+        fresh clone or machine: the sweep goes on with the jobs that did not finish)."""
+        if state.step >= self.plan.steps:
+            return f"step {state.step} of {self.plan.steps}, {self.output_dir}; raise trainer.steps to train it further"
+        if state.step > 0 or self.parent_run_id is None or self.exp.checkpoint.resume != "auto":
+            return None
+        found = [None]
+        if is_rank0():
+            from mlflow import MlflowClient
+
+            from moe_morpheus.tracking.store import finished_job
+
+            try:
+                found[0] = finished_job(MlflowClient(self.tracking_uri), self.parent_run_id, self.output_dir)
+            except Exception as exc:  # an unreachable store: train, as a job without a store would
+                console.log.warning("could not look up this job's runs at %s (%s): training it", self.tracking_uri, exc)
+        dist.broadcast_object_list(found, src=0)
+        if found[0] is None:
+            return None
+        return (f"MLflow run {found[0]} of this sweep job ended FINISHED; its checkpoints are not in "
+                f"{self.output_dir}, so nothing is resumed")
 
     def _stop(self, signum: int, state: TrainState, saved_step: int, run: RunMetrics) -> Interrupted:
         """Save ``state`` (unless it is saved already) for a run stopped by ``signum``."""

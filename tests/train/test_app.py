@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,6 +134,16 @@ def test_multirun_makes_a_parent_with_nested_children_and_a_rerun_resumes_it(tmp
     assert sorted(children["tags.experiment"]) == ["dense", "moe_8e"]
     assert set(children["tags.mlflow.parentRunId"]) == {parents.run_id.iloc[0]}
     assert set(children["tags.sweep"]) == {"dense_vs_moe"}
+
+    # A fresh clone that carries the MLflow store but not multirun/ (no parent file, no
+    # checkpoints): the same command reopens the parent and skips both jobs by their FINISHED runs.
+    shutil.rmtree(tmp_path / "multirun")
+    again = subprocess.run(train_command(tmp_path, *sweep), cwd=tmp_path, capture_output=True, text=True,
+                           env=train_env(), timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("ended FINISHED; its checkpoints are not in") == 2
+    assert f"MLflow parent run {parent} at" in again.stderr and "resumed: finished jobs are skipped" in again.stderr
+    assert sorted(runs(tmp_path).run_id) == sorted(frame.run_id), "nothing may be trained or logged again"
 
     # The report reads these real runs: one table row per run, figures, a matched-compute
     # comparison naming whichever variant has the lower loss there.
