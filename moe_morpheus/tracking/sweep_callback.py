@@ -54,12 +54,13 @@ def parent_run_id(sweep_dir: str | Path | None) -> str | None:
 
 
 def newest_per_folder(runs: list) -> list:
-    """The newest MLflow run of each job folder (tag ``run_dir``; runs without it stand alone).
-    A job stopped before its first checkpoint starts a new run when the sweep is rerun; the
-    stopped one stays KILLED under the parent but is not the job's outcome."""
+    """The newest MLflow run of each job folder (by the name of tag ``run_dir``, which names the
+    job within its sweep wherever the sweep ran; runs without it stand alone). A job stopped
+    before its first checkpoint, or whose checkpoints stayed on another machine, starts a new run
+    when the sweep is rerun; the stopped one stays KILLED under the parent but is not the job's outcome."""
     newest: dict[str, Any] = {}
     for run in runs:
-        key = run.data.tags.get("run_dir") or run.info.run_id
+        key = Path(run.data.tags["run_dir"]).name if "run_dir" in run.data.tags else run.info.run_id
         if key not in newest or run.info.start_time > newest[key].info.start_time:
             newest[key] = run
     return list(newest.values())

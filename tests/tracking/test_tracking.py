@@ -456,3 +456,20 @@ def test_is_permanent_classifies_errors():
     assert not is_permanent(MlflowException("who", error_code=UNAUTHENTICATED))
     assert not is_permanent(MlflowException("no", error_code=PERMISSION_DENIED))
 
+
+
+def test_newest_per_folder_names_a_job_by_its_folder_name_wherever_it_ran():
+    """A job that restarted on another machine (its run_dir under another root) replaces its
+    KILLED run in the parent's outcome; runs without run_dir stand alone."""
+    from types import SimpleNamespace
+
+    from moe_morpheus.tracking.sweep_callback import newest_per_folder
+
+    def run(run_id, start, run_dir=None):
+        tags = {} if run_dir is None else {"run_dir": run_dir}
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, start_time=start), data=SimpleNamespace(tags=tags))
+
+    runs = [run("killed", 1, "/work/a/multirun/s/0_+experiment=dense"),
+            run("finished", 2, "/home/b/multirun/s/0_+experiment=dense"),
+            run("other", 3, "/home/b/multirun/s/1_+experiment=moe_8e"), run("alone", 4), run("alone2", 5)]
+    assert sorted(r.info.run_id for r in newest_per_folder(runs)) == ["alone", "alone2", "finished", "other"]
