@@ -473,3 +473,26 @@ def test_newest_per_folder_names_a_job_by_its_folder_name_wherever_it_ran():
             run("finished", 2, "/home/b/multirun/s/0_+experiment=dense"),
             run("other", 3, "/home/b/multirun/s/1_+experiment=moe_8e"), run("alone", 4), run("alone2", 5)]
     assert sorted(r.info.run_id for r in newest_per_folder(runs)) == ["alone", "alone2", "finished", "other"]
+
+
+def test_finished_job_matches_a_finished_child_by_folder_name_only(tmp_path):
+    """Only a FINISHED child of this parent from a job folder of the same name counts (the path
+    above the folder may differ: another clone); KILLED ones and other parents' runs do not."""
+    from moe_morpheus.tracking.names import PARENT_TAG
+    from moe_morpheus.tracking.store import finished_job
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("e")
+    parent, other = (client.create_run(exp).info.run_id for _ in range(2))
+
+    def child(parent_id, folder, status):
+        run = client.create_run(exp, tags={PARENT_TAG: parent_id, "run_dir": f"/elsewhere/multirun/s/{folder}"})
+        client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    done = child(parent, "0_seed=1", "FINISHED")
+    child(parent, "1_seed=2", "KILLED")
+    child(other, "2_seed=3", "FINISHED")
+    assert finished_job(client, parent, tmp_path / "multirun/s/0_seed=1") == done
+    assert finished_job(client, parent, tmp_path / "multirun/s/1_seed=2") is None
+    assert finished_job(client, parent, tmp_path / "multirun/s/2_seed=3") is None
