@@ -1,0 +1,52 @@
+"""The committable store snapshot keeps runs, evaluations and the report's curves, and thins
+only the other step metrics."""
+
+from __future__ import annotations
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from moe_morpheus.tracking.snapshot import main, snapshot
+
+
+def _store(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/src.db")
+    exp = client.create_experiment("e")
+    run = client.create_run(exp, tags={"run_dir": "/x/multirun/s/0_a"}).info.run_id
+    metrics = []
+    for step in range(10, 260, 10):  # every 10th step, as the studies log
+        metrics += [Metric("train/loss", 9.0 - step / 100, 0, step), Metric("flops", step * 1e9, 0, step),
+                    Metric("moe/balance_loss", 1.0, 0, step), Metric("moe/layer2/balance_loss", 1.0, 0, step)]
+    for step in (150, 250):  # evaluations, and the last step
+        metrics += [Metric("valid_subset/loss", 5.0, 0, step)]
+    metrics += [Metric("final/valid_loss", 4.9, 0, 250), Metric("eval/cloze_en/accuracy", 0.1, 0, 250)]
+    client.log_batch(run, metrics=metrics, params=[Param("trainer.seed", "1")], tags=[RunTag("sweep", "s")])
+    client.set_terminated(run, "FINISHED")
+    return client, run
+
+
+def test_snapshot_keeps_evaluations_and_curves_and_thins_the_rest(tmp_path):
+    client, run = _store(tmp_path)
+    before, after = snapshot(tmp_path / "src.db", tmp_path / "dst.db")
+    copy = MlflowClient(f"sqlite:///{tmp_path}/dst.db")
+
+    def steps(c, key):
+        return sorted(m.step for m in c.get_metric_history(run, key))
+
+    every = list(range(10, 260, 10))
+    assert steps(copy, "train/loss") == steps(copy, "moe/balance_loss") == every
+    # flops: every 100th step, the evaluation steps (150, 250) and the last step (250).
+    assert steps(copy, "flops") == steps(copy, "moe/layer2/balance_loss") == [100, 150, 200, 250]
+    assert steps(copy, "valid_subset/loss") == [150, 250] and steps(copy, "final/valid_loss") == [250]
+    assert before == len(every) * 4 + 4 and after == before - 2 * (len(every) - 4)
+    original = client.get_run(run)
+    kept = copy.get_run(run)
+    assert kept.info.status == "FINISHED" and kept.data.params == original.data.params
+    assert kept.data.tags == original.data.tags and kept.data.metrics == original.data.metrics
+    assert steps(client, "flops") == every, "the source store is only read"
+
+
+def test_snapshot_cli_errors_name_the_problem(tmp_path, capsys):
+    assert main([str(tmp_path / "missing.db"), str(tmp_path / "out.db")]) == 2
+    assert "no MLflow SQLite store at" in capsys.readouterr().err
+    assert not (tmp_path / "out.db").exists()
