@@ -108,15 +108,21 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     return exp.experiment_id
 
 
+def job_folder(run) -> str | None:
+    """The name of the job folder a run was logged from (tag ``run_dir``), or None. It names the
+    job within its sweep wherever the sweep ran (folders are named after the job's overrides,
+    config/keys.py), so a store carried to another machine or clone still identifies its jobs."""
+    run_dir = run.data.tags.get("run_dir")
+    return Path(run_dir).name if run_dir else None
+
+
 def finished_job(client: MlflowClient, parent_run_id: str, run_dir: Path) -> str | None:
-    """The id of a FINISHED run of the sweep job in ``run_dir`` under ``parent_run_id``, or None.
-    Jobs are matched by their folder's name (named after the job's overrides, config/keys.py),
-    not its full path, so a store carried to another machine or clone still knows which jobs
-    finished after their folders and checkpoints are gone."""
+    """The id of a FINISHED run of the sweep job in ``run_dir`` under ``parent_run_id``, or None;
+    matched by :func:`job_folder`, so it is found after the job's folder and checkpoints are gone."""
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id], max_results=10_000,
                               filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'FINISHED'")
     for run in runs:
-        if Path(run.data.tags.get("run_dir", "")).name == run_dir.name:
+        if job_folder(run) == run_dir.name:
             return run.info.run_id
     return None

@@ -37,7 +37,7 @@ from moe_morpheus.tracking.names import (
     git_commit,
     resolve_uri,
 )
-from moe_morpheus.tracking.store import ensure_experiment, limit_http_retries
+from moe_morpheus.tracking.store import ensure_experiment, job_folder, limit_http_retries
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,13 @@ def parent_run_id(sweep_dir: str | Path | None) -> str | None:
 
 
 def newest_per_folder(runs: list) -> list:
-    """The newest MLflow run of each job folder (by the name of tag ``run_dir``, which names the
-    job within its sweep wherever the sweep ran; runs without it stand alone). A job stopped
-    before its first checkpoint, or whose checkpoints stayed on another machine, starts a new run
-    when the sweep is rerun; the stopped one stays KILLED under the parent but is not the job's outcome."""
+    """The newest MLflow run of each job folder (:func:`~moe_morpheus.tracking.store.job_folder`;
+    runs without one stand alone). A job stopped before its first checkpoint, or whose
+    checkpoints stayed on another machine, starts a new run when the sweep is rerun; the stopped
+    one stays KILLED under the parent but is not the job's outcome."""
     newest: dict[str, Any] = {}
     for run in runs:
-        key = Path(run.data.tags["run_dir"]).name if "run_dir" in run.data.tags else run.info.run_id
+        key = job_folder(run) or run.info.run_id
         if key not in newest or run.info.start_time > newest[key].info.start_time:
             newest[key] = run
     return list(newest.values())
