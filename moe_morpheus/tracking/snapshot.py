@@ -33,8 +33,10 @@ def snapshot(src: Path, dst: Path, every: int = 100) -> tuple[int, int]:
     tmp.unlink(missing_ok=True)
     source, copy = sqlite3.connect(f"file:{src}?mode=ro", uri=True), sqlite3.connect(tmp)
     try:
-        source.backup(copy)
-        source.close()
+        try:
+            source.backup(copy)
+        finally:
+            source.close()
         before = copy.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
         evaluated = " OR ".join(f"key LIKE '{p}%'" for p in EVALUATION_PREFIXES)
         copy.execute("CREATE TEMP TABLE kept_steps AS "
