@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from moe_morpheus.report.configs import config_signature, differing_keys, group_labels, sweep_role
 from moe_morpheus.report.roles import ROLES
+from moe_morpheus.tracking.snapshot import carried_artifact
 
 PARENT_TAG = "mlflow.parentRunId"
 VARIANTS = ("dense", "moe", "upcycled")
@@ -271,13 +272,17 @@ def _histories(client: MlflowClient, run: Run) -> dict[str, list[tuple[int, int,
 
 
 def _moe_load(client: MlflowClient, run_id: str) -> dict[str, list[float]] | None:
-    """``moe_load.json`` of a run, or None when absent or unreadable (dense or crashed runs)."""
+    """``moe_load.json`` of a run, or None when absent or unreadable (dense or crashed runs).
+    Looked up at the run's artifact URI, then where a store snapshot carried it (a store
+    committed from another machine, whose artifact paths are that machine's)."""
     try:
-        if not any(f.path == MOE_LOAD_ARTIFACT for f in client.list_artifacts(run_id)):
+        if any(f.path == MOE_LOAD_ARTIFACT for f in client.list_artifacts(run_id)):
+            with tempfile.TemporaryDirectory() as tmp:
+                data = json.loads(Path(client.download_artifacts(run_id, MOE_LOAD_ARTIFACT, tmp)).read_text())
+        elif carried := carried_artifact(client.tracking_uri, run_id, MOE_LOAD_ARTIFACT):
+            data = json.loads(carried.read_text())
+        else:
             return None
-        with tempfile.TemporaryDirectory() as tmp:
-            path = client.download_artifacts(run_id, MOE_LOAD_ARTIFACT, tmp)
-            data = json.loads(Path(path).read_text())
     except (MlflowException, OSError, ValueError):
         return None
     if not isinstance(data, dict):

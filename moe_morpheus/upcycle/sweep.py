@@ -51,11 +51,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ("dense_continued", "upcycled", "scratch_extra", "scratch_total")
 
 
+class MissingDenseCheckpoint(RuntimeError):
+    """A stage that starts from the dense checkpoint, whose dense stage finished elsewhere."""
+
+
 @dataclass
 class Stage:
     key: str  # s1/x0.006/upcycled
     args: list[str]
-    depends_on_dense: bool
+    dense_checkpoint: Path | None  # the checkpoint folder it starts from, None for a stage that starts fresh
 
 
 def load_config(argv: list[str]) -> SweepConfig:
@@ -76,16 +80,17 @@ def plan(cfg: SweepConfig) -> list[Stage]:
     for seed in cfg.seeds:
         dense_ckpt = out / f"s{seed}" / "dense" / "checkpoints"
         stages.append(Stage(f"s{seed}/dense", [f"+experiment={cfg.dense_experiment}",
-                                               *length(cfg.dense_fraction)], False))
+                                               *length(cfg.dense_fraction)], None))
         for x in cfg.extra_fractions:
             prefix = f"s{seed}/x{x:g}"
             init = f"init.from_dense={dense_ckpt}"
             stages += [
-                Stage(f"{prefix}/dense_continued", [f"+experiment={cfg.dense_experiment}", init, *length(x)], True),
-                Stage(f"{prefix}/upcycled", [f"+experiment={cfg.moe_experiment}", init, *length(x)], True),
-                Stage(f"{prefix}/scratch_extra", [f"+experiment={cfg.scratch_experiment}", *length(x)], False),
+                Stage(f"{prefix}/dense_continued", [f"+experiment={cfg.dense_experiment}", init, *length(x)],
+                      dense_ckpt),
+                Stage(f"{prefix}/upcycled", [f"+experiment={cfg.moe_experiment}", init, *length(x)], dense_ckpt),
+                Stage(f"{prefix}/scratch_extra", [f"+experiment={cfg.scratch_experiment}", *length(x)], None),
                 Stage(f"{prefix}/scratch_total", [f"+experiment={cfg.scratch_experiment}",
-                                                  *length(x + cfg.dense_fraction)], False),
+                                                  *length(x + cfg.dense_fraction)], None),
             ]
     for stage in stages:
         seed = stage.key.split("/")[0][1:]
@@ -128,6 +133,14 @@ class Driver:
         return runs[0] if runs else None
 
     def run_stage(self, stage: Stage, parent: str) -> None:
+        # The store says which stages finished, the dense checkpoint lives only in this folder: on
+        # another clone (a committed store, a new machine) the dense stage is skipped as FINISHED
+        # and its checkpoint is not there to start from.
+        if stage.dense_checkpoint is not None and not stage.dense_checkpoint.is_dir():
+            raise MissingDenseCheckpoint(
+                f"stage {stage.key} starts from the dense checkpoint {stage.dense_checkpoint}, which is not there "
+                f"(its dense stage finished in MLflow from another folder or machine): restore that folder, or "
+                f"rerun every stage under a new name=...")
         env = dict(os.environ)
         env["MOE_MORPHEUS_PARENT_RUN_ID"] = parent
         command = [sys.executable, str(REPO_ROOT / "train.py"), f"tracking.uri={self.uri}", *stage.args]
@@ -229,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
     except ConfigError as error:
         return fail(error)
-    Driver(cfg).run()
+    try:
+        Driver(cfg).run()
+    except MissingDenseCheckpoint as error:
+        return fail(error)
     return 0
 
 

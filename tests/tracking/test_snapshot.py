@@ -3,15 +3,18 @@ only the other step metrics."""
 
 from __future__ import annotations
 
+import shutil
+
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from moe_morpheus.tracking.snapshot import main, snapshot
+from moe_morpheus.report.collect import MOE_LOAD_ARTIFACT, _moe_load
+from moe_morpheus.tracking.snapshot import MAX_ARTIFACT_BYTES, carried_artifact, main, snapshot
 
 
 def _store(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/src.db")
-    exp = client.create_experiment("e")
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "mlruns"))
     run = client.create_run(exp, tags={"run_dir": "/x/multirun/s/0_a"}).info.run_id
     metrics = []
     for step in range(10, 260, 10):  # every 10th step, as the studies log
@@ -44,6 +47,23 @@ def test_snapshot_keeps_evaluations_and_curves_and_thins_the_rest(tmp_path):
     assert kept.info.status == "FINISHED" and kept.data.params == original.data.params
     assert kept.data.tags == original.data.tags and kept.data.metrics == original.data.metrics
     assert steps(client, "flops") == every, "the source store is only read"
+
+
+def test_snapshot_carries_small_artifacts_that_the_report_finds_without_the_original(tmp_path, capsys):
+    client, run = _store(tmp_path)
+    client.log_dict(run, {"layer2": [0.5, 0.25, 0.25]}, MOE_LOAD_ARTIFACT)
+    client.log_text(run, "model: {}\n", "config.yaml")
+    client.log_text(run, "x" * (MAX_ARTIFACT_BYTES + 1), "big/trace.txt")
+    (tmp_path / "copy").mkdir()
+    snapshot(tmp_path / "src.db", tmp_path / "copy" / "dst.db")
+    assert "trace.txt is over 1 MiB, not carried" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "mlruns")  # the machine that logged them is gone
+    copy = MlflowClient(f"sqlite:///{tmp_path}/copy/dst.db")
+    assert _moe_load(copy, run) == {"layer2": [0.5, 0.25, 0.25]}
+    uri = f"sqlite:///{tmp_path}/copy/dst.db"
+    assert carried_artifact(uri, run, "config.yaml").read_text() == "model: {}\n"
+    assert carried_artifact(uri, run, "big/trace.txt") is None
+    assert _moe_load(MlflowClient(f"sqlite:///{tmp_path}/src.db"), run) is None, "nothing beside the source store"
 
 
 def test_snapshot_cli_errors_name_the_problem(tmp_path, capsys):

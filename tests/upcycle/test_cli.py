@@ -8,6 +8,7 @@ validation loss."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -109,3 +110,21 @@ def test_convert_then_train_and_init_from_dense_with_lineage(sweep, tmp_path):
         assert relative_error(torch.tensor(first), torch.tensor([dense.data.metrics["final/valid_loss"]])) <= 1e-5
     missing = train(tmp_path, *TARGET, "trainer.steps=1", "init.from_dense=nowhere", *FAST, check=False)
     assert missing.returncode == 2 and "nowhere does not exist: pass a run's checkpoints folder" in missing.stderr
+
+
+def test_a_stage_whose_dense_checkpoint_is_elsewhere_stops_with_the_fix(sweep, tmp_path):
+    """The store carried to another folder (a fresh clone): the dense stage is FINISHED there, its
+    checkpoint is not, so an unfinished stage that starts from it stops with one line, and the
+    store keeps its runs as they were."""
+    shutil.copy(sweep / "mlflow.db", tmp_path / "mlflow.db")
+    continued = _run(tmp_path, f"{SWEEP}/s1/x0.006/dense_continued")
+    _client(tmp_path).set_terminated(continued.info.run_id, status="KILLED")
+    result = _drive(tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: stage s1/x0.006/dense_continued starts from the dense checkpoint")
+    assert "rerun every stage under a new name=" in error
+    assert _client(tmp_path).get_run(continued.info.run_id).info.status == "KILLED"
+    frame = runs(tmp_path)
+    assert len(frame) == 7  # the sweep's 6 and a parent for the new folder, FAILED; no stage ran
+    assert frame[frame["tags.sweep_dir"] == str(tmp_path / "sweep")].status.tolist() == ["FAILED"]
