@@ -141,8 +141,17 @@ def to_html(title: str, blocks: list[Block]) -> str:
 
 
 def write(title: str, blocks: list[Block], out_dir: Path) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` into ``out_dir``; returns their paths."""
+    """Write ``report.md`` and ``report.html`` into ``out_dir``; returns their paths. PNGs the
+    previous ``report.md`` there showed and this one does not (a rerun's replaced runs' heatmaps)
+    are removed, unless another Markdown file of the folder (a hand-written CONCLUSION.md) cites
+    them; no other file is touched."""
     md, page = out_dir / "report.md", out_dir / "report.html"
+    before = set(re.findall(r"\]\(([^)/]+\.png)\)", md.read_text(encoding="utf-8"))) if md.is_file() else set()
     md.write_text(to_markdown(title, blocks), encoding="utf-8")
     page.write_text(to_html(title, blocks), encoding="utf-8")
+    shown = {b.path.name for b in blocks if isinstance(b, Figure) and b.path is not None}
+    cited = "\n".join(f.read_text(encoding="utf-8") for f in out_dir.glob("*.md") if f != md)
+    for name in before - shown:
+        if name not in cited:
+            (out_dir / name).unlink(missing_ok=True)
     return md, page
