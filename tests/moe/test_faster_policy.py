@@ -7,6 +7,7 @@ Shape legend: W ranks, E local experts, G = W * E experts, T tokens, K top-k.
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from moe_morpheus.moe.faster import (
     predict_latency,
     predict_schedule,
 )
-from moe_morpheus.moe.faster.calibrate import _line
+from moe_morpheus.moe.faster.calibrate import _fastest, _line
 from moe_morpheus.moe.faster.policy import MARGIN, step_groups
 from moe_morpheus.moe.faster.stats import FasterStats
 from moe_morpheus.moe.ffn import gate_class
@@ -164,6 +165,20 @@ def test_calibration_fits_a_line_and_reads_noise_as_per_unit_cost():
     assert _line([16, 256], [0.004, 0.003]) == (0.003 / 256, 0.0)
     # A negative fixed cost: the larger point, all per unit (it is not over-predicted).
     assert _line([10, 20], [0.001, 0.003]) == (0.003 / 20, 0.0)
+
+
+def test_calibration_times_the_sizes_in_turn_and_keeps_each_ones_fastest():
+    calls, sleeps = [], {0: [0.1, 0.001, 0.001], 1: [0.002, 0.1, 0.002]}  # a stall on each
+
+    def timed(i):
+        def fn():
+            calls.append(i)
+            time.sleep(sleeps[i][calls.count(i) - 1])
+        return fn
+
+    best = _fastest([timed(0), timed(1)], 3, lambda: None)
+    assert calls == [0, 1, 0, 1, 0, 1]
+    assert 0.001 <= best[0] < 0.05 and 0.002 <= best[1] < 0.05
 
 
 def test_schedule_steps_and_prediction():
