@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from moe_morpheus.report.configs import config_signature, differing_keys, group_labels, sweep_role
 from moe_morpheus.report.roles import ROLES
-from moe_morpheus.tracking.snapshot import carried_artifact
+from moe_morpheus.tracking.carried import carried_artifact
 
 PARENT_TAG = "mlflow.parentRunId"
 VARIANTS = ("dense", "moe", "upcycled")

@@ -149,7 +149,7 @@ def write(title: str, blocks: list[Block], out_dir: Path) -> tuple[Path, Path]:
     before = set(re.findall(r"\]\(([^)/]+\.png)\)", md.read_text(encoding="utf-8"))) if md.is_file() else set()
     md.write_text(to_markdown(title, blocks), encoding="utf-8")
     page.write_text(to_html(title, blocks), encoding="utf-8")
-    shown = {b.path.name for b in blocks if isinstance(b, Figure) and b.path is not None}
+    shown = {b.path.name for b in blocks if isinstance(b, Figure)}
     cited = "\n".join(f.read_text(encoding="utf-8") for f in out_dir.glob("*.md") if f != md)
     for name in before - shown:
         if name not in cited:

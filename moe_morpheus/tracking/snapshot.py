@@ -11,77 +11,31 @@ report places evaluations on the token and FLOP axes from those. The studies' st
 
 SRC is read through SQLite's backup API, so a store that runs are writing to copies consistently.
 
-Artifacts live outside the database, at each run's ``artifact_uri``: an absolute path on the
-machine that logged it. The snapshot copies every local artifact file of up to 1 MiB (a run's
-``config.yaml``, a MoE run's ``moe_load.json``: a few KiB each) into ``artifacts/<run id>/``
-beside DST, and readers of a store look there when a run's own artifact folder is gone
-(:func:`carried_artifact`; the report's expert-load heatmaps). A working store started from the
-snapshot (``scripts/run_studies.sh``) finds the older runs' artifacts in the same folder.
+The runs' small artifacts are carried into ``artifacts/`` beside DST (``tracking/carried.py``),
+after DST is written: a file that cannot be copied is reported and never costs the store.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sqlite3
 import sys
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+
+from moe_morpheus.tracking.carried import carried_artifacts, carry_artifacts
 
 EVALUATION_PREFIXES = ("valid", "eval/", "final/", "best/")
 EVERY_STEP_KEYS = ("train/loss", "moe/balance_loss", "moe/drop_rate", "moe/z_loss")
-ARTIFACTS = "artifacts"
-MAX_ARTIFACT_BYTES = 1 << 20
-SQLITE_PREFIX = "sqlite:///"
-
-
-def carried_artifacts(store: Path) -> Path:
-    """The folder beside SQLite store ``store`` that holds its snapshot's artifacts, one folder per run id."""
-    return store.parent / ARTIFACTS
-
-
-def carried_artifact(tracking_uri: str, run_id: str, path: str) -> Path | None:
-    """Artifact ``path`` of run ``run_id`` as a snapshot beside the SQLite store ``tracking_uri``
-    carried it, or None (not there, or not a SQLite store)."""
-    if not tracking_uri.startswith(SQLITE_PREFIX):
-        return None
-    found = carried_artifacts(Path(tracking_uri[len(SQLITE_PREFIX):])) / run_id / path
-    return found if found.is_file() else None
-
-
-def _local_folder(artifact_uri: str | None) -> Path | None:
-    parsed = urlparse(artifact_uri or "")
-    if parsed.scheme in ("", "file"):
-        return Path(unquote(parsed.path)) if parsed.path else None
-    return None  # a remote artifact store (s3://, mlflow-artifacts:, ...): not copied
-
-
-def copy_artifacts(store: sqlite3.Connection, dst_folder: Path) -> tuple[int, list[str]]:
-    """Copy the local artifact files of every run of ``store`` of at most MAX_ARTIFACT_BYTES into
-    ``dst_folder/<run id>/``; returns (files copied, files skipped as too large)."""
-    copied, too_large = 0, []
-    for run_id, artifact_uri in store.execute("SELECT run_uuid, artifact_uri FROM runs"):
-        folder = _local_folder(artifact_uri)
-        if folder is None or not folder.is_dir():
-            continue
-        for file in sorted(f for f in folder.rglob("*") if f.is_file()):
-            if file.stat().st_size > MAX_ARTIFACT_BYTES:
-                too_large.append(str(file))
-                continue
-            target = dst_folder / run_id / file.relative_to(folder)
-            if target.resolve() != file.resolve():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(file, target)
-                copied += 1
-    return copied, too_large
 
 
 def snapshot(src: Path, dst: Path, every: int = 100) -> tuple[int, int]:
-    """Write the thinned copy of store ``src`` to ``dst`` (replaced atomically) and its runs' small
-    artifacts to :func:`carried_artifacts` of ``dst``; returns the metric rows (before, after)."""
+    """Write the thinned copy of store ``src`` to ``dst`` (replaced atomically); returns the metric
+    rows (before, after). The runs' artifacts are carried separately (:func:`carry_artifacts`)."""
     if not src.is_file():
         raise FileNotFoundError(f"no MLflow SQLite store at {src}: pass the .db file runs log to")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"the snapshot would replace its source {src}: write it to another file")
     tmp = dst.with_name(dst.name + ".tmp")
     tmp.unlink(missing_ok=True)
     source, copy = sqlite3.connect(f"file:{src}?mode=ro", uri=True), sqlite3.connect(tmp)
@@ -102,12 +56,9 @@ def snapshot(src: Path, dst: Path, every: int = 100) -> tuple[int, int]:
         copy.commit()
         after = copy.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
         copy.execute("VACUUM")
-        _, too_large = copy_artifacts(copy, carried_artifacts(dst))
     finally:
         copy.close()
     os.replace(tmp, dst)
-    for file in too_large:
-        print(f"snapshot: {file} is over {MAX_ARTIFACT_BYTES // 2**20} MiB, not carried", file=sys.stderr)
     return before, after
 
 
@@ -121,10 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--every={args.every} must be >= 1")
     try:
         before, after = snapshot(args.src, args.dst, args.every)
-    except (FileNotFoundError, sqlite3.DatabaseError) as exc:
+    except (FileNotFoundError, ValueError, sqlite3.DatabaseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.dst}: {after:,} of {before:,} metric rows, {args.dst.stat().st_size / 2**20:.1f} MiB")
+    copied, problems = carry_artifacts(args.dst, carried_artifacts(args.dst))
+    for problem in problems:
+        print(f"snapshot: {problem}", file=sys.stderr)
+    print(f"{args.dst}: {after:,} of {before:,} metric rows, {args.dst.stat().st_size / 2**20:.1f} MiB; "
+          f"{copied} artifact files carried into {carried_artifacts(args.dst)}")
     return 0
 
 

@@ -725,15 +725,15 @@ def test_render_formats_and_embeds(tmp_path):
     assert "| a\\|b |" in md.read_text() and "![cap](f.png)" in md.read_text()
     html = page.read_text()
     assert "<b>b</b> <code>c</code> &lt;x&gt;" in html and "data:image/png;base64," in html
-    # Rewritten without its figures: the PNG the old report showed goes; one a hand-written note
-    # cites, and one no report showed, stay.
-    cited = tmp_path / "cited.png"
-    cited.write_bytes(PNG_MAGIC)
-    render.write("T", [*blocks, render.Figure(cited, "c")], tmp_path)
+    # Rewritten with fewer figures: a PNG only the old report showed goes; the one it still shows,
+    # one a hand-written note cites, and one no report showed stay.
+    for name in ("gone.png", "cited.png", "mine.png"):
+        (tmp_path / name).write_bytes(PNG_MAGIC)
+    render.write("T", [*blocks, render.Figure(tmp_path / "gone.png", "g"), render.Figure(tmp_path / "cited.png", "c")],
+                 tmp_path)
     (tmp_path / "CONCLUSION.md").write_text("![see](cited.png)")
-    (tmp_path / "mine.png").write_bytes(PNG_MAGIC)
-    render.write("T", blocks[:-1], tmp_path)
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["cited.png", "mine.png"]
+    render.write("T", blocks, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["cited.png", "f.png", "mine.png"]
 
 
 def test_group_colors_share_variant_hue():

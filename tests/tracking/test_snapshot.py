@@ -1,15 +1,17 @@
 """The committable store snapshot keeps runs, evaluations and the report's curves, and thins
-only the other step metrics."""
+only the other step metrics; the runs' small artifacts are carried beside it (tracking/carried.py)."""
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from moe_morpheus.report.collect import MOE_LOAD_ARTIFACT, _moe_load
-from moe_morpheus.tracking.snapshot import MAX_ARTIFACT_BYTES, carried_artifact, main, snapshot
+from moe_morpheus.tracking.carried import MAX_ARTIFACT_BYTES, carried_artifact, local_folder
+from moe_morpheus.tracking.snapshot import main, snapshot
 
 
 def _store(tmp_path):
@@ -54,19 +56,34 @@ def test_snapshot_carries_small_artifacts_that_the_report_finds_without_the_orig
     client.log_dict(run, {"layer2": [0.5, 0.25, 0.25]}, MOE_LOAD_ARTIFACT)
     client.log_text(run, "model: {}\n", "config.yaml")
     client.log_text(run, "x" * (MAX_ARTIFACT_BYTES + 1), "big/trace.txt")
-    (tmp_path / "copy").mkdir()
-    snapshot(tmp_path / "src.db", tmp_path / "copy" / "dst.db")
-    assert "trace.txt is over 1 MiB, not carried" in capsys.readouterr().err
+    # Beside the working store, as studies/mlflow.db is beside studies/runs.db.
+    assert main([str(tmp_path / "src.db"), str(tmp_path / "dst.db")]) == 0
+    out = capsys.readouterr()
+    assert "trace.txt is over 1 MiB, not carried" in out.err and "2 artifact files carried" in out.out
     shutil.rmtree(tmp_path / "mlruns")  # the machine that logged them is gone
-    copy = MlflowClient(f"sqlite:///{tmp_path}/copy/dst.db")
-    assert _moe_load(copy, run) == {"layer2": [0.5, 0.25, 0.25]}
-    uri = f"sqlite:///{tmp_path}/copy/dst.db"
+    for store in ("dst.db", "src.db"):  # the snapshot, and a working store started from it
+        assert _moe_load(MlflowClient(f"sqlite:///{tmp_path}/{store}"), run) == {"layer2": [0.5, 0.25, 0.25]}
+    uri = f"sqlite:///{tmp_path}/dst.db"
     assert carried_artifact(uri, run, "config.yaml").read_text() == "model: {}\n"
     assert carried_artifact(uri, run, "big/trace.txt") is None
-    assert _moe_load(MlflowClient(f"sqlite:///{tmp_path}/src.db"), run) is None, "nothing beside the source store"
+    assert carried_artifact("http://host:5000", run, "config.yaml") is None
+
+
+def test_artifact_uris_name_local_folders_as_written():
+    assert local_folder("file:///a/b%20c/artifacts") == Path("/a/b c/artifacts")
+    assert local_folder("file://localhost/a/x") == Path("/a/x")
+    # A plain path is a path: '#' and '%' are characters of its names, not URL syntax.
+    assert local_folder("/a/run#1/100%25/artifacts") == Path("/a/run#1/100%25/artifacts")
+    assert local_folder("file://otherhost/a/x") is None
+    assert local_folder("s3://bucket/1/r/artifacts") is None and local_folder("mlflow-artifacts:/1/r") is None
+    assert local_folder(None) is None
 
 
 def test_snapshot_cli_errors_name_the_problem(tmp_path, capsys):
     assert main([str(tmp_path / "missing.db"), str(tmp_path / "out.db")]) == 2
     assert "no MLflow SQLite store at" in capsys.readouterr().err
     assert not (tmp_path / "out.db").exists()
+    _store(tmp_path)
+    assert main([str(tmp_path / "src.db"), str(tmp_path / "." / "src.db")]) == 2
+    assert "the snapshot would replace its source" in capsys.readouterr().err
+    assert snapshot(tmp_path / "src.db", tmp_path / "out.db")[0] > 0, "the source was left whole"
