@@ -17,7 +17,7 @@ from moe_morpheus.config import ConfigError
 from moe_morpheus.config.cli import fail, option, parse_options
 from moe_morpheus.report.build import make_report
 from moe_morpheus.report.collect import SelectionError, collect
-from moe_morpheus.tracking.names import resolve_uri
+from moe_morpheus.tracking.names import resolve_uri, sqlite_path
 
 
 @dataclass
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = resolve_uri(args.tracking_uri)
     # MLflow would create an empty database at a mistyped path; say it is missing instead.
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        return fail(f"no MLflow database at {uri[len('sqlite:///'):]} (pass tracking_uri=...)")
+    if (db := sqlite_path(uri)) is not None and not db.exists():
+        return fail(f"no MLflow database at {db} (pass tracking_uri=...)")
     try:
         collection = collect(uri, args.experiment, sweep=args.sweep, parent=args.parent)
     except SelectionError as error:

@@ -17,9 +17,10 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from moe_morpheus.tracking.names import sqlite_path
+
 ARTIFACTS = "artifacts"
 MAX_ARTIFACT_BYTES = 1 << 20
-SQLITE_PREFIX = "sqlite:///"
 
 
 def carried_artifacts(store: Path) -> Path:
@@ -30,9 +31,10 @@ def carried_artifacts(store: Path) -> Path:
 def carried_artifact(tracking_uri: str, run_id: str, path: str) -> Path | None:
     """Artifact ``path`` of run ``run_id`` as carried beside the SQLite store ``tracking_uri``, or
     None (not there, or not a SQLite store)."""
-    if not tracking_uri.startswith(SQLITE_PREFIX):
+    store = sqlite_path(tracking_uri)
+    if store is None:
         return None
-    found = carried_artifacts(Path(tracking_uri[len(SQLITE_PREFIX):])) / run_id / path
+    found = carried_artifacts(store) / run_id / path
     return found if found.is_file() else None
 
 

@@ -39,6 +39,14 @@ class TrackingUnreachableError(RuntimeError):
     """The tracking store cannot be reached; raised only by :func:`check_reachable` (strict mode)."""
 
 
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite tracking URI (as written: relative paths stay relative), or None."""
+    return Path(uri[len(SQLITE_PREFIX):]) if uri.startswith(SQLITE_PREFIX) else None
+
+
 def resolve_uri(uri: str | None) -> str:
     """The tracking URI with any SQLite path made absolute against the current directory.
 
@@ -48,9 +56,9 @@ def resolve_uri(uri: str | None) -> str:
     """
     if uri is None:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return f"{prefix}{(Path.cwd() / uri[len(prefix):]).resolve()}"
+    path = sqlite_path(uri)
+    if path is not None and not path.is_absolute():
+        return f"{SQLITE_PREFIX}{(Path.cwd() / path).resolve()}"
     return uri
 
 
