@@ -35,6 +35,12 @@ def _interval(fit, name: str, digits: int = 3) -> str:
     return f"{value:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
 
 
+def multiplier_cell(value: float, lo: float, hi: float) -> str:
+    """'1.11 [0.52, 1.79]'; bounds in 3 significant digits, so an interval that a fit leaves open
+    reads '[0.05, 7.1e+23]', not 24 digits."""
+    return f"{value:.2f} [{lo:.3g}, {hi:.3g}]"
+
+
 def scaling_section(c: Collection, out: Path) -> list[Block]:
     fits, notes = analysis.scaling_fits(c.runs)
     blocks: list[Block] = [Heading("Scaling law (Chinchilla approach 3)")]
@@ -98,7 +104,7 @@ def moe_law_section(c: Collection, out: Path) -> list[Block]:
         row = [count(n)]
         for e in counts:
             lo, hi = f.multiplier_interval(n, e) if f.bootstrap_samples is not None else (np.nan, np.nan)
-            row.append(f"{f.multiplier(n, e):.2f} [{lo:.2f}, {hi:.2f}]")
+            row.append(multiplier_cell(f.multiplier(n, e), lo, hi))
         rows.append(row)
     blocks.append(Table(["active params N", *(f"multiplier, {e:g} experts" for e in counts)], rows))
     cs = [t["C"].min(), t["C"].max(), 10 * t["C"].max()]

@@ -446,6 +446,13 @@ def test_scaling_sections_recover_the_laws(tmp_path, store):
     assert_png(tmp_path / "moe_law.png")
 
 
+
+def test_multiplier_cell_keeps_an_open_interval_readable():
+    # An unidentified bound (the 64-expert multiplier before its ladder ran reached 7.5e+23) is
+    # written in 3 significant digits, an identified one as the point value is.
+    assert scaling_sections.multiplier_cell(1.1063, 0.5213, 1.7897) == "1.11 [0.521, 1.79]"
+    assert scaling_sections.multiplier_cell(1.11, 0.05, 7.5375937603623e23) == "1.11 [0.05, 7.54e+23]"
+
 # --- verdict rule (report/stats.py) and the upcycle sweep summary -----------------------------------
 
 def test_paired_interval_is_the_student_t_interval():
