@@ -316,6 +316,12 @@ def moe_law(result: MoELawResult, path: Path) -> Path:
     ax2.set(xlabel="training compute C = 6 N D (FLOPs)", ylabel="final validation loss",
             title="Loss at the frontier (lines) and the runs (dots)")
     ax3.axhline(1.0, color="grey", ls="--", lw=1)
+    # Log scale: 2x and 1/2x are equally far from 1. A bound the runs leave open (5e4 at 1.1M
+    # active parameters on the committed ladder) would flatten everything else on a linear axis,
+    # so the view stops at 1/10x and 10x and the band runs off it.
+    ax3.set_yscale("log")
+    low, high = ax3.get_ylim()
+    ax3.set_ylim(max(low, 0.1), min(high, 10.0))
     ax3.set(xlabel="active params N", ylabel="dense params per active param",
             title="Effective-parameter multiplier (95% bootstrap band)")
     return _save(fig, path)

@@ -419,9 +419,13 @@ def test_upcycling_sweep_report(tmp_path, store):
     assert_png(tmp_path / "upcycling_crossover.png")
 
 
-def test_scaling_sections_recover_the_laws(tmp_path, store):
+def test_scaling_sections_recover_the_laws(tmp_path, store, monkeypatch):
     uri, _ = store
     c = collect(uri, "scaling")
+    axes_of = {}  # figure file -> (y scale, y limits) of each panel, read before the figure closes
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path: axes_of.setdefault(
+        path.name, [(ax.get_yscale(), ax.get_ylim()) for ax in fig.axes]) and save(fig, path))
     md = md_text(scaling_sections.scaling_section(c, tmp_path))  # one fit per family: ~3 s each
     dense = md.split("### dense", 1)[1].split("### moe 8e", 1)[0]
     law = re.search(r"L\(N, D\) = ([\d.]+) \+ ([\d.e+]+) / N\^([\d.]+) \+ ([\d.e+]+) / D\^([\d.]+)", dense)
@@ -444,6 +448,9 @@ def test_scaling_sections_recover_the_laws(tmp_path, store):
     multipliers = re.findall(r"\| ([\d.]+) \[[\d.]+, [\d.]+\] \|$", table, re.M)
     assert len(multipliers) == 4 and all(float(m) == pytest.approx(8 ** (0.1 / 0.34), rel=0.02) for m in multipliers)
     assert_png(tmp_path / "moe_law.png")
+    # The multiplier on a log axis kept within 1/10x..10x (an open bound would flatten it).
+    scale, (low, high) = axes_of["moe_law.png"][2]
+    assert scale == "log" and 0.1 <= low < 1.84 < high <= 10
 
 
 
