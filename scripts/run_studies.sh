@@ -11,8 +11,9 @@
 # their checkpoints where the multirun/ folder is still there, from scratch where it is not.
 # A study's report is rewritten when it does not name every finished run of the study.
 #
-# About 1.5 hours with THREADS=2 on an otherwise idle 2-core machine for study 1, 2.6 for the
-# ladder (the plans are in the conf/sweeps/ files), 1 for the upcycling sweep. The upcycling
+# About 1.5 hours with THREADS=2 on an otherwise idle 2-core machine for study 1, 2.6 planned for
+# the ladder (4.6 of wall time measured, with the cores shared at times; the plans are in the
+# conf/sweeps/ files), 1 for the upcycling sweep. The upcycling
 # sweep's later stages start from its dense stages' checkpoints, which live in multirun/ only:
 # it runs start to finish on one machine (its driver stops with the fix where it cannot; a rerun
 # under a new name= would not be the sweep reports/upcycle_vs_scratch reads).
