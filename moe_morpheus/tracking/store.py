@@ -116,13 +116,33 @@ def job_folder(run) -> str | None:
     return Path(run_dir).name if run_dir else None
 
 
+def job_path(run, sweep_dir: str | None) -> tuple[str, ...] | None:
+    """The folders from the sweep's folder ``sweep_dir`` down to a run's job folder (tag
+    ``run_dir``), e.g. ``("s2", "dense")`` for a stage of the staged upcycling driver, whose
+    stages of different seeds share a folder name; ``(name,)`` when ``run_dir`` is not under
+    ``sweep_dir`` (a Hydra job folder, named after the whole job). None without ``run_dir``."""
+    run_dir = run.data.tags.get("run_dir")
+    if not run_dir:
+        return None
+    if sweep_dir:
+        try:
+            return Path(run_dir).relative_to(sweep_dir).parts or (Path(run_dir).name,)
+        except ValueError:
+            pass
+    return (Path(run_dir).name,)
+
+
 def finished_job(client: MlflowClient, parent_run_id: str, run_dir: Path) -> str | None:
-    """The id of a FINISHED run of the sweep job in ``run_dir`` under ``parent_run_id``, or None;
-    matched by :func:`job_folder`, so it is found after the job's folder and checkpoints are gone."""
+    """The id of a FINISHED run of the sweep job in ``run_dir`` under ``parent_run_id``, or None.
+    A run matches when its folder path under the sweep folder that the parent run recorded
+    (:func:`job_path`) ends ``run_dir``: found after the job's folder and checkpoints are gone or
+    the sweep moved to another clone, and ``s1/dense`` is not ``s2/dense``."""
     parent = client.get_run(parent_run_id)
+    sweep_dir = parent.data.tags.get("sweep_dir")
     runs = client.search_runs([parent.info.experiment_id], max_results=10_000,
                               filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'FINISHED'")
     for run in runs:
-        if job_folder(run) == run_dir.name:
+        path = job_path(run, sweep_dir)
+        if path and Path(run_dir).parts[-len(path):] == path:
             return run.info.run_id
     return None

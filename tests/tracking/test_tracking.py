@@ -496,3 +496,20 @@ def test_finished_job_matches_a_finished_child_by_folder_name_only(tmp_path):
     assert finished_job(client, parent, tmp_path / "multirun/s/0_seed=1") == done
     assert finished_job(client, parent, tmp_path / "multirun/s/1_seed=2") is None
     assert finished_job(client, parent, tmp_path / "multirun/s/2_seed=3") is None
+
+
+def test_finished_job_tells_apart_stages_of_different_seeds(tmp_path):
+    """The staged upcycling driver's folders s1/dense and s2/dense share a name: a run is matched
+    by its path under the sweep folder its parent recorded (that folder may be on another clone)."""
+    from moe_morpheus.tracking.names import PARENT_TAG
+    from moe_morpheus.tracking.store import finished_job
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("e")
+    parent = client.create_run(exp, tags={"sweep_dir": "/elsewhere/multirun/up"}).info.run_id
+    run = client.create_run(exp, tags={PARENT_TAG: parent, "run_dir": "/elsewhere/multirun/up/s1/dense"})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    here = tmp_path / "multirun/up"
+    assert finished_job(client, parent, here / "s1/dense") == run.info.run_id
+    assert finished_job(client, parent, here / "s2/dense") is None
+    assert finished_job(client, parent, here / "s1/x0.012/dense") is None
