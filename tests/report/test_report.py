@@ -424,8 +424,12 @@ def test_scaling_sections_recover_the_laws(tmp_path, store, monkeypatch):
     c = collect(uri, "scaling")
     axes_of = {}  # figure file -> (y scale, y limits) of each panel, read before the figure closes
     save = figures._save
-    monkeypatch.setattr(figures, "_save", lambda fig, path: axes_of.setdefault(
-        path.name, [(ax.get_yscale(), ax.get_ylim()) for ax in fig.axes]) and save(fig, path))
+
+    def read_axes_then_save(fig, path):
+        axes_of[path.name] = [(ax.get_yscale(), ax.get_ylim()) for ax in fig.axes]
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", read_axes_then_save)
     md = md_text(scaling_sections.scaling_section(c, tmp_path))  # one fit per family: ~3 s each
     dense = md.split("### dense", 1)[1].split("### moe 8e", 1)[0]
     law = re.search(r"L\(N, D\) = ([\d.]+) \+ ([\d.e+]+) / N\^([\d.]+) \+ ([\d.e+]+) / D\^([\d.]+)", dense)
@@ -453,12 +457,12 @@ def test_scaling_sections_recover_the_laws(tmp_path, store, monkeypatch):
     assert scale == "log" and 0.1 <= low < 1.84 < high <= 10
 
 
-
 def test_multiplier_cell_keeps_an_open_interval_readable():
     # An unidentified bound (the 64-expert multiplier before its ladder ran reached 7.5e+23) is
     # written in 3 significant digits, an identified one as the point value is.
     assert scaling_sections.multiplier_cell(1.1063, 0.5213, 1.7897) == "1.11 [0.521, 1.79]"
     assert scaling_sections.multiplier_cell(1.11, 0.05, 7.5375937603623e23) == "1.11 [0.05, 7.54e+23]"
+
 
 # --- verdict rule (report/stats.py) and the upcycle sweep summary -----------------------------------
 
