@@ -55,7 +55,7 @@ def resolve_uri(uri: str | None) -> str:
     rank on the same database even if something changes directory later.
     """
     if uri is None:
-        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        return f"{SQLITE_PREFIX}{Path.cwd() / 'mlflow.db'}"
     path = sqlite_path(uri)
     if path is not None and not path.is_absolute():
         return f"{SQLITE_PREFIX}{(Path.cwd() / path).resolve()}"

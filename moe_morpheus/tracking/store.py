@@ -121,15 +121,15 @@ def job_path(run, sweep_dir: str | None) -> tuple[str, ...] | None:
     ``run_dir``), e.g. ``("s2", "dense")`` for a stage of the staged upcycling driver, whose
     stages of different seeds share a folder name; ``(name,)`` when ``run_dir`` is not under
     ``sweep_dir`` (a Hydra job folder, named after the whole job). None without ``run_dir``."""
-    run_dir = run.data.tags.get("run_dir")
-    if not run_dir:
+    name = job_folder(run)
+    if name is None:
         return None
     if sweep_dir:
         try:
-            return Path(run_dir).relative_to(sweep_dir).parts or (Path(run_dir).name,)
+            return Path(run.data.tags["run_dir"]).relative_to(sweep_dir).parts or (name,)
         except ValueError:
             pass
-    return (Path(run_dir).name,)
+    return (name,)
 
 
 def finished_job(client: MlflowClient, parent_run_id: str, run_dir: Path) -> str | None:
